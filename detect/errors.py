@@ -1,0 +1,97 @@
+"""One exception hierarchy for the whole project.
+
+Every error a user can cause carries a stable machine-readable ``code`` (never renamed once published), an
+HTTP status the API answers with, and the CLI exit code. The API turns any :class:`DetectError` into
+``{"error": {"code": ..., "message": ...}}``; the CLI prints ``error[code]: message`` on stderr.
+"""
+
+from __future__ import annotations
+
+
+class DetectError(Exception):
+    """Base class: a problem with the caller's input or set-up, never a bug of ours."""
+
+    code: str = "detect_error"
+    http_status: int = 400
+    exit_code: int = 1
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+    def __str__(self) -> str:  # pragma: no cover - trivial
+        return f"[{self.code}] {self.message}"
+
+
+# --- image input -------------------------------------------------------------------------------------------
+class ImageError(DetectError):
+    """Something is wrong with one input image. Only that image fails."""
+
+    code = "image_error"
+    http_status = 422
+
+
+class EmptyImageError(ImageError):
+    code = "empty_input"
+    http_status = 422
+
+
+class UnsupportedFormatError(ImageError):
+    """The bytes are not an image in a format we decode (sniffed from content, not the file name)."""
+
+    code = "unsupported_format"
+    http_status = 415
+
+
+class ImageDecodeError(ImageError):
+    """The bytes claim to be an image but are truncated or corrupt."""
+
+    code = "corrupt_image"
+    http_status = 422
+
+
+class ImageTooLargeError(ImageError):
+    """Pixel count above the configured limit (checked from the header, before decoding)."""
+
+    code = "image_too_large"
+    http_status = 413
+
+
+class ImageDimensionsError(ImageError):
+    """Absurd dimensions: zero, negative, or an aspect ratio no camera produces."""
+
+    code = "bad_dimensions"
+    http_status = 422
+
+
+# --- models and weights ------------------------------------------------------------------------------------
+class WeightsError(DetectError):
+    """A weights file is missing, fails its checksum, or does not match the architecture."""
+
+    code = "weights_error"
+    http_status = 503
+    exit_code = 2
+
+
+class ConfigError(DetectError):
+    """A configuration or recipe value is invalid."""
+
+    code = "config_error"
+    http_status = 422
+    exit_code = 2
+
+
+class UnknownModelError(DetectError):
+    code = "unknown_model"
+    http_status = 404
+    exit_code = 2
+
+
+class UnknownClassError(DetectError):
+    code = "unknown_class"
+    http_status = 422
+    exit_code = 2

@@ -1,0 +1,1 @@
+"""Proposal generators: selective search, anchors and the RPN."""
