@@ -68,6 +68,13 @@ class ImageDimensionsError(ImageError):
     http_status = 422
 
 
+class UnreadableFileError(ImageError):
+    """An image path that does not exist, is not a regular file, or cannot be opened for reading."""
+
+    code = "unreadable_file"
+    http_status = 422
+
+
 # --- models and weights ------------------------------------------------------------------------------------
 class WeightsError(DetectError):
     """A weights file is missing, fails its checksum, or does not match the architecture."""
@@ -93,5 +100,16 @@ class UnknownModelError(DetectError):
 
 class UnknownClassError(DetectError):
     code = "unknown_class"
+    http_status = 422
+    exit_code = 2
+
+
+# --- data sets ---------------------------------------------------------------------------------------------
+class DatasetError(DetectError):
+    """A data set on disk is unusable: malformed or unsafe annotation XML, a missing field, a box outside its image,
+    an unknown class, a missing or undecodable image. The message names the file (and the object, where one is at
+    fault). A set-up problem for the CLI (exit code 2), not a crash."""
+
+    code = "bad_annotation"
     http_status = 422
     exit_code = 2
