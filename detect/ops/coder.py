@@ -1,0 +1,109 @@
+"""The R-CNN box parametrisation (Girshick et al. 2014, appendix C): regression targets between boxes and back.
+
+A proposal ``P`` (centre ``px, py``, size ``pw, ph``) and a target box ``G`` give the deltas
+
+    tx = wx * (gx - px) / pw,   ty = wy * (gy - py) / ph,   tw = ww * log(gw / pw),   th = wh * log(gh / ph)
+
+and decoding inverts them, with ``tw, th`` clamped at ``bbox_xform_clip`` before ``exp`` so that a wild prediction
+cannot overflow (the default caps the scale-up at 1000 / 16).
+
+Decisions:
+
+- The operation order (widths ``x2 - x1`` with no ``+1``, centres ``x1 + 0.5 * w``, divide the deltas by the
+  weights, multiply-then-add for centres, half-sizes ``0.5 * w``) replicates torchvision's
+  ``models.detection._utils.BoxCoder``, so float32 results are bitwise equal to it on the same device; the Faster
+  R-CNN parity tests rely on this.
+- Everything broadcasts over leading dimensions: one call encodes or decodes a whole batch, with no per-image list.
+- float16 / bfloat16 inputs are computed and returned in float32; float64 stays float64 (a mixed pair promotes to
+  float64). torchvision instead decodes in the deltas' own dtype.
+- Proposals must have positive width and height to be encoded (a zero size divides by zero, as in torchvision).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from detect.ops.boxes import compute_dtype
+
+
+def _size_and_centre(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(..., 4)`` xyxy -> width, height, centre x, centre y, each ``(...)``."""
+    widths = boxes[..., 2] - boxes[..., 0]
+    heights = boxes[..., 3] - boxes[..., 1]
+    return widths, heights, boxes[..., 0] + 0.5 * widths, boxes[..., 1] + 0.5 * heights
+
+
+def _corners(ctr_x: Tensor, ctr_y: Tensor, half_w: Tensor, half_h: Tensor) -> Tensor:
+    """``(...)`` centres and half sizes -> ``(..., 4)`` xyxy.
+
+    Written straight into the result (about 5x faster than ``torch.stack`` on CPU), unless autograd needs the graph.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (ctr_x, ctr_y, half_w, half_h)):
+        return torch.stack((ctr_x - half_w, ctr_y - half_h, ctr_x + half_w, ctr_y + half_h), dim=-1)
+    out = ctr_x.new_empty((*ctr_x.shape, 4))
+    torch.sub(ctr_x, half_w, out=out[..., 0])
+    torch.sub(ctr_y, half_h, out=out[..., 1])
+    torch.add(ctr_x, half_w, out=out[..., 2])
+    torch.add(ctr_y, half_h, out=out[..., 3])
+    return out
+
+
+@dataclass(frozen=True)
+class BoxCoder:
+    """Encode boxes as deltas relative to reference boxes and decode deltas back to boxes.
+
+    ``weights`` scale ``(tx, ty, tw, th)``: ``(1, 1, 1, 1)`` for the RPN, ``(10, 10, 5, 5)`` for Fast/Faster R-CNN
+    box heads. ``bbox_xform_clip`` caps ``tw, th`` before ``exp`` when decoding.
+    """
+
+    weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    bbox_xform_clip: float = math.log(1000.0 / 16)
+
+    def __post_init__(self) -> None:
+        if len(self.weights) != 4:
+            raise ValueError(f"BoxCoder needs 4 weights (wx, wy, ww, wh), got {self.weights!r}")
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+
+    def encode(self, gt_boxes: Tensor, proposals: Tensor) -> Tensor:
+        """Regression targets: ``gt_boxes (..., 4)`` relative to ``proposals (..., 4)`` (broadcastable) ->
+        deltas ``(..., 4)`` as ``(tx, ty, tw, th)``."""
+        dtype = compute_dtype(gt_boxes, proposals)
+        ex_w, ex_h, ex_x, ex_y = _size_and_centre(proposals.to(dtype))  # 4 x (...)
+        gt_w, gt_h, gt_x, gt_y = _size_and_centre(gt_boxes.to(dtype))  # 4 x (...)
+        wx, wy, ww, wh = self.weights
+        dx = wx * (gt_x - ex_x) / ex_w
+        dy = wy * (gt_y - ex_y) / ex_h
+        dw = ww * torch.log(gt_w / ex_w)
+        dh = wh * torch.log(gt_h / ex_h)
+        return torch.stack((dx, dy, dw, dh), dim=-1)  # (..., 4)
+
+    def decode(self, deltas: Tensor, boxes: Tensor) -> Tensor:
+        """Apply ``deltas (..., 4)`` to reference ``boxes (..., 4)`` (broadcastable) -> xyxy boxes ``(..., 4)``."""
+        dtype = compute_dtype(deltas, boxes)
+        deltas = deltas.to(dtype)
+        widths, heights, ctr_x, ctr_y = _size_and_centre(boxes.to(dtype))  # 4 x (...)
+        wx, wy, ww, wh = self.weights
+        dx = deltas[..., 0] / wx
+        dy = deltas[..., 1] / wy
+        dw = (deltas[..., 2] / ww).clamp(max=self.bbox_xform_clip)
+        dh = (deltas[..., 3] / wh).clamp(max=self.bbox_xform_clip)
+        pred_x = dx * widths + ctr_x
+        pred_y = dy * heights + ctr_y
+        half_w = 0.5 * (torch.exp(dw) * widths)
+        half_h = 0.5 * (torch.exp(dh) * heights)
+        return _corners(pred_x, pred_y, half_w, half_h)
+
+    def decode_per_class(self, deltas: Tensor, boxes: Tensor) -> Tensor:
+        """Class-specific deltas ``(..., C*4)`` on one reference box each ``(..., 4)`` -> boxes ``(..., C, 4)``.
+
+        ``(N, C*4), (N, 4) -> (N, C, 4)`` for one image or a concatenated batch, ``(B, N, C*4), (B, N, 4) ->
+        (B, N, C, 4)`` for a padded one.
+        """
+        if deltas.shape[-1] % 4:
+            raise ValueError(f"class-specific deltas need a multiple of 4 columns, got {tuple(deltas.shape)}")
+        per_class = deltas.unflatten(-1, (deltas.shape[-1] // 4, 4))  # (..., C*4) -> (..., C, 4)
+        return self.decode(per_class, boxes.unsqueeze(-2))  # (..., C, 4)
