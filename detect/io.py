@@ -30,14 +30,17 @@ same inputs with the same :mod:`detect.errors` codes. Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -325,3 +328,21 @@ def _to_array(image: Image.Image) -> np.ndarray:
         band = image.crop((0, top, width, min(top + rows, height)))
         array[top : top + band.height] = np.asarray(band)  # (h, W, 3)
     return array
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    Readers see the old file or the new one, never half of it; a crash leaves no partial output behind.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the data set from other users (and containers)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

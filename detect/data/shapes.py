@@ -35,11 +35,9 @@ Decisions:
 from __future__ import annotations
 
 import colorsys
-import contextlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Protocol, Sequence
@@ -49,6 +47,7 @@ import numpy as np
 
 from detect.data.voc import VocAnnotation, VocObject, voc_xml
 from detect.errors import ConfigError
+from detect.io import atomic_write
 
 __all__ = [
     "SHAPES_CLASSES",
@@ -409,11 +408,11 @@ def write_voc(
             for box, label, hard in zip(target["boxes"], target["labels"].tolist(), target["difficult"])
         )
         annotation = VocAnnotation(f"{image_id}.jpg", image.shape[1], image.shape[0], objects)
-        _atomic_write(out / "JPEGImages" / f"{image_id}.jpg", _jpeg(image))
-        _atomic_write(out / "Annotations" / f"{image_id}.xml", voc_xml(annotation, folder=out.name))
+        atomic_write(out / "JPEGImages" / f"{image_id}.jpg", _jpeg(image))
+        atomic_write(out / "Annotations" / f"{image_id}.xml", voc_xml(annotation, folder=out.name))
         ids[i] = image_id
     for name, members in (splits or {}).items():
-        _atomic_write(out / "ImageSets" / "Main" / f"{name}.txt", "".join(f"{ids[i]}\n" for i in members).encode())
+        atomic_write(out / "ImageSets" / "Main" / f"{name}.txt", "".join(f"{ids[i]}\n" for i in members).encode())
     return list(ids.values())
 
 
@@ -435,7 +434,7 @@ def write_coco(
     for i in range(len(dataset)) if indices is None else indices:
         image, target = dataset[i]
         file_name = f"{_file_stem(target['image_id'])}.jpg"
-        _atomic_write(out / "images" / file_name, _jpeg(image))
+        atomic_write(out / "images" / file_name, _jpeg(image))
         images.append({"id": int(i), "file_name": file_name, "width": image.shape[1], "height": image.shape[0]})
         widths = target["boxes"][:, 2:] - target["boxes"][:, :2]  # (N, 2)
         areas = target["area"] if "area" in target else widths.prod(1)
@@ -452,7 +451,7 @@ def write_coco(
     categories = [{"id": k + 1, "name": name, "supercategory": "object"} for k, name in enumerate(dataset.class_names)]
     document = {"images": images, "annotations": annotations, "categories": categories}
     path = out / json_name
-    _atomic_write(path, json.dumps(document).encode())
+    atomic_write(path, json.dumps(document).encode())
     return path
 
 
@@ -468,18 +467,3 @@ def _jpeg(image: np.ndarray) -> bytes:
     if not ok:
         raise ConfigError(f"cannot encode a {image.shape} image as JPEG")
     return data.tobytes()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename over it (readers see the old or the new file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the data set from other users (and containers)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
