@@ -1,0 +1,365 @@
+"""Faster R-CNN (Ren et al. 2015): a backbone shared by a Region Proposal Network and a Fast R-CNN head.
+
+One forward pass: resize and normalise the images (:mod:`detect.transform`), compute the features
+(:mod:`detect.backbones`), propose regions (:mod:`proposals.rpn`), classify and refine them
+(:mod:`detect.roi_heads`), and map the detections back to the original pixels.
+
+Decisions:
+
+- Module and parameter names are torchvision's ``fasterrcnn_resnet50_fpn`` (``transform`` without parameters,
+  ``backbone``, ``rpn``, ``roi_heads``), so its published COCO checkpoints load with ``strict=True`` and give the
+  same detections; :meth:`FasterRCNN.from_weights` also renames the flat key names of old checkpoints.
+- ``forward(images, targets=None)`` always returns ``(detections, losses)``: detections in original image pixels
+  with 1-based labels into ``class_names``; losses (RPN and head) whenever targets are given, in training or
+  evaluation mode (validation loss). In training the detections come from the head's outputs on the sampled
+  RoIs (a by-product, for monitoring); in evaluation from all proposals.
+- Two builders: :func:`fasterrcnn_resnet50_fpn` (torchvision's configuration) and :func:`fasterrcnn_vgg16`, the
+  paper's single-level model: VGG16 conv5_3 (stride 16), 3 scales x 3 aspect ratios of anchors, 7x7 RoI max
+  pooling, fc6/fc7 of 4096 with dropout, a 600-pixel short side (1000 at most), 6000/300 proposals before/after
+  NMS at test time and 128 RoIs per image in training.
+- Frozen batch norm of torchvision's COCO checkpoints uses ``eps = 0`` (they were converted from Detectron);
+  :meth:`FasterRCNN.from_weights` sets it as torchvision's builder does, unless told otherwise or a safetensors
+  file's metadata says (``frozen_bn_eps``: a model fine-tuned here from ImageNet weights keeps 1e-5).
+- CPU speed with the same arithmetic: the box pooling runs on all cores (:class:`detect.roi_heads.ThreadedRoIPool`;
+  torchvision's RoI Align kernel uses one), and the post-processing is batched over images. For inference,
+  :func:`detect.backbones.fold_frozen_batchnorm` folds the frozen BN into the convolutions (outputs change by
+  float rounding only) and ``torch.inference_mode()`` skips autograd bookkeeping.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+
+from detect.backbones import Backbone, load_imagenet_weights, read_state_dict, resnet, vgg16
+from detect.errors import ConfigError, WeightsError
+from detect.roi_heads import (
+    FastRCNNPredictor,
+    RoIHeads,
+    RoIHeadsConfig,
+    SingleLevelRoIPool,
+    ThreadedRoIPool,
+    TwoMLPHead,
+    load_fc67,
+)
+from detect.structures import Detections
+from detect.transform import ImageInput, RCNNTransform, TransformConfig, as_target
+from proposals.anchors import AnchorGenerator
+from proposals.rpn import RegionProposalNetwork, RPNHead
+
+# COCO category ids 1..90 that name a class; the ten ids COCO left unused are "N/A" in torchvision's label space.
+_COCO_NAMES_BY_ID: dict[int, str] = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train", 8: "truck",
+    9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign", 14: "parking meter", 15: "bench",
+    16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep", 21: "cow", 22: "elephant", 23: "bear",
+    24: "zebra", 25: "giraffe", 27: "backpack", 28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase",
+    34: "frisbee", 35: "skis", 36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat",
+    40: "baseball glove", 41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle", 46: "wine glass",
+    47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple", 54: "sandwich",
+    55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza", 60: "donut", 61: "cake", 62: "chair",
+    63: "couch", 64: "potted plant", 65: "bed", 67: "dining table", 70: "toilet", 72: "tv", 73: "laptop",
+    74: "mouse", 75: "remote", 76: "keyboard", 77: "cell phone", 78: "microwave", 79: "oven", 80: "toaster",
+    81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase", 87: "scissors", 88: "teddy bear",
+    89: "hair drier", 90: "toothbrush",
+}
+FROZEN_BN_EPS_KEY = "frozen_bn_eps"  # safetensors metadata entry read by FasterRCNN.from_weights
+COCO_CLASS_NAMES: tuple[str, ...] = tuple(_COCO_NAMES_BY_ID.get(i, "N/A") for i in range(1, 91))
+"""The 90 foreground names of torchvision's COCO label space (label ``k`` is ``COCO_CLASS_NAMES[k-1]``)."""
+
+
+@dataclass(frozen=True)
+class RPNConfig:
+    """Region Proposal Network settings; defaults are torchvision's ``fasterrcnn_resnet50_fpn``."""
+
+    pre_nms_top_n_train: int = 2000
+    pre_nms_top_n_test: int = 1000
+    post_nms_top_n_train: int = 2000
+    post_nms_top_n_test: int = 1000
+    nms_thresh: float = 0.7
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    score_thresh: float = 0.0
+
+
+@dataclass(frozen=True)
+class FasterRCNNConfig:
+    """Everything but the architecture: input sizes, proposal and head settings."""
+
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
+
+
+VGG16_FC67 = (0, 3)  # fc6 and fc7 are classifier.0 and classifier.3 in torchvision's vgg16 checkpoint
+VGG16_PAPER_CONFIG = FasterRCNNConfig(
+    transform=TransformConfig(min_size=(600,), max_size=1000),
+    rpn=RPNConfig(pre_nms_top_n_train=12000, pre_nms_top_n_test=6000, post_nms_top_n_test=300),
+    roi_heads=RoIHeadsConfig(batch_size_per_image=128),
+)
+
+
+class FasterRCNN(nn.Module):
+    """A Faster R-CNN detector; see the module docstring. Build one with a builder or :meth:`from_weights`."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        rpn: RegionProposalNetwork,
+        roi_heads: RoIHeads,
+        transform: RCNNTransform,
+        class_names: Sequence[str],
+        name: str = "faster_rcnn",
+    ) -> None:
+        super().__init__()
+        num_classes = roi_heads.box_predictor.cls_score.out_features
+        if len(class_names) != num_classes - 1:
+            raise ValueError(f"{len(class_names)} class names for {num_classes - 1} foreground classes")
+        self.transform = transform
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.class_names = tuple(class_names)
+        self.name = name
+
+    def forward(
+        self,
+        images: Sequence[ImageInput] | ImageInput,
+        targets: Sequence[Mapping[str, Tensor]] | None = None,
+    ) -> tuple[list[Detections], dict[str, Tensor]]:
+        """Detect objects in ``images`` (RGB ``uint8`` ``HxWx3`` arrays or float ``(3, H, W)`` tensors in [0, 1],
+        one or a list); with ``targets`` (per image ``"boxes" (G, 4)`` float xyxy in original pixels and
+        ``"labels" (G,)`` int64 1-based, tensors or NumPy arrays) also return the losses."""
+        device = self.backbone_device()
+        if targets is not None:
+            targets = [as_target(t, device) for t in targets]
+            check_targets(targets)
+        batch, targets = self.transform(images, targets, device=device)
+        features = self.backbone(batch.tensors)
+        if isinstance(features, Tensor):
+            features = OrderedDict([("0", features)])
+        proposals, rpn_losses = self.rpn(batch, features, targets)
+        detections, head_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        boxes = self.transform.postprocess([d.boxes for d in detections], batch)
+        detections = [
+            Detections(b.detach(), d.scores.detach(), d.labels, size)
+            for b, d, size in zip(boxes, detections, batch.original_sizes)
+        ]
+        return detections, {**rpn_losses, **head_losses}
+
+    def backbone_device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @classmethod
+    def from_weights(
+        cls,
+        path: str | Path,
+        *,
+        architecture: str | None = None,
+        class_names: Sequence[str] | None = None,
+        config: FasterRCNNConfig | None = None,
+        frozen_bn_eps: float | None = None,
+    ) -> "FasterRCNN":
+        """A model in eval mode with the weights of a torchvision checkpoint (``.pth``, read with
+        ``weights_only=True``, a ``{"model": ...}`` wrapper unwrapped) or a ``.safetensors`` state dict.
+
+        ``architecture`` is a key of :data:`BUILDERS`, inferred from the keys when omitted; the number of classes
+        comes from the classifier's shape (``class_names`` default: COCO's for 91 classes, else ``class_k``).
+        Old flat key names are renamed; any missing or unexpected key or wrong shape raises
+        :class:`WeightsError` naming them. ``frozen_bn_eps`` (default: a safetensors file's ``frozen_bn_eps``
+        metadata entry, else 0.0 as in torchvision's COCO checkpoints) is set on every frozen BN.
+        """
+        state = upgrade_legacy_keys(read_state_dict(path))
+        architecture = architecture or infer_architecture(state, path)
+        if architecture not in BUILDERS:
+            raise WeightsError(f"unknown Faster R-CNN architecture {architecture!r}; known: {sorted(BUILDERS)}")
+        classifier = state.get("roi_heads.box_predictor.cls_score.weight")
+        if classifier is None or classifier.ndim != 2:
+            raise WeightsError(f"{path} has no 2-D roi_heads.box_predictor.cls_score.weight")
+        build_kwargs = {} if config is None else {"config": config}
+        model = BUILDERS[architecture](int(classifier.shape[0]), class_names=class_names, **build_kwargs)
+        check_state_dict(model, state, path)
+        model.load_state_dict(state, strict=True)
+        eps = frozen_bn_eps if frozen_bn_eps is not None else stored_frozen_bn_eps(path)
+        for module in model.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                module.eps = eps
+        return model.eval()
+
+
+def stored_frozen_bn_eps(path: str | Path) -> float:
+    """The frozen-BN ``eps`` a weights file was trained with: a safetensors file's ``frozen_bn_eps`` metadata
+    entry (write it when saving a model trained with another eps, e.g. torchvision's default 1e-5), else 0.0."""
+    if Path(path).suffix != ".safetensors":
+        return 0.0
+    with safe_open(str(path), framework="pt") as weights:
+        metadata = weights.metadata() or {}
+    value = metadata.get(FROZEN_BN_EPS_KEY, "0.0")
+    try:
+        return float(value)
+    except ValueError as err:
+        raise WeightsError(f"{path}: metadata {FROZEN_BN_EPS_KEY}={value!r} is not a number") from err
+
+
+def check_targets(targets: Sequence[Mapping[str, Tensor]]) -> None:
+    """Training targets must have float ``boxes (G, 4)`` with positive width and height and int64 ``labels
+    (G,)``; raises ``ValueError`` naming the first bad image."""
+    for i, target in enumerate(targets):
+        boxes, labels = target.get("boxes"), target.get("labels")
+        if boxes is None or labels is None:
+            raise ValueError(f"target {i} needs 'boxes' and 'labels'")
+        if not boxes.is_floating_point() or boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"target {i}: boxes must be float (G, 4), got {boxes.dtype} {tuple(boxes.shape)}")
+        if labels.dtype != torch.int64 or labels.shape != boxes.shape[:1]:
+            raise ValueError(
+                f"target {i}: labels must be int64 ({len(boxes)},), got {labels.dtype} {tuple(labels.shape)}"
+            )
+    if not targets:
+        return
+    boxes = torch.cat([t["boxes"].to(targets[0]["boxes"].device) for t in targets])  # (G, 4) over the batch
+    degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)  # (G,)
+    if bool(degenerate.any()):
+        first = int(degenerate.nonzero()[0])
+        raise ValueError(f"target boxes need positive width and height; got {boxes[first].tolist()}")
+
+
+def upgrade_legacy_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename the flat keys of old torchvision checkpoints to today's names, as torchvision's own load hooks do:
+    the RPN head's single conv (``rpn.head.conv.weight`` -> ``rpn.head.conv.0.0.weight``) and the FPN's blocks
+    (``backbone.fpn.inner_blocks.0.weight`` -> ``backbone.fpn.inner_blocks.0.0.weight``, ``layer_blocks`` too);
+    frozen BN's ``num_batches_tracked`` counters (meaningless when frozen) are dropped."""
+    renamed: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        parts = key.split(".")
+        if key.startswith("rpn.head.conv.") and len(parts) == 4:
+            key = f"rpn.head.conv.0.0.{parts[-1]}"
+        elif key.startswith(("backbone.fpn.inner_blocks.", "backbone.fpn.layer_blocks.")) and len(parts) == 5:
+            key = ".".join(parts[:4] + ["0", parts[4]])
+        renamed[key] = value
+    return renamed
+
+
+def infer_architecture(state: Mapping[str, Tensor], path: str | Path) -> str:
+    """The :data:`BUILDERS` key whose model has ``state``'s telltale keys."""
+    if "backbone.fpn.inner_blocks.0.0.weight" in state and "backbone.body.layer1.0.conv3.weight" in state:
+        return "fasterrcnn_resnet50_fpn"
+    if "backbone.body.28.weight" in state and "roi_heads.box_head.fc6.weight" in state:
+        return "fasterrcnn_vgg16"
+    raise WeightsError(f"cannot tell which Faster R-CNN {path} holds; pass architecture= one of {sorted(BUILDERS)}")
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], path: str | Path) -> None:
+    """Raise :class:`WeightsError` listing missing and unexpected keys and wrong shapes, if any."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k}: {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    problems = [
+        f"{label} ({len(items)}): {', '.join(items[:5])}{', ...' if len(items) > 5 else ''}"
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+        if items
+    ]
+    if problems:
+        raise WeightsError(f"{path} does not fit {getattr(model, 'name', 'the model')}: " + "; ".join(problems))
+
+
+def _class_names(num_classes: int | None, class_names: Sequence[str] | None) -> tuple[int, tuple[str, ...]]:
+    """``(num_classes incl. background, public names)``: the given names (``num_classes`` then follows from them and,
+    if also given, must agree), COCO's for 91 classes (the default), else ``class_1 .. class_{n-1}``."""
+    if class_names is not None:
+        names = tuple(class_names)
+        if num_classes is not None and num_classes != len(names) + 1:
+            raise ConfigError(f"num_classes={num_classes} does not match {len(names)} class names (+1 background)")
+        return len(names) + 1, names
+    num_classes = len(COCO_CLASS_NAMES) + 1 if num_classes is None else num_classes
+    if num_classes == len(COCO_CLASS_NAMES) + 1:
+        return num_classes, COCO_CLASS_NAMES
+    return num_classes, tuple(f"class_{k}" for k in range(1, num_classes))
+
+
+def _rpn(anchor_generator: AnchorGenerator, in_channels: int, config: RPNConfig) -> RegionProposalNetwork:
+    return RegionProposalNetwork(
+        anchor_generator,
+        RPNHead(in_channels, anchor_generator.num_anchors_per_location()[0]),
+        fg_iou_thresh=config.fg_iou_thresh,
+        bg_iou_thresh=config.bg_iou_thresh,
+        batch_size_per_image=config.batch_size_per_image,
+        positive_fraction=config.positive_fraction,
+        pre_nms_top_n={"training": config.pre_nms_top_n_train, "testing": config.pre_nms_top_n_test},
+        post_nms_top_n={"training": config.post_nms_top_n_train, "testing": config.post_nms_top_n_test},
+        nms_thresh=config.nms_thresh,
+        score_thresh=config.score_thresh,
+    )
+
+
+def fasterrcnn_resnet50_fpn(
+    num_classes: int | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    config: FasterRCNNConfig = FasterRCNNConfig(),
+    backbone_weights: str | Path | None = None,
+    trainable_layers: int = 3,
+    frozen_bn: bool = True,
+) -> FasterRCNN:
+    """torchvision's Faster R-CNN ResNet-50-FPN: FPN anchors 32-512 x 3 ratios, RoI Align 7x7 (sampling 2)
+    over levels P2-P5, a 1024-wide two-layer MLP head. ``backbone_weights``: a local torchvision ImageNet
+    ``resnet50`` checkpoint; ``trainable_layers`` ResNet stages train (with ``frozen_bn``, BN never does)."""
+    num_classes, names = _class_names(num_classes, class_names)
+    backbone = resnet(50, fpn=True, frozen_bn=frozen_bn, trainable_layers=trainable_layers, weights=backbone_weights)
+    rpn = _rpn(AnchorGenerator(), backbone.out_channels, config.rpn)
+    roi_pool = ThreadedRoIPool(MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2))
+    box_head = TwoMLPHead(backbone.out_channels * 7 * 7, 1024)
+    roi_heads = RoIHeads(roi_pool, box_head, FastRCNNPredictor(1024, num_classes), config.roi_heads)
+    return FasterRCNN(
+        backbone, rpn, roi_heads, RCNNTransform(config.transform), names,
+        name="fasterrcnn_resnet50_fpn",
+    )
+
+
+def fasterrcnn_vgg16(
+    num_classes: int | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    config: FasterRCNNConfig = VGG16_PAPER_CONFIG,
+    backbone_weights: str | Path | None = None,
+    trainable_layers: int = 3,
+) -> FasterRCNN:
+    """The paper's VGG16 Faster R-CNN (see the module docstring). ``backbone_weights``: a local torchvision
+    ImageNet ``vgg16`` checkpoint, which initialises conv1_1-conv5_3 and, as in the paper, fc6 and fc7."""
+    num_classes, names = _class_names(num_classes, class_names)
+    backbone = vgg16(trainable_layers=trainable_layers)
+    rpn = _rpn(AnchorGenerator.single_level((128, 256, 512), (0.5, 1.0, 2.0), backbone.stride), 512, config.rpn)
+    box_head = TwoMLPHead(512 * 7 * 7, 4096, dropout=0.5)
+    if backbone_weights is not None:
+        imagenet = load_imagenet_weights(backbone.body, backbone_weights, prefix="features.")
+        load_fc67(box_head, imagenet, VGG16_FC67, backbone_weights)
+    roi_heads = RoIHeads(
+        ThreadedRoIPool(SingleLevelRoIPool(7, 1.0 / backbone.stride, method="pool")),
+        box_head,
+        FastRCNNPredictor(4096, num_classes),
+        config.roi_heads,
+    )
+    return FasterRCNN(
+        backbone, rpn, roi_heads, RCNNTransform(config.transform), names,
+        name="fasterrcnn_vgg16",
+    )
+
+
+BUILDERS: dict[str, Callable[..., FasterRCNN]] = {
+    "fasterrcnn_resnet50_fpn": fasterrcnn_resnet50_fpn,
+    "fasterrcnn_vgg16": fasterrcnn_vgg16,
+}
