@@ -48,6 +48,80 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from detect.predict import PredictOptions, Refinement, load_detector, resolve_classes, run
+
+    if args.weights is None:
+        print("error[weights_error]: --weights PATH is required (bundled weights are not available yet)", file=sys.stderr)
+        return EXIT_USAGE
+    detector = load_detector(args.model, args.weights, args.device)
+    classes = None if args.classes is None else resolve_classes(args.classes.split(","), detector.class_names)
+    options = PredictOptions(
+        sources=tuple(args.sources),
+        out_dir=Path(args.out),
+        recursive=args.recursive,
+        batch_size=args.batch_size,
+        refinement=Refinement(args.score_threshold, args.iou_threshold, args.max_detections, classes),
+        formats=tuple(dict.fromkeys(args.format or ["jsonl"])),
+        save_images=args.save_images,
+        resume=args.resume,
+        workers=args.workers,
+    )
+    summary = run(options, detector, progress=sys.stderr)
+    if summary.images + summary.failed + summary.skipped == 0:
+        print("error[no_inputs]: no image found in the given sources", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_PARTIAL if summary.failed else EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+    from api.service import check_weights
+    from api.settings import Settings
+
+    settings = Settings()
+    check_weights(settings)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    return EXIT_OK
+
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    from detect.predict import FAMILIES, FORMATS
+
+    p = sub.add_parser("predict", help="detect objects in image files and folders, writing results under --out")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="image files, folders or glob patterns")
+    p.add_argument("--out", required=True, help="output folder (mirrors the input tree)")
+    p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
+    p.add_argument("--model", default="faster_rcnn", choices=sorted(FAMILIES), help="detector family")
+    p.add_argument("--weights", help="weights file for --model")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--workers", type=_positive_int, default=2, help="image decoding threads")
+    p.add_argument("--score-threshold", type=float)
+    p.add_argument("--iou-threshold", type=float)
+    p.add_argument("--max-detections", type=_positive_int)
+    p.add_argument("--classes", help="comma-separated class names or 1-based ids to keep")
+    p.add_argument("--format", action="append", choices=FORMATS, help="output format (repeatable; default jsonl)")
+    p.add_argument("--save-images", action="store_true", help="also write annotated copies (<name>.annotated.png)")
+    p.add_argument("--resume", action="store_true", help="skip inputs the manifest records as done")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("serve", help="run the REST API (settings from DETECT_* environment variables)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=_cmd_serve)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detect", description="Two-stage object detection toolkit.")
     parser.add_argument("--version", action="version", version=f"detect {__version__}")
@@ -60,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="benchmark name, e.g. kernels or selective_search")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     p.set_defaults(func=_cmd_bench)
+
+    _add_predict_parser(sub)
     return parser
 
 

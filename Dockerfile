@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1
+# The detection service. CPU PyTorch by default:
+#   docker build -t detect .
+#   docker run -p 8000:8000 detect
+# GPU: CUDA wheels, which carry the CUDA runtime (the host driver comes in with --gpus all):
+#   docker build -t detect:gpu --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .
+#   docker run --gpus all -e DETECT_DEVICE=cuda -p 8000:8000 detect:gpu
+# PYTHON_IMAGE may name another base (a CUDA image with Python 3.11 at /usr/local/bin); both stages use it, so the
+# virtualenv built in the first runs in the second.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# Torch first, from the index that matches the base: the largest layer, rebuilt only when the index changes.
+RUN pip install --index-url "$TORCH_INDEX_URL" "torch>=2.2,<3" "torchvision>=0.17,<1"
+COPY pyproject.toml README.md ./
+COPY detect ./detect
+COPY proposals ./proposals
+COPY api ./api
+RUN pip install .
+
+FROM ${PYTHON_IMAGE} AS runtime
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    DETECT_DEVICE=cpu
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin detect
+COPY --from=build /opt/venv /opt/venv
+COPY --chown=root:root weights /opt/detect/weights
+WORKDIR /home/detect
+USER 10001
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status != 200)"]
+CMD ["detect", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,496 @@
+"""The detection service behind the HTTP layer: models, micro-batching, per-request refinement and metrics.
+
+Decisions:
+
+* **One inference thread, fed by an asyncio queue.** Each image of a request is one job on a bounded
+  ``asyncio.Queue``. A dispatcher task takes the first job, gathers up to ``max_batch`` jobs for the same model
+  and options, waiting at most ``max_wait_ms`` for the batch to fill, and runs ONE forward pass on a
+  single-thread executor, so the event loop never runs model code and the model never runs twice at once.
+  While a forward runs, new jobs queue up, so under load batches fill without waiting. Jobs for another model
+  are held for the next round. Results are handed back through each job's future.
+* **Back-pressure and deadlines.** A request whose images do not fit in the queue is refused at once
+  (:class:`ServiceBusyError`, 503 with ``Retry-After``). Each request has a deadline (``request_timeout_s``);
+  past it the request answers 504 and its jobs still queued are skipped by the dispatcher.
+* **Decoding** runs in the default thread pool (Pillow releases the GIL), never on the event loop. The limits of
+  :func:`detect.io.decode_image` are checked from the header before decoding.
+* **Per-image failures.** In a request with several images each one fails alone: its item carries ``error``
+  and the others their detections. A request with ONE image answers with that image's error status instead
+  (413/415/422), which is what a client sending one image expects.
+* **Stage timings** (ms, per image): ``decode``, ``queue`` (waiting for the forward), ``inference`` (the
+  batch's forward pass; the detector's own stages instead when its ``Detections.extras["timings_ms"]`` has them),
+  ``postprocess`` (request thresholds, JSON, annotation). ``batch_size`` says how many images shared the forward.
+* **Proposal methods.** A model supports ``detector.proposal_methods`` when it declares them, else ``rpn`` when it
+  has an ``rpn`` module and ``selective_search`` when it has a ``proposer``. A request naming a method the model
+  lacks is refused (422); a model declaring several gets ``proposal_method=`` in its ``forward``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+
+from api.schemas import DetectParams
+from api.settings import Settings
+from detect.errors import DetectError, ImageError, UnknownModelError, WeightsError
+from detect.io import decode_image
+from detect.predict import Refinement, annotate, forward_batch, load_detector, png_base64, resolve_classes
+from detect.structures import Detections
+
+log = logging.getLogger("detect.api")
+
+STAGES = ("decode", "queue", "inference", "postprocess")
+WARMUP_SIZE = 64
+
+
+class ServiceBusyError(DetectError):
+    code = "overloaded"
+    http_status = 503
+
+
+class NotReadyError(DetectError):
+    code = "not_ready"
+    http_status = 503
+
+
+class RequestTimeoutError(DetectError):
+    code = "timeout"
+    http_status = 504
+
+
+class PayloadTooLargeError(DetectError):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class TooManyImagesError(DetectError):
+    code = "too_many_images"
+    http_status = 413
+
+
+class BadBase64Error(ImageError):
+    code = "bad_base64"
+    http_status = 422
+
+
+class UnsupportedProposalsError(DetectError):
+    code = "unsupported_proposals"
+    http_status = 422
+
+
+class UnauthorizedError(DetectError):
+    code = "unauthorized"
+    http_status = 401
+
+
+# --- metrics ---------------------------------------------------------------------------------------------------
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Histogram:
+    """A Prometheus histogram (cumulative buckets, sum, count) for one label set."""
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * len(self.buckets)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+        self.total += value
+        self.count += 1
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        sep = "," if labels else ""
+        out = [f'{name}_bucket{{{labels}{sep}le="{b:g}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
+        suffix = f"{{{labels}}}" if labels else ""
+        return [*out, f"{name}_sum{suffix} {self.total:.6f}", f"{name}_count{suffix} {self.count}"]
+
+
+class Metrics:
+    """The service's metrics in the Prometheus text exposition format (written here: four metric families do not
+    justify a dependency). Thread-safe: the inference thread observes batch sizes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.in_flight = 0
+        self.request_latency = Histogram(LATENCY_BUCKETS)
+        self.stages = {stage: Histogram(LATENCY_BUCKETS) for stage in STAGES}
+        self.batch_sizes = Histogram(BATCH_BUCKETS)
+
+    def request_started(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+
+    def request_finished(self, path: str, status: int, seconds: float) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
+            self.request_latency.observe(seconds)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.stages[stage].observe(seconds)
+
+    def observe_batch(self, size: int) -> None:
+        with self._lock:
+            self.batch_sizes.observe(size)
+
+    def render(self, queue_depth: int) -> str:
+        with self._lock:
+            lines = ["# HELP detect_requests_total HTTP requests by path and status.", "# TYPE detect_requests_total counter"]
+            lines += [f'detect_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())]
+            lines += ["# HELP detect_requests_in_flight Requests being served.", "# TYPE detect_requests_in_flight gauge"]
+            lines += [f"detect_requests_in_flight {self.in_flight}"]
+            lines += ["# HELP detect_queue_depth Images waiting for inference.", "# TYPE detect_queue_depth gauge"]
+            lines += [f"detect_queue_depth {queue_depth}"]
+            lines += ["# HELP detect_request_seconds Request latency.", "# TYPE detect_request_seconds histogram"]
+            lines += self.request_latency.lines("detect_request_seconds", "")
+            lines += ["# HELP detect_stage_seconds Per-image time by stage.", "# TYPE detect_stage_seconds histogram"]
+            for stage, histogram in self.stages.items():
+                lines += histogram.lines("detect_stage_seconds", f'stage="{stage}"')
+            lines += ["# HELP detect_batch_size Images per forward pass.", "# TYPE detect_batch_size histogram"]
+            lines += self.batch_sizes.lines("detect_batch_size", "")
+        return "\n".join(lines) + "\n"
+
+
+# --- models ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    detector: Any  # any object with ``class_names`` and ``__call__(images, **kwargs) -> (detections, losses)``
+    version: str
+    proposals: tuple[str, ...]
+
+    @classmethod
+    def wrap(cls, name: str, detector: Any, version: str | None = None) -> "LoadedModel":
+        declared = getattr(detector, "proposal_methods", None)
+        if declared is None:
+            declared = tuple(m for m, attr in (("rpn", "rpn"), ("selective_search", "proposer")) if hasattr(detector, attr))
+        return cls(name, detector, version or getattr(detector, "version", "unversioned"), tuple(declared))
+
+    def forward_kwargs(self, proposals: str | None) -> dict[str, str]:
+        if proposals is None:
+            return {}
+        if proposals not in self.proposals:
+            raise UnsupportedProposalsError(
+                f"model {self.name!r} does not support {proposals!r} proposals; it supports: {', '.join(self.proposals) or 'none to choose'}"
+            )
+        return {"proposal_method": proposals} if len(self.proposals) > 1 else {}
+
+
+def file_version(path: str | Path) -> str:
+    """The first 12 hex digits of the weights file's SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+# --- micro-batching --------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    model: LoadedModel
+    image: np.ndarray
+    kwargs: dict[str, str]
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def key(self) -> tuple:
+        return (self.model.name, tuple(sorted(self.kwargs.items())))
+
+
+@dataclass(frozen=True)
+class Inference:
+    detections: Detections | DetectError
+    queue_s: float
+    forward_s: float
+    batch_size: int
+
+
+class Batcher:
+    """Groups queued images into forward passes on one inference thread (see the module docstring)."""
+
+    def __init__(self, max_batch: int, max_wait_ms: float, queue_size: int, metrics: Metrics) -> None:
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_size)
+        self.metrics = metrics
+        self._held: deque[Job] = deque()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._dispatch())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, model: LoadedModel, images: Sequence[np.ndarray], kwargs: dict[str, str], retry_after: int) -> list[asyncio.Future]:
+        """Queue every image or none: a request that does not fit is refused whole."""
+        if self.queue.maxsize - self.queue.qsize() < len(images):
+            raise ServiceBusyError("the server is busy; retry later", retry_after=retry_after)
+        loop = asyncio.get_running_loop()
+        jobs = [Job(model, image, kwargs, loop.create_future()) for image in images]
+        for job in jobs:
+            self.queue.put_nowait(job)
+        return [job.future for job in jobs]
+
+    async def run_now(self, model: LoadedModel, images: list[np.ndarray]) -> list[Detections | DetectError]:
+        """A forward pass on the inference thread outside the queue (warm-up)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, forward_batch, model.detector, images)
+
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._gather()
+            batch = [job for job in batch if not job.future.done()]  # requests that timed out meanwhile
+            if batch:
+                await loop.run_in_executor(self._executor, self._run, batch, loop)
+
+    async def _gather(self) -> list[Job]:
+        first = self._held.popleft() if self._held else await self.queue.get()
+        batch, deadline = [first], time.perf_counter() + self.max_wait_s
+        for job in list(self._held):  # held jobs waited longest: they join first
+            if len(batch) < self.max_batch and job.key == first.key:
+                self._held.remove(job)
+                batch.append(job)
+        while len(batch) < self.max_batch:
+            try:
+                job = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), remaining)
+                except TimeoutError:
+                    break
+            (batch if job.key == first.key else self._held).append(job)
+        return batch
+
+    def _run(self, batch: list[Job], loop: asyncio.AbstractEventLoop) -> None:
+        """On the inference thread: one forward for the batch, each result to its job's future."""
+        start = time.perf_counter()
+        try:
+            results: list[Detections | DetectError] | BaseException = forward_batch(
+                batch[0].model.detector, [job.image for job in batch], **batch[0].kwargs
+            )
+        except Exception as err:  # a bug in a detector must fail its requests, not the dispatcher
+            log.exception("inference failed")
+            results = err
+        seconds = time.perf_counter() - start
+        self.metrics.observe_batch(len(batch))
+        for i, job in enumerate(batch):
+            outcome = results if isinstance(results, BaseException) else Inference(results[i], start - job.enqueued, seconds, len(batch))
+            loop.call_soon_threadsafe(_resolve, job.future, outcome)
+
+
+def _resolve(future: asyncio.Future, outcome: Any) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+# --- the service -----------------------------------------------------------------------------------------------
+@dataclass
+class ImageOutcome:
+    """One image of a request after decoding: pixels or the error, and the decode time."""
+
+    id: str | None
+    image: np.ndarray | None = None
+    error: DetectError | None = None
+    decode_s: float = 0.0
+
+
+class DetectionService:
+    """Loads (or is given) detectors, warms them up, and answers detection requests."""
+
+    def __init__(self, settings: Settings, detectors: dict[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.models: dict[str, LoadedModel] = {}
+        self._injected = detectors
+        self.ready = False
+        self.not_ready_reason = "models are loading"
+        self.batcher: Batcher | None = None
+        self._startup: asyncio.Task | None = None
+
+    # lifecycle -------------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the dispatcher, then load and warm up the models in the background (``/readyz`` says when)."""
+        s = self.settings
+        self.batcher = Batcher(s.max_batch, s.max_wait_ms, s.queue_size, self.metrics)
+        self.batcher.start()
+        self._startup = asyncio.get_running_loop().create_task(self._load_and_warm())
+
+    async def stop(self) -> None:
+        if self._startup is not None:
+            self._startup.cancel()
+            await asyncio.gather(self._startup, return_exceptions=True)
+        if self.batcher is not None:
+            await self.batcher.stop()
+
+    async def _load_and_warm(self) -> None:
+        try:
+            if self._injected is not None:
+                self.models = {name: LoadedModel.wrap(name, d) for name, d in self._injected.items()}
+            else:
+                self.models = await anyio.to_thread.run_sync(self._load_models)
+            if not self.models:
+                self.not_ready_reason = "no models configured (set DETECT_MODELS)"
+                return
+            if self.settings.warmup:
+                blank = np.full((WARMUP_SIZE, WARMUP_SIZE, 3), 127, np.uint8)
+                for model in self.models.values():
+                    await self.batcher.run_now(model, [blank])
+        except DetectError as err:
+            self.not_ready_reason = f"{err.code}: {err.message}"
+            log.error("models failed to load: %s", self.not_ready_reason)
+            return
+        except Exception:  # a bug or a broken file: stay not ready, with the traceback in the server log
+            self.not_ready_reason = "model loading failed (see the server log)"
+            log.exception("models failed to load")
+            return
+        self.ready = True
+
+    def _load_models(self) -> dict[str, LoadedModel]:
+        models = {}
+        for name, spec in self.settings.models.items():
+            detector = load_detector(spec.family, spec.weights, self.settings.device)
+            models[name] = LoadedModel.wrap(name, detector, file_version(spec.weights))
+        return models
+
+    # queries ---------------------------------------------------------------------------------------------------
+    @property
+    def default_model(self) -> str | None:
+        return self.settings.default_model or next(iter(self.models), None)
+
+    def model(self, name: str | None) -> LoadedModel:
+        if not self.ready:
+            raise NotReadyError(f"the service is not ready ({self.not_ready_reason})", retry_after=self.settings.retry_after_s)
+        name = name or self.default_model
+        if name not in self.models:
+            raise UnknownModelError(f"unknown model {name!r}; loaded: {', '.join(self.models) or 'none'}")
+        return self.models[name]
+
+    def queue_depth(self) -> int:
+        return self.batcher.queue.qsize() if self.batcher is not None else 0
+
+    # detection -------------------------------------------------------------------------------------------------
+    async def detect(self, params: DetectParams, sources: Sequence[tuple[str | None, bytes | str]]) -> dict:
+        """Detect objects in each source (raw bytes, or base64 text from JSON) and build the response body."""
+        deadline = time.perf_counter() + self.settings.request_timeout_s
+        if len(sources) > self.settings.max_images_per_request:
+            raise TooManyImagesError(f"{len(sources)} images; at most {self.settings.max_images_per_request} per request")
+        model = self.model(params.model)
+        refinement = Refinement(
+            params.score_threshold,
+            params.iou_threshold,
+            params.max_detections,
+            None if params.classes is None else resolve_classes(params.classes, model.detector.class_names),
+        )
+        kwargs = model.forward_kwargs(params.proposals)
+        outcomes = await asyncio.gather(*(anyio.to_thread.run_sync(self._decode, i, s) for i, s in sources))
+        if len(outcomes) == 1 and outcomes[0].error is not None:
+            raise outcomes[0].error
+        good = [o for o in outcomes if o.image is not None]
+        futures = self.batcher.submit(model, [o.image for o in good], kwargs, self.settings.retry_after_s)
+        try:
+            inferences = await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - time.perf_counter()))
+        except TimeoutError:
+            for future in futures:
+                future.cancel()
+            raise RequestTimeoutError(f"no answer within {self.settings.request_timeout_s:g} s") from None
+        by_id = dict(zip(map(id, good), inferences))
+        items = await anyio.to_thread.run_sync(
+            lambda: [self._item(o, by_id.get(id(o)), model, refinement, params.annotate) for o in outcomes]
+        )
+        if len(items) == 1 and "error" in items[0]:
+            raise items[0].pop("_exception")
+        for item in items:
+            item.pop("_exception", None)
+        return {
+            "model": {"name": model.name, "version": model.version},
+            "parameters": params.model_copy(update={"model": model.name}).model_dump(),
+            "images": items,
+        }
+
+    def _decode(self, image_id: str | None, source: bytes | str) -> ImageOutcome:
+        start = time.perf_counter()
+        try:
+            data = _b64decode(source) if isinstance(source, str) else source
+            image = decode_image(data, max_pixels=self.settings.max_pixels, max_side=self.settings.max_side)
+        except DetectError as err:
+            return ImageOutcome(image_id, error=err)
+        seconds = time.perf_counter() - start
+        self.metrics.observe_stage("decode", seconds)
+        return ImageOutcome(image_id, image, decode_s=seconds)
+
+    def _item(
+        self, outcome: ImageOutcome, inference: Inference | None, model: LoadedModel, refinement: Refinement, draw: bool
+    ) -> dict:
+        """One response item (a thread-pool call: annotation encodes a PNG)."""
+        error = outcome.error or (inference.detections if isinstance(inference.detections, DetectError) else None)
+        if error is not None:
+            return {"id": outcome.id, "error": {"code": error.code, "message": error.message}, "_exception": error}
+        start = time.perf_counter()
+        detections = refinement.apply(inference.detections.to("cpu"))
+        item = {"id": outcome.id, **detections.to_json(model.detector.class_names)}
+        if draw:
+            item["annotated_png"] = png_base64(annotate(outcome.image, detections, model.detector.class_names))
+        post_s = time.perf_counter() - start
+        stages = inference.detections.extras.get("timings_ms")
+        timings = {"decode": outcome.decode_s * 1e3, "queue": inference.queue_s * 1e3}
+        timings.update(stages if isinstance(stages, dict) else {"inference": inference.forward_s * 1e3})
+        timings["postprocess"] = post_s * 1e3
+        item["timings_ms"] = {k: round(float(v), 3) for k, v in timings.items()}
+        item["batch_size"] = inference.batch_size
+        for stage, seconds in (("queue", inference.queue_s), ("inference", inference.forward_s), ("postprocess", post_s)):
+            self.metrics.observe_stage(stage, seconds)
+        return item
+
+
+def _b64decode(text: str) -> bytes:
+    """Standard base64 with or without padding; anything else is :class:`BadBase64Error`."""
+    text = "".join(text.split())
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise BadBase64Error(f"invalid base64 image data: {err}") from err
+
+
+def check_weights(settings: Settings) -> None:
+    """Fail fast (for ``detect serve``) when a configured weights file does not exist."""
+    for name, spec in settings.models.items():
+        if not Path(spec.weights).is_file():
+            raise WeightsError(f"model {name!r}: weights file not found: {spec.weights!r}")
+

@@ -1,0 +1,43 @@
+"""Service settings, read from ``DETECT_*`` environment variables (pydantic-settings).
+
+Decisions: every limit has a safe default, so an unconfigured server is still defended. ``DETECT_MODELS`` is
+JSON mapping a served model name to its detector family and weights file, e.g.
+``{"faster_rcnn": {"family": "faster_rcnn", "weights": "/weights/frcnn.safetensors"}}``; list-valued settings
+(``DETECT_CORS_ORIGINS``) are JSON lists. The API key, when set, is required in ``X-API-Key`` on ``/detect`` and
+``/models``; the probes and ``/metrics`` stay open for orchestrators and scrapers.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from detect.io import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+
+
+class ModelSpec(BaseModel):
+    family: str = Field(description="detector family: faster_rcnn, rcnn or sppnet")
+    weights: str = Field(description="path of the weights file")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DETECT_", frozen=True)
+
+    device: str = "cpu"
+    models: dict[str, ModelSpec] = Field(default_factory=dict)
+    default_model: str | None = Field(None, description="model used when a request names none (default: the first)")
+    warmup: bool = True
+
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    max_images_per_request: int = Field(16, gt=0)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
+    max_side: int = Field(DEFAULT_MAX_SIDE, gt=0)
+
+    max_batch: int = Field(8, gt=0, description="images per forward pass")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long the first image of a batch waits for company")
+    queue_size: int = Field(64, gt=0, description="images waiting for inference before requests get 503")
+    request_timeout_s: float = Field(30.0, gt=0)
+    retry_after_s: int = Field(1, ge=0)
+
+    cors_origins: list[str] = Field(default_factory=list)
+    api_key: SecretStr | None = None

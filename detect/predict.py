@@ -1,0 +1,496 @@
+"""Batch prediction behind ``detect predict``, and the pieces the API shares with it.
+
+Shared with :mod:`api.service`: :func:`load_detector` (a detector family's ``from_weights``), :class:`Refinement`
+(per-request thresholds applied to a detector's output) and :func:`annotate` (boxes drawn on a copy of the image).
+
+Decisions for the batch run (:func:`run`):
+
+* **Output layout.** Every input maps to ``DIR/<rel>.json``, where ``<rel>`` is its path relative to the common
+  ancestor of the roots given on the command line (a folder, a file's folder, a glob's fixed prefix). The
+  input's extension is kept, so ``a.jpg`` and ``a.png`` give ``a.jpg.json`` and ``a.png.json``; relative paths of
+  normalised absolute paths under a common root contain no ``..``, so nothing is written outside ``DIR``.
+  That per-image JSON is the one output per input (``detections: []`` when nothing is found); ``yolo`` adds
+  ``<rel>.txt`` beside it, ``--save-images`` ``<rel>.annotated.png``. The aggregate formats (``jsonl``,
+  ``coco``, ``csv``) are rebuilt at the end of every run from the per-image JSON of all inputs done so far,
+  so a resumed run still produces complete files.
+* **Nothing lost.** Every file is written atomically (:func:`detect.io.atomic_write`); temporary files a killed
+  run left are deleted when the next run starts. ``DIR/manifest.jsonl``
+  gets one line per input, ``done`` or ``failed`` with the error code and reason, appended and flushed after the
+  input's outputs exist, so ``done`` in the manifest implies its outputs are complete. ``--resume`` skips
+  inputs whose last record is ``done`` (a torn last line after a kill is ignored); without it a run starts a
+  fresh manifest.
+* **Walking folders.** Symbolic links are followed, but a folder already visited (same device and inode) is
+  skipped, so link loops end; unreadable folders and files are recorded as failed and the run goes on. Files
+  under ``DIR`` are never inputs. Folders contribute files with image extensions; files named explicitly are
+  always tried (the format is sniffed from content).
+* **Batching.** Images are decoded by a thread pool (Pillow releases the GIL) and forwarded ``batch_size`` at a
+  time. If a batch's forward pass raises, its images are retried one by one, so one image the model cannot
+  handle fails alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import glob
+import importlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from detect.errors import (
+    ConfigError,
+    DetectError,
+    UnknownClassError,
+    UnknownModelError,
+    UnreadableFileError,
+    WeightsError,
+)
+from detect.io import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, atomic_write, decode_image
+from detect.ops.nms import batched_nms
+from detect.structures import Detections
+
+FAMILIES: dict[str, str] = {
+    "faster_rcnn": "detect.detectors.faster_rcnn:FasterRCNN",
+    "rcnn": "detect.detectors.rcnn:RCNN",
+    "sppnet": "detect.detectors.sppnet:SPPNet",
+}
+"""Detector family -> the class whose ``from_weights(path)`` loads it (imported on first use)."""
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+FORMATS = ("jsonl", "coco", "yolo", "csv")
+MANIFEST = "manifest.jsonl"
+AGGREGATE_FILES = {"jsonl": "predictions.jsonl", "coco": "coco_results.json", "csv": "detections.csv"}
+CSV_COLUMNS = ("file", "width", "height", "x1", "y1", "x2", "y2", "score", "class_id", "class_name")
+_GLOB_MAGIC = re.compile(r"[*?\[]")
+
+
+# --- shared with the API ---------------------------------------------------------------------------------------
+def load_detector(family: str, weights: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """``FAMILIES[family].from_weights(weights)`` in eval mode on ``device``.
+
+    Unknown family -> :class:`UnknownModelError`; a missing file -> :class:`WeightsError`; a device torch does
+    not know or cannot use -> :class:`ConfigError`.
+    """
+    if family not in FAMILIES:
+        raise UnknownModelError(f"unknown detector family {family!r}; known: {', '.join(sorted(FAMILIES))}")
+    if not Path(weights).is_file():
+        raise WeightsError(f"weights file not found: {os.fspath(weights)!r}")
+    module_name, class_name = FAMILIES[family].split(":")
+    detector = getattr(importlib.import_module(module_name), class_name).from_weights(weights)
+    try:
+        return detector.to(torch.device(device)).eval()
+    except (RuntimeError, AssertionError) as err:  # e.g. "cuda" on a machine without CUDA
+        raise ConfigError(f"cannot use device {device!r}: {str(err).splitlines()[0]}") from err
+
+
+def resolve_classes(classes: Iterable[str | int], class_names: Sequence[str]) -> tuple[int, ...]:
+    """1-based class ids for names or ids (``"3"`` counts as an id); :class:`UnknownClassError` otherwise."""
+    ids = []
+    for value in classes:
+        text = str(value).strip()
+        if text.isdigit() and 1 <= int(text) <= len(class_names):
+            ids.append(int(text))
+        elif text in class_names:
+            ids.append(class_names.index(text) + 1)
+        else:
+            raise UnknownClassError(f"unknown class {text!r}; the model has {len(class_names)} classes")
+    return tuple(sorted(set(ids)))
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """Per-request thresholds applied to what the detector returned.
+
+    The detector has already thresholded and suppressed at its own settings, which cannot be undone, so each
+    field can only tighten them: the effective score threshold is ``max(requested, model's)``, the effective
+    IoU threshold ``min(requested, model's)``. NMS is re-run per class with
+    :func:`detect.ops.nms.batched_nms` at the requested IoU: every pair the model kept overlaps by at most the
+    model's threshold, so a looser request removes nothing and a stricter one suppresses more. ``class_ids``
+    keeps only those classes; ``max_detections`` keeps the best-scoring ones.
+    """
+
+    score_threshold: float | None = None
+    iou_threshold: float | None = None
+    max_detections: int | None = None
+    class_ids: tuple[int, ...] | None = None
+
+    def apply(self, detections: Detections) -> Detections:
+        keep = torch.ones_like(detections.scores, dtype=torch.bool)  # (N,)
+        if self.score_threshold is not None:
+            keep &= detections.scores >= self.score_threshold
+        if self.class_ids is not None:
+            wanted = torch.tensor(self.class_ids, dtype=detections.labels.dtype, device=detections.labels.device)
+            keep &= torch.isin(detections.labels, wanted)
+        result = detections.filter(keep)
+        if self.iou_threshold is not None and len(result):
+            result = result.filter(batched_nms(result.boxes, result.scores, result.labels, self.iou_threshold))
+        else:
+            result = result.filter(torch.argsort(result.scores, descending=True, stable=True))
+        if self.max_detections is not None:
+            result = result.filter(slice(0, self.max_detections))
+        return result
+
+
+def annotate(image: np.ndarray, detections: Detections, class_names: Sequence[str]) -> Image.Image:
+    """A copy of ``image`` (RGB ``uint8``) with each box and its ``name score`` label drawn on it."""
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    for item in detections.to_json(class_names)["detections"]:
+        draw.rectangle(item["box"], outline=(255, 32, 32), width=2)
+        draw.text((item["box"][0] + 2, item["box"][1] + 1), f"{item['class_name']} {item['score']:.2f}", fill=(255, 255, 0))
+    return canvas
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_base64(image: Image.Image) -> str:
+    return base64.b64encode(encode_png(image)).decode("ascii")
+
+
+# --- inputs --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Input:
+    """One image to process: its absolute path (links not resolved) and its path relative to the output root."""
+
+    path: str
+    rel: str
+
+
+@dataclass
+class Collected:
+    inputs: list[Input]
+    failures: list[tuple[Input, DetectError]]  # unreadable folders, sources that do not exist
+
+
+def collect_inputs(sources: Sequence[str], out_dir: str | os.PathLike, recursive: bool) -> Collected:
+    """Expand files, folders and globs into :class:`Input` items (deduplicated, sorted, never under ``out_dir``)."""
+    out = os.path.abspath(out_dir)
+    found: dict[str, None] = {}
+    roots: list[str] = []
+    failures: list[tuple[str, DetectError]] = []
+    for source in sources:
+        if _GLOB_MAGIC.search(source):
+            root = os.path.abspath(_glob_prefix(source))
+            paths = [os.path.abspath(p) for p in sorted(glob.glob(source, recursive=True)) if not os.path.isdir(p)]
+        elif os.path.isdir(source):
+            root = os.path.abspath(source)
+            paths = list(_walk(root, recursive, failures))
+        else:
+            root = os.path.dirname(os.path.abspath(source))
+            paths = [os.path.abspath(source)]
+            if not os.path.lexists(source):
+                failures.append((paths[0], UnreadableFileError(f"no such file: {source!r}")))
+                paths = []
+        roots.append(root)
+        found.update((p, None) for p in paths if not _is_under(p, out))
+    common = os.path.commonpath(roots) if roots else os.getcwd()
+    as_input = lambda p: Input(p, os.path.relpath(p, common))  # noqa: E731
+    return Collected([as_input(p) for p in sorted(found)], [(as_input(p), err) for p, err in failures])
+
+
+def _glob_prefix(pattern: str) -> str:
+    """The folder part of ``pattern`` before its first wildcard (``.`` when it starts with one)."""
+    parts = Path(pattern).parts
+    fixed = parts[: next(i for i, p in enumerate(parts) if _GLOB_MAGIC.search(p))]
+    return os.path.join(*fixed) if fixed else "."
+
+
+def _is_under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk(root: str, recursive: bool, failures: list[tuple[str, DetectError]]) -> Iterator[str]:
+    """Image files under ``root``; links followed, each real folder visited once (link loops end)."""
+    seen: set[tuple[int, int]] = set()
+
+    def on_error(err: OSError) -> None:
+        failures.append((os.path.abspath(err.filename), UnreadableFileError(f"cannot list {err.filename!r}: {err.strerror}")))
+
+    for folder, subdirs, files in os.walk(root, followlinks=True, onerror=on_error):
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:
+            subdirs.clear()
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        if not recursive:
+            subdirs.clear()
+        subdirs.sort()
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                yield os.path.join(folder, name)
+
+
+# --- outputs -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PredictOptions:
+    sources: tuple[str, ...]
+    out_dir: Path
+    recursive: bool = False
+    batch_size: int = 4
+    refinement: Refinement = Refinement()
+    formats: tuple[str, ...] = ("jsonl",)
+    save_images: bool = False
+    resume: bool = False
+    workers: int = 2
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_side: int = DEFAULT_MAX_SIDE
+
+
+@dataclass
+class Summary:
+    images: int = 0
+    skipped: int = 0
+    detections: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def yolo_lines(result: dict) -> str:
+    """YOLO text: ``class cx cy w h score`` per detection, centre and size normalised by the image size,
+    ``class`` the 0-based index into the model's class list (``class_id - 1``)."""
+    w, h = result["width"], result["height"]
+    lines = []
+    for d in result["detections"]:
+        x1, y1, x2, y2 = d["box"]
+        lines.append(
+            f"{d['class_id'] - 1} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
+            f"{(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f} {d['score']:.5f}"
+        )
+    return "".join(line + "\n" for line in lines)
+
+
+def coco_image_id(rel: str, index: int) -> int:
+    """COCO's ``image_id``: the number in a COCO-style name (``000000397133.jpg`` -> 397133), else ``index``."""
+    stem = Path(rel).stem
+    return int(stem) if stem.isdigit() else index
+
+
+def write_aggregates(out_dir: Path, done: Sequence[str], formats: Sequence[str]) -> None:
+    """Rebuild the aggregate files from the per-image JSON of the ``done`` relative paths (sorted)."""
+    wanted = [f for f in formats if f in AGGREGATE_FILES]
+    if not wanted:
+        return
+    results = [(rel, json.loads((out_dir / f"{rel}.json").read_text())) for rel in sorted(done)]
+    if "jsonl" in wanted:
+        text = "".join(json.dumps({"file": rel, **r}) + "\n" for rel, r in results)
+        atomic_write(out_dir / AGGREGATE_FILES["jsonl"], text.encode())
+    if "coco" in wanted:
+        coco = [
+            {
+                "image_id": coco_image_id(rel, i),
+                "file_name": rel,
+                "category_id": d["class_id"],
+                "bbox": [d["box"][0], d["box"][1], d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]],
+                "score": d["score"],
+            }
+            for i, (rel, r) in enumerate(results)
+            for d in r["detections"]
+        ]
+        atomic_write(out_dir / AGGREGATE_FILES["coco"], json.dumps(coco).encode())
+    if "csv" in wanted:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for rel, r in results:
+            for d in r["detections"]:
+                writer.writerow([rel, r["width"], r["height"], *d["box"], d["score"], d["class_id"], d["class_name"]])
+        atomic_write(out_dir / AGGREGATE_FILES["csv"], buffer.getvalue().encode())
+
+
+class Manifest:
+    """``DIR/manifest.jsonl``: one ``{"input", "output", "status", "code"?, "reason"?}`` record per input."""
+
+    def __init__(self, out_dir: Path, resume: bool) -> None:
+        self.path = out_dir / MANIFEST
+        self.done: dict[str, str] = {}  # input path -> rel, last status done
+        if resume and self.path.is_file():
+            for record in self._records():
+                if record.get("status") == "done":
+                    self.done[record["input"]] = record["output"].removesuffix(".json")
+                else:
+                    self.done.pop(record.get("input", ""), None)
+        elif self.path.exists():
+            self.path.unlink()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._file: TextIO = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (closed by close())
+
+    def _records(self) -> Iterator[dict]:
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line torn by a kill
+                continue
+            if isinstance(record, dict) and "input" in record and "output" in record:
+                yield record
+
+    def record(self, item: Input, error: DetectError | None = None) -> None:
+        entry: dict[str, Any] = {"input": item.path, "output": f"{item.rel}.json", "status": "done"}
+        if error is None:
+            self.done[item.path] = item.rel
+        else:
+            entry.update(status="failed", code=error.code, reason=error.message)
+        self._file.write(json.dumps(entry) + "\n")
+
+    def flush(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# --- the run -------------------------------------------------------------------------------------------------
+class InferenceError(DetectError):
+    """The detector raised on one image (after the batch was retried image by image)."""
+
+    code = "inference_error"
+    http_status = 500
+
+
+def run(
+    options: PredictOptions,
+    detector: Callable,
+    progress: TextIO | None = sys.stderr,
+) -> Summary:
+    """Detect objects in every input of ``options`` and write the outputs; see the module docstring."""
+    start = time.perf_counter()
+    out_dir = options.out_dir.resolve()
+    collected = collect_inputs(options.sources, out_dir, options.recursive)
+    manifest = Manifest(out_dir, options.resume)
+    remove_stale_temporaries(out_dir)
+    summary = Summary()
+    pending = [i for i in collected.inputs if manifest.done.get(i.path) != i.rel or not (out_dir / f"{i.rel}.json").is_file()]
+    summary.skipped = len(collected.inputs) - len(pending)
+    total = len(pending) + len(collected.failures)
+    try:
+        for item, error in collected.failures:
+            _fail(manifest, summary, item, error)
+        with ThreadPoolExecutor(max(1, options.workers)) as pool:
+            for batch in _batches(pending, options.batch_size):
+                images = list(pool.map(lambda i: _decode(i, options), batch))
+                _process(batch, images, detector, options, out_dir, manifest, summary)
+                manifest.flush()
+                _progress(progress, summary, total, time.perf_counter() - start)
+    finally:
+        manifest.close()
+    write_aggregates(out_dir, list(manifest.done.values()), options.formats)
+    summary.seconds = time.perf_counter() - start
+    if progress is not None:
+        progress.write("\n" + format_summary(summary) + "\n")
+    return summary
+
+
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Delete the temporary files (``.<name>.<random>.tmp``) that :func:`atomic_write` leaves when a run is killed."""
+    for path in out_dir.rglob(".*.tmp"):
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+
+
+def _batches(items: Sequence[Input], size: int) -> Iterator[Sequence[Input]]:
+    for start in range(0, len(items), max(1, size)):
+        yield items[start : start + max(1, size)]
+
+
+def _decode(item: Input, options: PredictOptions) -> np.ndarray | DetectError:
+    try:
+        return decode_image(item.path, max_pixels=options.max_pixels, max_side=options.max_side)
+    except DetectError as err:
+        return err
+
+
+def _process(
+    batch: Sequence[Input],
+    images: list[np.ndarray | DetectError],
+    detector: Callable,
+    options: PredictOptions,
+    out_dir: Path,
+    manifest: Manifest,
+    summary: Summary,
+) -> None:
+    good = [(item, image) for item, image in zip(batch, images) if isinstance(image, np.ndarray)]
+    for item, image in zip(batch, images):
+        if isinstance(image, DetectError):
+            _fail(manifest, summary, item, image)
+    for (item, image), result in zip(good, forward_batch(detector, [image for _, image in good])):
+        if isinstance(result, DetectError):
+            _fail(manifest, summary, item, result)
+            continue
+        detections = options.refinement.apply(result.to("cpu"))
+        _write_outputs(out_dir, item, image, detections, detector.class_names, options)
+        manifest.record(item)
+        summary.images += 1
+        summary.detections += len(detections)
+
+
+def forward_batch(detector: Callable, images: list[np.ndarray], **kwargs: Any) -> list[Detections | DetectError]:
+    """One forward pass for the batch; image by image when it raises, so only the culprit fails (with an
+    :class:`InferenceError`). ``kwargs`` go to the detector's ``forward``."""
+    if not images:
+        return []
+    try:
+        with torch.inference_mode():
+            return list(detector(images, **kwargs)[0])
+    except (RuntimeError, ValueError) as err:
+        if len(images) == 1:
+            return [InferenceError(f"the model failed on this image: {str(err).splitlines()[0][:200]}")]
+        return [result for image in images for result in forward_batch(detector, [image], **kwargs)]
+
+
+def _write_outputs(
+    out_dir: Path, item: Input, image: np.ndarray, detections: Detections, class_names: Sequence[str], options: PredictOptions
+) -> None:
+    result = detections.to_json(class_names)
+    if "yolo" in options.formats:
+        atomic_write(out_dir / f"{item.rel}.txt", yolo_lines(result).encode())
+    if options.save_images:
+        atomic_write(out_dir / f"{item.rel}.annotated.png", encode_png(annotate(image, detections, class_names)))
+    atomic_write(out_dir / f"{item.rel}.json", json.dumps(result).encode())  # last: it marks the input complete
+
+
+def _fail(manifest: Manifest, summary: Summary, item: Input, error: DetectError) -> None:
+    manifest.record(item, error)
+    summary.failed += 1
+    summary.failures.append((item.path, f"{error.code}: {error.message}"))
+
+
+def _progress(stream: TextIO | None, summary: Summary, total: int, seconds: float) -> None:
+    if stream is None:
+        return
+    done = summary.images + summary.failed
+    rate = summary.images / seconds if seconds > 0 else 0.0
+    width = 30
+    filled = int(width * done / total) if total else width
+    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} images, {rate:.1f} img/s")
+    stream.flush()
+
+
+def format_summary(summary: Summary) -> str:
+    lines = [
+        f"{summary.images} images, {summary.detections} detections, {summary.failed} failed, "
+        f"{summary.skipped} skipped (already done), {summary.images_per_second:.2f} images/s"
+    ]
+    lines += [f"failed: {path}: {reason}" for path, reason in summary.failures]
+    return "\n".join(lines)

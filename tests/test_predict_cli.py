@@ -1,0 +1,170 @@
+"""``detect predict``: outputs, manifest, formats, collisions, link loops, exit codes, kill and resume."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from detect import cli, predict
+from detect.predict import PredictOptions, Refinement, run
+from tests.api.conftest import StubDetector, png
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def stub_box(w: int, h: int) -> list[float]:
+    return [0.0, 0.0, w / 2, h / 2]  # the stub's best detection (cat, 0.9), see tests/api/conftest.py
+
+
+def jpeg(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (50, 60, 70)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def manifest(out: Path) -> dict[str, dict]:
+    return {r["input"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+
+
+def outputs(out: Path, suffix: str = ".json") -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in out.rglob(f"*{suffix}") if p.name != "coco_results.json")
+
+
+def test_mixed_good_and_corrupt_inputs(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    write(src / "a.png", png(40, 20))
+    write(src / "sub" / "c.png", png(10, 30))
+    write(src / "bad.jpg", jpeg(16, 16)[:40])
+    write(src / "fake.png", b"plain text")
+    write(src / "notes.txt", b"not an image extension: ignored")
+    summary = run(PredictOptions((str(src),), out, recursive=True, batch_size=2), StubDetector(), progress=None)
+    assert (summary.images, summary.failed, summary.detections) == (2, 2, 6)
+    assert outputs(out) == ["a.png.json", "sub/c.png.json"]
+    a = json.loads((out / "a.png.json").read_text())
+    assert (a["width"], a["height"], a["detections"][0]["box"]) == (40, 20, stub_box(40, 20))
+    records = manifest(out)
+    assert {Path(k).name: (r["status"], r.get("code")) for k, r in records.items()} == {
+        "a.png": ("done", None),
+        "c.png": ("done", None),
+        "bad.jpg": ("failed", "corrupt_image"),
+        "fake.png": ("failed", "unsupported_format"),
+    }
+
+
+def test_collisions_and_output_tree(tmp_path: Path) -> None:
+    d1, d2, out = tmp_path / "d1", tmp_path / "d2", tmp_path / "d1" / "out"
+    write(d1 / "a.jpg", jpeg(8, 8))
+    write(d1 / "a.png", png(8, 8))
+    write(d2 / "a.png", png(12, 8))
+    run(PredictOptions((str(d1), str(d2)), out), StubDetector(), progress=None)
+    assert outputs(out) == ["d1/a.jpg.json", "d1/a.png.json", "d2/a.png.json"]
+    assert json.loads((out / "d2/a.png.json").read_text())["width"] == 12
+    summary = run(PredictOptions((str(d1),), out, recursive=True), StubDetector(), progress=None)
+    assert summary.images == 2  # the outputs under d1/out are never inputs
+
+
+def test_symlink_loop_and_broken_links_do_not_stop_the_run(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    write(src / "real.png", png(8, 8))
+    (src / "loop").symlink_to(src, target_is_directory=True)
+    (src / "self.png").symlink_to(src / "self.png")
+    summary = run(PredictOptions((str(src),), out, recursive=True), StubDetector(), progress=None)
+    assert outputs(out) == ["real.png.json"]
+    assert summary.failed == 1
+    assert manifest(out)[str(src / "self.png")]["code"] == "unreadable_file"
+
+
+def test_each_format_parses_back(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    write(src / "000000000042.png", png(40, 20))
+    write(src / "empty.png", png(30, 30))
+    detector = StubDetector()
+    options = PredictOptions((str(src / "000000000042.png"),), out, formats=("jsonl", "coco", "yolo", "csv"), save_images=True)
+    run(options, detector, progress=None)
+    empty = PredictOptions((str(src / "empty.png"),), out, refinement=Refinement(class_ids=(3,)), formats=options.formats, resume=True)
+    run(empty, detector, progress=None)  # no bird: an empty output
+
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["file"], len(r["detections"])) for r in lines] == [("000000000042.png", 3), ("empty.png", 0)]
+    coco = json.loads((out / "coco_results.json").read_text())
+    assert {c["image_id"] for c in coco} == {42}
+    assert [c["bbox"] for c in coco][0] == [0.0, 0.0, 20.0, 10.0]  # xywh of [0, 0, 20, 10]
+    rows = list(csv.DictReader(io.StringIO((out / "detections.csv").read_text())))
+    assert len(rows) == 3 and [float(rows[0][k]) for k in ("x1", "y1", "x2", "y2")] == stub_box(40, 20)
+    assert rows[2]["class_name"] == "dog"
+    cls, cx, cy, w, h, score = (out / "000000000042.png.txt").read_text().splitlines()[0].split()
+    assert (int(cls), float(cx) * 40, float(cy) * 20, float(w) * 40, float(h) * 20, float(score)) == (0, 10, 5, 20, 10, 0.9)
+    assert (out / "empty.png.txt").read_text() == ""
+    assert json.loads((out / "empty.png.json").read_text())["detections"] == []
+    assert Image.open(out / "000000000042.png.annotated.png").size == (40, 20)
+
+
+def test_cli_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(predict, "load_detector", lambda *a: StubDetector())
+    write(tmp_path / "good" / "a.png", png(8, 8))
+    write(tmp_path / "mixed" / "b.png", b"garbage")
+    weights = ["--weights", "unused"]
+    assert cli.main(["predict", str(tmp_path / "good"), "--out", str(tmp_path / "o1"), *weights]) == 0
+    assert cli.main(["predict", str(tmp_path / "good"), str(tmp_path / "mixed"), "--out", str(tmp_path / "o2"), *weights]) == 1
+    assert "1 failed" in capsys.readouterr().err
+    assert cli.main(["predict", str(tmp_path / "nothing*.png"), "--out", str(tmp_path / "o3"), *weights]) == 2
+    assert cli.main(["predict", str(tmp_path / "good"), "--out", str(tmp_path / "o4")]) == 2  # no weights
+    assert cli.main(["predict", str(tmp_path / "good"), "--out", str(tmp_path / "o5"), "--classes", "zebra", *weights]) == 2
+    assert cli.main(["predict", "--out", "x"]) == 2  # no SRC
+
+
+def test_missing_weights_is_a_setup_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write(tmp_path / "a.png", png(8, 8))
+    assert cli.main(["predict", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), "--weights", str(tmp_path / "no")]) == 2
+    assert "error[weights_error]" in capsys.readouterr().err
+
+
+_CHILD = """
+import sys
+from pathlib import Path
+from detect.predict import PredictOptions, run
+from tests.api.conftest import StubDetector
+run(PredictOptions((sys.argv[1],), Path(sys.argv[2]), batch_size=1), StubDetector(delay=0.1))
+"""
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_exactly_one_output_per_input(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(30):
+        write(src / f"{i:02d}.png", png(8 + i, 8))
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(src), str(out)], cwd=ROOT, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "manifest.jsonl").is_file() or len((out / "manifest.jsonl").read_text().splitlines()) < 5:
+            assert time.monotonic() < deadline and child.poll() is None, "the child finished or stalled"
+            time.sleep(0.02)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+    done_before = {k for k, r in manifest(out).items() if r["status"] == "done"}
+    assert 5 <= len(done_before) < 30
+
+    detector = StubDetector()
+    summary = run(PredictOptions((str(src),), out, resume=True, batch_size=4), detector, progress=None)
+    assert summary.skipped == len(done_before) and summary.images == 30 - len(done_before)
+    assert outputs(out) == [f"{i:02d}.png.json" for i in range(30)]
+    assert not list(out.rglob("*.tmp"))
+    assert all(r["status"] == "done" for r in manifest(out).values()) and len(manifest(out)) == 30
+    assert [json.loads((out / f"{i:02d}.png.json").read_text())["width"] for i in range(30)] == [8 + i for i in range(30)]
