@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 from detect import __version__
+from detect import weights
+from detect.data import cli as data_cli
 from detect.errors import DetectError
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
@@ -136,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     _add_predict_parser(sub)
+    weights.add_cli(sub)
+    data_cli.add_cli(sub)
     return parser
 
 
