@@ -54,7 +54,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from detect.predict import PredictOptions, Refinement, load_detector, resolve_classes, run
 
     if args.weights is None:
-        print("error[weights_error]: --weights PATH is required (bundled weights are not available yet)", file=sys.stderr)
+        print("error[weights_error]: --weights NAME|PATH is required (`detect weights list` shows the registered names)",
+              file=sys.stderr)
         return EXIT_USAGE
     detector = load_detector(args.model, args.weights, args.device)
     classes = None if args.classes is None else resolve_classes(args.classes.split(","), detector.class_names)

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from detect import weights as registered_weights
 from detect.errors import (
     ConfigError,
     DetectError,
@@ -79,21 +80,29 @@ _GLOB_MAGIC = re.compile(r"[*?\[]")
 
 # --- shared with the API ---------------------------------------------------------------------------------------
 def load_detector(family: str, weights: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """``FAMILIES[family].from_weights(weights)`` in eval mode on ``device``.
+    """The detector in eval mode on ``device``.
 
-    Unknown family -> :class:`UnknownModelError`; a missing file -> :class:`WeightsError`; a device torch does
-    not know or cannot use -> :class:`ConfigError`.
+    ``weights`` is the name of registered weights (``detect weights list``: bundled, imported or pulled), or a
+    file: one listed in the ``manifest.json`` beside it loads through the manifest (architecture rebuilt from
+    it, sha256 verified, ``family`` not needed); any other file through ``FAMILIES[family].from_weights``.
+    Unknown family -> :class:`UnknownModelError`; a missing file or unknown name -> :class:`WeightsError`; a device
+    torch does not know or cannot use -> :class:`ConfigError`.
     """
+    path = Path(weights)
+    if not path.is_file() or _listed_in_manifest(path):
+        return registered_weights.load_detector(weights, device)
     if family not in FAMILIES:
         raise UnknownModelError(f"unknown detector family {family!r}; known: {', '.join(sorted(FAMILIES))}")
-    if not Path(weights).is_file():
-        raise WeightsError(f"weights file not found: {os.fspath(weights)!r}")
     module_name, class_name = FAMILIES[family].split(":")
     detector = getattr(importlib.import_module(module_name), class_name).from_weights(weights)
     try:
         return detector.to(torch.device(device)).eval()
     except (RuntimeError, AssertionError) as err:  # e.g. "cuda" on a machine without CUDA
         raise ConfigError(f"cannot use device {device!r}: {str(err).splitlines()[0]}") from err
+
+
+def _listed_in_manifest(path: Path) -> bool:
+    return any(entry.file == path.name for entry in registered_weights.load_manifest(path.parent).values())
 
 
 def resolve_classes(classes: Iterable[str | int], class_names: Sequence[str]) -> tuple[int, ...]:

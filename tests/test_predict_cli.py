@@ -168,3 +168,31 @@ def test_kill_and_resume_gives_exactly_one_output_per_input(tmp_path: Path) -> N
     assert not list(out.rglob("*.tmp"))
     assert all(r["status"] == "done" for r in manifest(out).values()) and len(manifest(out)) == 30
     assert [json.loads((out / f"{i:02d}.png.json").read_text())["width"] for i in range(30)] == [8 + i for i in range(30)]
+
+
+def test_predict_with_registered_weights_by_name_and_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """--weights takes a registered name or a manifest-listed file: rebuilt from the manifest, hash verified."""
+    from detect.detectors.rcnn import RCNNConfig, rcnn_alexnet
+    from detect.weights import save_detector
+
+    weights_dir = tmp_path / "w"
+    model = rcnn_alexnet(("circle", "square"), config=RCNNConfig(representation_size=16))
+    save_detector(model, weights_dir / "tiny.safetensors", name="tiny")
+    monkeypatch.setenv("DETECT_WEIGHTS_DIR", str(weights_dir))
+    image = write(tmp_path / "in" / "a.jpg", jpeg(96, 64))
+
+    for weights in ("tiny", str(weights_dir / "tiny.safetensors")):
+        out = tmp_path / f"out-{len(weights)}"
+        assert cli.main(["predict", str(image), "--out", str(out), "--weights", weights, "--model", "sppnet"]) == 0
+        result = json.loads((out / "a.jpg.json").read_text())
+        assert (result["width"], result["height"]) == (96, 64)
+
+    assert cli.main(["predict", str(image), "--out", str(tmp_path / "o"), "--weights", "nope"]) == 2
+    assert "no weights named 'nope'" in capsys.readouterr().err
+    data = bytearray((weights_dir / "tiny.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (weights_dir / "tiny.safetensors").write_bytes(bytes(data))
+    assert cli.main(["predict", str(image), "--out", str(tmp_path / "o2"), "--weights", "tiny"]) == 2
+    assert "weights_checksum" in capsys.readouterr().err
