@@ -1,0 +1,393 @@
+"""Detector benchmark: SPP-Net vs R-CNN, and our Faster R-CNN vs torchvision's, measured in the same run.
+
+    python benchmarks/detectors.py [--backbone alexnet|vgg16] [--proposals 2000] [--rcnn-proposals 256]
+                                   [--min-size 480] [--batches 1,8] [--repeats 3] [--quick] [--only region|faster]
+
+Every model has seeded random weights (nothing is downloaded): timings do not depend on the weights' values, and
+random weights make the Faster R-CNN comparison an exact one (torchvision's model is built from its public pieces
+and its state dict is loaded into ours with ``strict=True``). All times are medians of interleaved runs
+(:func:`benchmarks._timing.median_seconds`) in eval mode under ``torch.inference_mode()``, on the CPU with
+torch's default thread count. Ratios above 1 mean the first-named model is faster. Targets (issue 4):
+
+1. SPP-Net vs R-CNN, same backbone, same image (a synthetic shapes image of PASCAL-like size) and the same N
+   proposals (random boxes of realistic sizes, fixed seed): at least 24x faster per image. R-CNN's cost is linear in
+   the number of regions (the CNN runs once per warped crop, ``chunk_size`` crops at a time), so it is timed at two
+   region counts ``K/2`` and ``K`` (``--rcnn-proposals``; the per-region times show the linearity) and extrapolated
+   to N along the line through the two points. SPP-Net is timed at N directly.
+2. Faster R-CNN R50-FPN, ours (defaults, and a second row with :func:`detect.backbones.fold_frozen_batchnorm`) vs
+   torchvision's ``fasterrcnn_resnet50_fpn``, same weights and images, at each batch size: latency ratio
+   torchvision / ours; no slower at batch 1, at least 1.2x faster at batch 8. The detections are compared (labels
+   equal, boxes and scores within 1e-4).
+3. The time split per stage of every detector, from one extra instrumented call: forward hooks on the stage
+   modules and wrappers around the stage methods (the detectors record no timings of their own). R-CNN and
+   SPP-Net get the proposals from the caller; their proposal stage is selective search on the same image, timed
+   once apart.
+
+``--quick`` (a smoke run of about two minutes) replaces every size with a small one: N=200, K=32, a ~190-pixel
+image at SPP scale 320, Faster R-CNN at min_size 160 with batches 1 and 4. The last line sums up the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN as TVFasterRCNN
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops import FrozenBatchNorm2d
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._timing import median_seconds  # noqa: E402
+from detect.backbones import fold_frozen_batchnorm  # noqa: E402
+from detect.data.shapes import ShapesConfig, ShapesDataset  # noqa: E402
+from detect.detectors.faster_rcnn import FasterRCNN, FasterRCNNConfig, fasterrcnn_resnet50_fpn  # noqa: E402
+from detect.detectors.rcnn import BUILDERS as RCNN_BUILDERS  # noqa: E402
+from detect.detectors.rcnn import RegionDetector  # noqa: E402
+from detect.detectors.sppnet import BUILDERS as SPPNET_BUILDERS  # noqa: E402
+from detect.detectors.sppnet import SPPNetConfig  # noqa: E402
+from detect.transform import TransformConfig  # noqa: E402
+from proposals.selective_search import SelectiveSearch, SelectiveSearchConfig  # noqa: E402
+from tests.detectors.test_faster_rcnn import CLS_SCALE, randomise_frozen_bn  # noqa: E402  (the parity test's recipe)
+
+VOC_CLASSES = 20
+PARITY_ATOL = 1e-4
+
+
+@dataclass(frozen=True)
+class Settings:
+    backbone: str
+    proposals: int
+    rcnn_proposals: int
+    spp_scale: int
+    image_size: tuple[int, int]  # shapes image (min, max) side
+    min_size: int
+    batches: tuple[int, ...]
+    repeats: int
+
+
+# --- stage timing ------------------------------------------------------------------------------------------------
+
+
+class StageTimer:
+    """Wall time of named parts of a model, summed over calls: forward hooks on modules, wrappers on methods
+    (instance attributes, removed again by :meth:`remove`). Parts may nest; :func:`stage_split` combines them."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._undo: list[Callable[[], None]] = []
+
+    def module(self, part: str, module: nn.Module) -> None:
+        starts: list[float] = []
+        pre = module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
+        post = module.register_forward_hook(lambda *_: self._add(part, starts.pop()))
+        self._undo += [pre.remove, post.remove]
+
+    def method(self, part: str, owner: object, name: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._add(part, start)
+
+        setattr(owner, name, timed)
+        self._undo.append(lambda: delattr(owner, name))
+
+    def _add(self, part: str, start: float) -> None:
+        self.seconds[part] += time.perf_counter() - start
+
+    def remove(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+
+
+Stages = list[tuple[str, tuple[str, ...], tuple[str, ...]]]  # (stage, parts added, parts subtracted)
+
+
+def stage_split(
+    model: nn.Module, instrument: Callable[[StageTimer, nn.Module], None], stages: Stages, call: Callable[[], object]
+) -> dict[str, float]:
+    """Seconds per stage of one ``call``, plus ``other`` (the rest of the wall time) and ``total``."""
+    timer = StageTimer()
+    instrument(timer, model)
+    start = time.perf_counter()
+    try:
+        call()
+    finally:
+        total = time.perf_counter() - start
+        timer.remove()
+    split = {
+        stage: sum(timer.seconds[p] for p in plus) - sum(timer.seconds[p] for p in minus)
+        for stage, plus, minus in stages
+    }
+    split["other"] = total - sum(split.values())
+    split["total"] = total
+    return split
+
+
+def format_split(name: str, split: dict[str, float], scale: float = 1.0) -> str:
+    parts = [f"{stage} {seconds * scale * 1e3:.0f} ms ({100 * seconds / split['total']:.0f}%)"
+             for stage, seconds in split.items() if stage != "total"]
+    return f"  {name:<34} total {split['total'] * scale * 1e3:.0f} ms: " + ", ".join(parts)
+
+
+# --- SPP-Net vs R-CNN --------------------------------------------------------------------------------------------
+
+
+def shapes_image(sides: tuple[int, int]) -> np.ndarray:
+    """One synthetic shapes image (RGB uint8), height and width drawn from ``sides``, seed 0."""
+    image, _ = ShapesDataset(ShapesConfig(num_images=1, image_size=sides[0], image_size_max=sides[1], seed=0))[0]
+    return image
+
+
+def random_proposals(count: int, height: int, width: int, seed: int = 0) -> Tensor:
+    """``(count, 4)`` xyxy boxes of realistic sizes: sides log-uniform from 16 pixels to the image's side, aspect
+    log-uniform in [1/3, 3], centres uniform, clipped to the image."""
+    generator = torch.Generator().manual_seed(seed)
+    short = min(height, width)
+    side = torch.exp(torch.empty(count).uniform_(math.log(16), math.log(short), generator=generator))  # (N,)
+    aspect = torch.exp(torch.empty(count).uniform_(-math.log(3), math.log(3), generator=generator))  # (N,) w / h
+    wh = torch.stack([side * aspect.sqrt(), side / aspect.sqrt()], dim=1)  # (N, 2)
+    centre = torch.rand(count, 2, generator=generator) * torch.tensor([width, height])  # (N, 2)
+    boxes = torch.cat([centre - wh / 2, centre + wh / 2], dim=1)  # (N, 4)
+    return boxes.clamp(min=0).minimum(torch.tensor([width, height, width, height], dtype=torch.float32))
+
+
+def instrument_rcnn(timer: StageTimer, model: nn.Module) -> None:
+    for part in ("prepare", "pool", "detections"):
+        timer.method(part, model, part)
+    for part in ("features", "pool5", "heads"):
+        timer.module(part, getattr(model, part))
+
+
+def instrument_sppnet(timer: StageTimer, model: nn.Module) -> None:
+    for part in ("prepare", "pool", "detections"):
+        timer.method(part, model, part)
+    for part in ("backbone", "heads"):
+        timer.module(part, getattr(model, part))
+
+
+RCNN_STAGES: Stages = [
+    ("normalise", ("prepare",), ()),
+    ("warp crops", ("pool",), ("features", "pool5")),
+    ("backbone on crops", ("features", "pool5"), ()),
+    ("heads", ("heads",), ()),
+    ("post-processing", ("detections",), ()),
+]
+SPPNET_STAGES: Stages = [
+    ("resize+normalise", ("prepare",), ("backbone",)),
+    ("backbone", ("backbone",), ()),
+    ("SPP pooling", ("pool",), ()),
+    ("heads", ("heads",), ()),
+    ("post-processing", ("detections",), ()),
+]
+
+
+def region_detectors(settings: Settings) -> tuple[RegionDetector, RegionDetector]:
+    torch.manual_seed(0)
+    names = [f"class_{k}" for k in range(1, VOC_CLASSES + 1)]
+    rcnn = RCNN_BUILDERS[settings.backbone](names)
+    sppnet = SPPNET_BUILDERS[settings.backbone](names, config=SPPNetConfig(settings.backbone, (settings.spp_scale,)))
+    return rcnn.eval(), sppnet.eval()
+
+
+def run_region(settings: Settings) -> list[dict]:
+    image = shapes_image(settings.image_size)
+    height, width = image.shape[:2]
+    boxes = random_proposals(settings.proposals, height, width)
+    rcnn, sppnet = region_detectors(settings)
+    high = settings.rcnn_proposals
+    low = max(high // 2, 1)
+    print(f"\n== SPP-Net vs R-CNN ({settings.backbone}, random weights): one {height}x{width} shapes image, "
+          f"N={settings.proposals} random proposals; SPP-Net at scale {settings.spp_scale}")
+
+    def detect(model: RegionDetector, count: int) -> Callable[[], object]:
+        return lambda: model(image, proposals=[boxes[:count]])
+
+    with torch.inference_mode():
+        cases = {"sppnet": detect(sppnet, settings.proposals), "rcnn_low": detect(rcnn, low)}
+        times = median_seconds({**cases, "rcnn_high": detect(rcnn, high)}, settings.repeats)
+        slope = (times["rcnn_high"] - times["rcnn_low"]) / (high - low)
+        rcnn_at_n = times["rcnn_high"] + slope * (settings.proposals - high)
+        for count, case in ((low, "rcnn_low"), (high, "rcnn_high")):
+            print(f"  R-CNN at K={count:<5} {times[case]:8.3f} s  ({times[case] / count * 1e3:.2f} ms per region)")
+        print(f"  R-CNN at N={settings.proposals:<5} {rcnn_at_n:8.3f} s  (extrapolated: linear in the number of "
+              f"regions, line through K={low} and K={high}; intercept {times['rcnn_low'] - slope * low:.3f} s)")
+        print(f"  SPP-Net at N={settings.proposals:<3} {times['sppnet']:8.3f} s  (measured)")
+        ratio = rcnn_at_n / times["sppnet"]
+        print(f"  SPP-Net speed-up {ratio:.1f}x per image (target >= 24x)")
+
+        print("  stage split (one instrumented call each):")
+        search = SelectiveSearch(SelectiveSearchConfig(max_boxes=settings.proposals))
+        search(shapes_image((64, 64)))  # numba JIT / cache load, not timed
+        start = time.perf_counter()
+        found = search(image)[0]
+        print(f"  {'proposals (both)':<34} selective search {(time.perf_counter() - start) * 1e3:.0f} ms "
+              f"({len(found)} boxes; not part of the timings above, which take the fixed boxes)")
+        spp_split = stage_split(sppnet, instrument_sppnet, SPPNET_STAGES, detect(sppnet, settings.proposals))
+        print(format_split(f"SPP-Net, N={settings.proposals}", spp_split))
+        rcnn_split = stage_split(rcnn, instrument_rcnn, RCNN_STAGES, detect(rcnn, high))
+        print(format_split(f"R-CNN, K={high} (x{settings.proposals / high:.1f} for N)", rcnn_split))
+        spp_features = sum(spp_split[s] for s in ("resize+normalise", "backbone", "SPP pooling"))
+        rcnn_features = sum(rcnn_split[s] for s in ("normalise", "warp crops", "backbone on crops"))
+        print(f"  region features only (conv + pooling, the paper's 'conv time'): R-CNN "
+              f"{rcnn_features * settings.proposals / high:.3f} s (scaled to N) vs SPP-Net {spp_features:.3f} s: "
+              f"{rcnn_features * settings.proposals / high / spp_features:.1f}x")
+    return [{"case": f"SPP-Net vs R-CNN {settings.backbone} N={settings.proposals}", "ratio": ratio}]
+
+
+# --- Faster R-CNN: ours vs torchvision ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def faster_rcnn_pair(min_size: int, max_size: int) -> tuple[TVFasterRCNN, FasterRCNN]:
+    """torchvision's Faster R-CNN R50-FPN from its public pieces with seeded random weights (its defaults apart from
+    the input size), and ours with its defaults and the same input size, loaded from its state dict."""
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    reference = TVFasterRCNN(_resnet_fpn_extractor(resnet, 3), num_classes=91, min_size=min_size, max_size=max_size)
+    randomise_frozen_bn(reference, torch.Generator().manual_seed(1))
+    reference.roi_heads.box_predictor.cls_score.weight.mul_(CLS_SCALE)
+    ours = fasterrcnn_resnet50_fpn(config=FasterRCNNConfig(transform=TransformConfig((min_size,), max_size)))
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    for module in ours.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.eps = 0.0
+    return reference.eval(), ours.eval()
+
+
+def instrument_faster(timer: StageTimer, model: nn.Module) -> None:
+    """The same parts in both models (torchvision's post-processing method is ``postprocess_detections``)."""
+    heads = model.roi_heads
+    for part in ("transform", "backbone", "rpn"):
+        timer.module(part, getattr(model, part))
+    for part in ("box_roi_pool", "box_head", "box_predictor"):
+        timer.module(part, getattr(heads, part))
+    timer.method("roi_post", heads, "postprocess" if isinstance(model, FasterRCNN) else "postprocess_detections")
+    timer.method("transform_post", model.transform, "postprocess")
+
+
+FASTER_STAGES: Stages = [
+    ("transform", ("transform",), ()),
+    ("backbone", ("backbone",), ()),
+    ("proposals (RPN)", ("rpn",), ()),
+    ("heads", ("box_roi_pool", "box_head", "box_predictor"), ()),
+    ("post-processing", ("roi_post", "transform_post"), ()),
+]
+
+
+def parity(theirs: Sequence[dict], ours: Sequence) -> str:
+    """Whether the detections agree: same counts and labels in the same order, boxes and scores within
+    ``PARITY_ATOL``; failing that, whether they agree as sets (float rounding may swap near-tied scores)."""
+    box_diff = score_diff = set_diff = 0.0
+    for expected, actual in zip(theirs, ours):
+        if len(actual) != len(expected["labels"]):
+            return f"DIFFERENT ({len(actual)} vs {len(expected['labels'])} detections)"
+        if not len(actual):
+            continue
+        same_label = actual.labels[:, None] == expected["labels"][None, :]  # (N, N)
+        pairwise = (actual.boxes[:, None] - expected["boxes"][None]).abs().amax(dim=2)  # (N, N)
+        set_diff = max(set_diff, float(pairwise.masked_fill(~same_label, math.inf).amin(dim=1).max()))
+        if torch.equal(actual.labels, expected["labels"]):
+            box_diff = max(box_diff, float((actual.boxes - expected["boxes"]).abs().max()))
+            score_diff = max(score_diff, float((actual.scores - expected["scores"]).abs().max()))
+        else:
+            box_diff = math.inf
+    count = sum(len(d) for d in ours)
+    if max(box_diff, score_diff) <= PARITY_ATOL:
+        return f"equal ({count} detections; max |box diff| {box_diff:.1e}, max |score diff| {score_diff:.1e})"
+    if set_diff <= PARITY_ATOL:
+        return f"equal as sets, order differs among near-tied scores ({count}; max |box diff| {set_diff:.1e})"
+    return f"DIFFERENT ({count} detections; max |box diff| in order {box_diff:.1e}, as sets {set_diff:.1e})"
+
+
+def run_faster(settings: Settings) -> list[dict]:
+    min_size = settings.min_size
+    max_size = round(min_size * 4 / 3)
+    reference, ours = faster_rcnn_pair(min_size, max_size)
+    folded = copy.deepcopy(ours)
+    count = fold_frozen_batchnorm(folded)
+    models = {"torchvision": reference, "ours": ours, "ours+fold": folded}
+    generator = torch.Generator().manual_seed(2)
+    pool = [torch.rand(3, min_size, max_size, generator=generator) for _ in range(max(settings.batches))]
+    print(f"\n== Faster R-CNN R50-FPN, ours vs torchvision (random weights, same state dict): {min_size}x{max_size} "
+          f"random images, min_size {min_size}, max_size {max_size}; 'ours+fold' has {count} frozen BNs folded")
+    rows = []
+    with torch.inference_mode():
+        for batch in settings.batches:
+            images = pool[:batch]
+            outputs: dict[str, object] = {}
+
+            def call(name: str) -> Callable[[], object]:
+                return lambda: outputs.__setitem__(name, models[name](images))
+
+            times = median_seconds({name: call(name) for name in models}, settings.repeats)
+            peer = times["torchvision"]
+            print(f"  batch {batch}: torchvision {peer:7.3f} s")
+            for name in ("ours", "ours+fold"):
+                detections = outputs[name][0]
+                print(f"  batch {batch}: {name:<11} {times[name]:7.3f} s  ratio {peer / times[name]:5.2f}x  "
+                      f"detections vs torchvision: {parity(outputs['torchvision'], detections)}")
+                rows.append({"case": f"Faster R-CNN {name} b{batch}", "ratio": peer / times[name]})
+        print(f"  stage split (one instrumented call each, batch {settings.batches[0]}):")
+        images = pool[: settings.batches[0]]
+        for name, model in models.items():
+            split = stage_split(model, instrument_faster, FASTER_STAGES, lambda: model(images))
+            print(format_split(name, split))
+    return rows
+
+
+# --- command line ------------------------------------------------------------------------------------------------
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    if args.quick:
+        return Settings(args.backbone, 200, 32, 320, (160, 200), 160, (1, 4), args.repeats)  # ignores size flags
+    batches = tuple(int(b) for b in args.batches.split(","))
+    return Settings(
+        args.backbone, args.proposals, args.rcnn_proposals, args.spp_scale, (375, 500), args.min_size, batches,
+        args.repeats,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", choices=sorted(RCNN_BUILDERS), default="alexnet", help="R-CNN/SPP-Net backbone")
+    parser.add_argument("--proposals", type=int, default=2000, help="N proposals per image for SPP-Net and R-CNN")
+    parser.add_argument("--rcnn-proposals", type=int, default=256, help="K: R-CNN is timed at K/2 and K regions")
+    parser.add_argument("--spp-scale", type=int, default=688, help="SPP-Net's single scale (short side)")
+    parser.add_argument("--min-size", type=int, default=480, help="Faster R-CNN images: min_size x 4/3 min_size")
+    parser.add_argument("--batches", default="1,8", help="Faster R-CNN batch sizes, comma-separated")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (median reported)")
+    parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    parser.add_argument("--only", choices=("region", "faster"), help="run one of the two comparisons")
+    args = parser.parse_args(argv)
+    settings = settings_from(args)
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads, "
+          f"device cpu; random weights (timings do not depend on them){'; QUICK sizes' if args.quick else ''}")
+    rows = []
+    if args.only != "faster":
+        rows += run_region(settings)
+    if args.only != "region":
+        rows += run_faster(settings)
+    print("SUMMARY " + "; ".join(f"{row['case']} {row['ratio']:.2f}x" for row in rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
