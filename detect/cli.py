@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from detect import __version__
-from detect import weights
+from detect import train, weights
 from detect.data import cli as data_cli
 from detect.errors import DetectError
 
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict_parser(sub)
     weights.add_cli(sub)
     data_cli.add_cli(sub)
+    train.add_cli(sub)
     return parser
 
 

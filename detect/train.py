@@ -1,0 +1,861 @@
+"""Training: one loop for R-CNN, SPP-Net and Faster R-CNN, driven by a recipe file (``detect train``), and
+evaluation of a trained model (``detect eval``).
+
+Decisions:
+
+- A recipe is YAML mapping onto :class:`TrainConfig` (frozen dataclasses with defaults); a recipe only overrides
+  fields, and an unknown key anywhere raises :class:`ConfigError` naming its dotted path. ``detector_config``
+  overrides the chosen detector's own config dataclass (``RCNNConfig``, ``SPPNetConfig`` or ``FasterRCNNConfig``)
+  starting from the builder's defaults in :data:`DETECTORS`.
+- Detectors by name in one plain dict. Besides the paper architectures (ImageNet-sized: AlexNet, VGG16,
+  ResNet-50-FPN) there is a ``*_tiny`` variant of each on :func:`tiny_backbone` (four 3x3 convs, stride 8,
+  trained from scratch) so that the bundled ``shapes`` models train in minutes on two CPU cores.
+- One step: ``losses = model(images, targets[, proposals])[1]``; the loss is their sum. SGD with momentum and
+  weight decay or AdamW; gradient-norm clipping; linear warm-up then step or cosine decay. The learning rate is a
+  pure function of the iteration (:func:`lr_factor`), so the iteration *is* the scheduler's state.
+- Determinism and exact resume: the images of iteration ``i`` are a pure function of ``(seed, i)`` (one
+  permutation per epoch from ``default_rng([seed, epoch])``, augmentation from ``default_rng([seed, i, slot])``),
+  and the checkpoint holds the model, optimizer, grad scaler, torch RNG states and iteration. So a run killed and
+  resumed from its last checkpoint computes the same losses as an uninterrupted run (same device and threads).
+- Checkpoints (``checkpoint.pt``, every ``checkpoint_every`` iterations and at the end) are written atomically
+  (temporary file + rename): a kill never leaves a half-written file. Read back with ``weights_only=True``.
+- Proposals for R-CNN/SPP-Net: selective search runs once per original image and is cached as ``.npy`` under
+  ``<cache>/<hash of the search config>/<hash of the data config>-<image id>.npy`` (default cache: the out dir's
+  ``proposals/``), reused across iterations, epochs and runs; augmentation then transforms the cached boxes with
+  the image (:mod:`detect.data.transforms`).
+- After fine-tuning, R-CNN/SPP-Net fit their box regressors (and optionally SVMs) in closed form on features of
+  ``region_fit_images`` training images (:meth:`RegionDetector.collect_regions`), as in the papers.
+- Mixed precision (fp16 autocast + grad scaler) only when the device is CUDA; it is ignored on CPU.
+- Outputs in ``out_dir``: ``checkpoint.pt``, ``model.safetensors`` (weights + detector name, class names and
+  config in the metadata, see :func:`save_model`), ``metrics.jsonl`` or ``metrics.csv`` (one row per
+  ``log_every`` iterations), ``evaluations.jsonl`` (one row per evaluation), ``loss.png``, and with validation data
+  ``report.json`` and per-class precision-recall plots. A progress line (losses, s/it, ETA) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import re
+import sys
+import time
+import types
+import typing
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor, nn
+
+from detect.backbones import Backbone, StageExtractor, read_state_dict
+from detect.data.coco import CocoDataset
+from detect.data.shapes import ShapesConfig, ShapesDataset
+from detect.data.transforms import Augment, AugmentConfig
+from detect.data.voc import VocDataset
+from detect.detectors.faster_rcnn import (
+    VGG16_PAPER_CONFIG,
+    FasterRCNN,
+    FasterRCNNConfig,
+    RPNConfig,
+    _rpn,
+    fasterrcnn_resnet50_fpn,
+    fasterrcnn_vgg16,
+)
+from detect.detectors.rcnn import (
+    RCNN,
+    RCNNConfig,
+    RegionDetector,
+    RegionFeatures,
+    SamplingConfig,
+    rcnn_alexnet,
+    rcnn_vgg16,
+)
+from detect.detectors.sppnet import SPPNet, SPPNetConfig, sppnet_alexnet, sppnet_vgg16
+from detect.errors import ConfigError, DetectError, WeightsError
+from detect.evaluate import DetectionEvaluator, format_table, plot_pr_curves, write_report
+from detect.io import atomic_write
+from detect.roi_heads import (
+    FastRCNNPredictor,
+    RoIHeads,
+    RoIHeadsConfig,
+    SingleLevelRoIPool,
+    ThreadedRoIPool,
+    TwoMLPHead,
+)
+from detect.transform import RCNNTransform, TransformConfig
+from proposals.anchors import AnchorGenerator
+from proposals.selective_search import SelectiveSearch, SelectiveSearchConfig
+
+__all__ = [
+    "DETECTORS",
+    "DataConfig",
+    "OptimizerConfig",
+    "ProposalCache",
+    "ScheduleConfig",
+    "TrainConfig",
+    "Trainer",
+    "add_cli",
+    "build_detector",
+    "evaluate_detector",
+    "load_model",
+    "load_recipe",
+    "lr_factor",
+    "make_dataset",
+    "override",
+    "save_model",
+    "tiny_backbone",
+    "train",
+]
+
+
+# --- configuration ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from: ``source`` ``"shapes"`` (the built-in synthetic set, ``shapes`` its config),
+    ``"voc"`` (``path`` a VOC folder, ``split`` an ImageSets list) or ``"coco"`` (``path`` the JSON, ``images_dir``
+    its images, default as :class:`~detect.data.coco.CocoDataset` says). ``class_names`` fixes the label order."""
+
+    source: str = "shapes"
+    path: str | None = None
+    split: str | None = None
+    images_dir: str | None = None
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    class_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in DATA_SOURCES:
+            raise ConfigError(f"data source must be one of {DATA_SOURCES}, got {self.source!r}")
+        if self.source != "shapes" and not self.path:
+            raise ConfigError(f"data source {self.source!r} needs a path")
+
+
+DATA_SOURCES = ("shapes", "voc", "coco")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """``name`` ``"sgd"`` (momentum, weight decay) or ``"adamw"``; ``clip_grad_norm`` ``None`` disables clipping."""
+
+    name: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    clip_grad_norm: float | None = 10.0
+
+    def __post_init__(self) -> None:
+        if self.name not in ("sgd", "adamw"):
+            raise ConfigError(f"optimizer name must be 'sgd' or 'adamw', got {self.name!r}")
+        if self.lr <= 0 or self.weight_decay < 0 or (self.clip_grad_norm is not None and self.clip_grad_norm <= 0):
+            raise ConfigError(f"invalid {self}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Linear warm-up from ``warmup_factor * lr`` over ``warmup_iterations``, then ``"step"`` (times ``gamma`` at
+    each of ``milestones``) or ``"cosine"`` (to 0 at the last iteration)."""
+
+    kind: str = "step"
+    warmup_iterations: int = 100
+    warmup_factor: float = 0.001
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("step", "cosine"):
+            raise ConfigError(f"schedule kind must be 'step' or 'cosine', got {self.kind!r}")
+        if (
+            self.warmup_iterations < 0
+            or not 0 < self.warmup_factor <= 1
+            or list(self.milestones) != sorted(self.milestones)
+        ):
+            raise ConfigError(f"invalid {self}: need warmup_iterations >= 0, 0 < warmup_factor <= 1, sorted milestones")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run (see the module docstring). ``eval_every`` 0 evaluates only at the end (when ``val_data``
+    is set); ``device`` ``"auto"`` takes CUDA when present."""
+
+    detector: str = "fasterrcnn_tiny"
+    detector_config: Mapping[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    val_data: DataConfig | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    max_iterations: int = 1000
+    batch_size: int = 2
+    mixed_precision: bool = True
+    seed: int = 0
+    checkpoint_every: int = 100
+    eval_every: int = 0
+    log_every: int = 1
+    log_format: str = "jsonl"
+    out_dir: str = "runs/train"
+    device: str = "auto"
+    proposal_cache: str | None = None
+    fit_box_regressor: bool = True
+    fit_svms: bool = False
+    region_fit_images: int = 100
+
+    def __post_init__(self) -> None:
+        if self.detector not in DETECTORS:
+            raise ConfigError(f"unknown detector {self.detector!r}; known: {sorted(DETECTORS)}")
+        if self.log_format not in ("jsonl", "csv"):
+            raise ConfigError(f"log_format must be 'jsonl' or 'csv', got {self.log_format!r}")
+        positive = {
+            "max_iterations": self.max_iterations,
+            "batch_size": self.batch_size,
+            "checkpoint_every": self.checkpoint_every,
+            "log_every": self.log_every,
+        }
+        if bad := [name for name, value in positive.items() if value < 1]:
+            raise ConfigError(f"{', '.join(bad)} must be positive")
+        if self.eval_every < 0 or self.seed < 0 or self.region_fit_images < 0:
+            raise ConfigError("eval_every, seed and region_fit_images must be >= 0")
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field's type names, also inside ``X | None``."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next((arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)), None)
+    return None
+
+
+def override(config: Any, data: Mapping[str, Any] | None, where: str = "") -> Any:
+    """``config`` (a frozen dataclass) with the fields in ``data`` replaced; nested dataclass fields take nested
+    mappings (a ``None`` field starts from its class's defaults), YAML lists become tuples. Unknown keys and
+    invalid values raise :class:`ConfigError` naming the dotted key."""
+    if data is None:
+        return config
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'recipe'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(type(config))
+    names = {f.name for f in dataclasses.fields(config)}
+    if unknown := sorted(set(data) - names):
+        raise ConfigError(f"unknown key {where}{unknown[0]!r} in {type(config).__name__} (known: {sorted(names)})")
+    values = {}
+    for name, value in data.items():
+        nested = _dataclass_in(hints[name])
+        current = getattr(config, name)
+        if nested is not None and value is not None:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}{name} must be a mapping, got {value!r}")
+            value = override(current if current is not None else nested(), value, f"{where}{name}.")
+        values[name] = _as_tuples(value)
+    try:
+        return dataclasses.replace(config, **values)
+    except (TypeError, ValueError) as err:  # ConfigError is a DetectError, not a ValueError: it passes through
+        raise ConfigError(f"invalid value in {where or 'recipe'}: {err}") from err
+
+
+def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """A :class:`TrainConfig` from a YAML recipe (then ``overrides``, same shape); the detector config is built
+    once here so that its errors surface before training starts."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read recipe {path}: {err}") from err
+    config = override(override(TrainConfig(), data), overrides)
+    detector_config(config)
+    return config
+
+
+# --- detectors -------------------------------------------------------------------------------------------------
+
+
+def tiny_backbone(width: int = 32) -> Backbone:
+    """Four 3x3 conv + ReLU layers (widths ``w, 2w, 4w, 4w``, strides 2, 2, 2, 1): a stride-8 single-level
+    backbone of ``4w`` channels, small enough to train from scratch on the shapes set on a CPU."""
+    widths, strides = (3, width, 2 * width, 4 * width, 4 * width), (2, 2, 2, 1)
+    layers = OrderedDict(
+        (f"conv{i + 1}", nn.Sequential(nn.Conv2d(widths[i], widths[i + 1], 3, strides[i], 1), nn.ReLU(inplace=True)))
+        for i in range(4)
+    )
+    for module in layers.values():
+        nn.init.kaiming_normal_(module[0].weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(module[0].bias)
+    return Backbone(StageExtractor(layers, {"conv4": "0"}), 4 * width)
+
+
+TINY_POOL5 = 4  # R-CNN tiny: the crop's stride-8 map is max-pooled to 4 x 4
+
+
+def rcnn_tiny(class_names: Sequence[str], *, config: RCNNConfig) -> RCNN:
+    """R-CNN on :func:`tiny_backbone`: crops of ``input_size`` pixels, pool5 an adaptive 4 x 4 max pool."""
+    backbone = tiny_backbone()
+    pool5 = nn.AdaptiveMaxPool2d(TINY_POOL5)
+    return RCNN(backbone, pool5, backbone.out_channels * TINY_POOL5**2, class_names, config, name="rcnn_tiny")
+
+
+def sppnet_tiny(class_names: Sequence[str], *, config: SPPNetConfig) -> SPPNet:
+    """SPP-Net on :func:`tiny_backbone` (trainable: there are no ImageNet weights to keep)."""
+    backbone = tiny_backbone()
+    field_ = backbone.receptive_field
+    return SPPNet(
+        backbone, backbone.out_channels, field_.stride, field_.offset, class_names, config, name="sppnet_tiny"
+    )
+
+
+TINY_ANCHORS = ((16, 32, 64, 128), (0.5, 1.0, 2.0))
+TINY_REPRESENTATION = 256
+
+
+def fasterrcnn_tiny(class_names: Sequence[str], *, config: FasterRCNNConfig) -> FasterRCNN:
+    """Faster R-CNN on :func:`tiny_backbone`: single-level anchors 16-128 px x 3 ratios, RoI Align 7 x 7 and a
+    256-wide two-layer head."""
+    backbone = tiny_backbone()
+    anchors = AnchorGenerator.single_level(*TINY_ANCHORS, stride=backbone.stride)
+    rpn = _rpn(anchors, backbone.out_channels, config.rpn)
+    roi_pool = ThreadedRoIPool(SingleLevelRoIPool(7, 1.0 / backbone.stride, method="align"))
+    head = TwoMLPHead(backbone.out_channels * 7 * 7, TINY_REPRESENTATION)
+    predictor = FastRCNNPredictor(TINY_REPRESENTATION, len(class_names) + 1)
+    roi_heads = RoIHeads(roi_pool, head, predictor, config.roi_heads)
+    return FasterRCNN(backbone, rpn, roi_heads, RCNNTransform(config.transform), class_names, name="fasterrcnn_tiny")
+
+
+def _faster(builder: Callable[..., FasterRCNN]) -> Callable[..., FasterRCNN]:
+    return lambda class_names, *, config: builder(len(class_names) + 1, class_names=class_names, config=config)
+
+
+_TINY_SEARCH = SelectiveSearchConfig(max_boxes=300)
+DETECTORS: dict[str, tuple[Callable[..., nn.Module], Any]] = {
+    "rcnn_alexnet": (rcnn_alexnet, RCNNConfig()),
+    "rcnn_vgg16": (rcnn_vgg16, RCNNConfig(backbone="vgg16")),
+    "rcnn_tiny": (
+        rcnn_tiny,
+        RCNNConfig(backbone="tiny", input_size=64, representation_size=256, proposals=_TINY_SEARCH),
+    ),
+    "sppnet_alexnet": (sppnet_alexnet, SPPNetConfig()),
+    "sppnet_vgg16": (sppnet_vgg16, SPPNetConfig(backbone="vgg16")),
+    "sppnet_tiny": (
+        sppnet_tiny,
+        SPPNetConfig(
+            backbone="tiny",
+            scales=(160,),
+            max_size=400,
+            trainable_layers=4,
+            representation_size=256,
+            proposals=_TINY_SEARCH,
+            sampling=SamplingConfig(batch_size=64, bg_iou_low=0.1, per_image=True),
+        ),
+    ),
+    "fasterrcnn_resnet50_fpn": (_faster(fasterrcnn_resnet50_fpn), FasterRCNNConfig()),
+    "fasterrcnn_vgg16": (_faster(fasterrcnn_vgg16), VGG16_PAPER_CONFIG),
+    "fasterrcnn_tiny": (
+        fasterrcnn_tiny,
+        FasterRCNNConfig(
+            transform=TransformConfig(min_size=(160,), max_size=400),
+            rpn=RPNConfig(
+                pre_nms_top_n_train=600,
+                post_nms_top_n_train=300,
+                pre_nms_top_n_test=300,
+                post_nms_top_n_test=100,
+                batch_size_per_image=128,
+            ),
+            roi_heads=RoIHeadsConfig(batch_size_per_image=64),
+        ),
+    ),
+}
+"""Detector name -> (builder ``(class_names, *, config) -> nn.Module``, its default config)."""
+
+
+def detector_config(config: TrainConfig) -> Any:
+    """The detector's config: the builder's default with the recipe's ``detector_config`` applied."""
+    return override(DETECTORS[config.detector][1], config.detector_config, "detector_config.")
+
+
+def build_detector(name: str, class_names: Sequence[str], config: Any) -> nn.Module:
+    """A freshly initialised detector ``name`` for ``class_names`` with ``config``."""
+    if name not in DETECTORS:
+        raise ConfigError(f"unknown detector {name!r}; known: {sorted(DETECTORS)}")
+    return DETECTORS[name][0](tuple(class_names), config=config)
+
+
+def save_model(model: nn.Module, path: str | Path, detector: str, config: Any) -> None:
+    """Write ``model``'s state dict as safetensors with ``detector``, class names and ``config`` (a region
+    detector's own, which fitting SVMs may have changed) in the metadata; :func:`load_model` reads it back."""
+    config = getattr(model, "config", config)
+    metadata = {
+        "detector": detector,
+        "class_names": json.dumps(list(model.class_names)),
+        "config": json.dumps(dataclasses.asdict(config), sort_keys=True),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(Path(path), safetensors_bytes(tensors, metadata=metadata))
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, str]:
+    """A :func:`save_model` file as ``(model in eval mode, detector name)``; :class:`WeightsError` when it is not
+    one or its tensors do not fit."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        name = metadata["detector"]
+        class_names = json.loads(metadata["class_names"])
+        config = override(DETECTORS[name][1], json.loads(metadata["config"]))
+    except (OSError, KeyError, ValueError, ConfigError, SafetensorError) as err:
+        raise WeightsError(f"{path} is not a weights file written by detect train: {err}") from err
+    model = build_detector(name, class_names, config)
+    try:
+        model.load_state_dict(read_state_dict(path), strict=True)
+    except RuntimeError as err:
+        raise WeightsError(f"{path} does not fit {name}: {err}") from err
+    return model.eval(), name
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+
+
+def make_dataset(config: DataConfig) -> Any:
+    """The data set a :class:`DataConfig` describes (index-addressable ``(image, target)`` with ``class_names``)."""
+    if config.source == "shapes":
+        return ShapesDataset(config.shapes)
+    if config.source == "coco":
+        return CocoDataset(config.path, config.images_dir, config.class_names)
+    return VocDataset(config.path, config.split, config.class_names)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _config_digest(config: Any) -> str:
+    return _digest(json.dumps(dataclasses.asdict(config), sort_keys=True))
+
+
+class ProposalCache:
+    """Selective search once per original image, stored as ``.npy`` (see the module docstring); ``cache(images,
+    keys)`` gives float32 ``(N_i, 4)`` proposals, computing and storing only the missing ones (in one batch)."""
+
+    def __init__(self, directory: str | Path, config: SelectiveSearchConfig, workers: int | None = 0) -> None:
+        self.directory = Path(directory) / _config_digest(config)
+        self.search = SelectiveSearch(config, workers=workers)
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.npy"
+
+    def __call__(self, images: Sequence[np.ndarray], keys: Sequence[str]) -> list[np.ndarray]:
+        paths = [self.path(key) for key in keys]
+        missing = [i for i, p in enumerate(paths) if not p.exists()]
+        if missing:
+            for i, boxes in zip(missing, self.search([images[i] for i in missing])):
+                buffer = io.BytesIO()
+                np.save(buffer, boxes.cpu().numpy().astype(np.float32))
+                atomic_write(paths[i], buffer.getvalue())
+        return [np.load(p) for p in paths]
+
+
+def _cache_keys(data: DataConfig, targets: Sequence[Mapping[str, Any]]) -> list[str]:
+    digest = _config_digest(data)
+    return [f"{digest}-{t['image_id']}" for t in targets]
+
+
+# --- schedule and logs -----------------------------------------------------------------------------------------
+
+
+def lr_factor(schedule: ScheduleConfig, iteration: int, max_iterations: int) -> float:
+    """The learning-rate multiplier at ``iteration`` (0-based): warm-up times step or cosine decay."""
+    warm = 1.0
+    if iteration < schedule.warmup_iterations:
+        alpha = iteration / schedule.warmup_iterations
+        warm = schedule.warmup_factor * (1 - alpha) + alpha
+    if schedule.kind == "cosine":
+        return warm * 0.5 * (1 + math.cos(math.pi * iteration / max_iterations))
+    return warm * schedule.gamma ** sum(iteration >= m for m in schedule.milestones)
+
+
+class MetricsLog:
+    """Rows of scalars appended to ``metrics.jsonl`` or ``metrics.csv`` (columns fixed by the first row)."""
+
+    def __init__(self, path: Path, log_format: str) -> None:
+        self.path = path
+        self.format = log_format
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as handle:
+            if self.format == "jsonl":
+                return [json.loads(line) for line in handle if line.strip()]
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+    def truncate(self, iteration: int) -> None:
+        """Keep the rows up to ``iteration`` (a resumed run rewrites what followed its checkpoint)."""
+        kept = [row for row in self.rows() if row["iteration"] <= iteration]
+        self.path.unlink(missing_ok=True)
+        for row in kept:
+            self.append(row)
+
+    def append(self, row: Mapping[str, float]) -> None:
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as handle:
+            if self.format == "jsonl":
+                handle.write(json.dumps(row) + "\n")
+                return
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+class Progress:
+    """A one-line progress bar on stderr, redrawn with ``\\r`` at most every ``interval`` seconds."""
+
+    def __init__(self, total: int, start: int, interval: float = 0.5) -> None:
+        self.total, self.start, self.interval = total, start, interval
+        self.began = self.last = time.perf_counter()
+
+    def update(self, iteration: int, losses: Mapping[str, float]) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.interval and iteration < self.total:
+            return
+        self.last = now
+        per_it = (now - self.began) / max(iteration - self.start, 1)
+        eta = time.strftime("%H:%M:%S", time.gmtime(per_it * (self.total - iteration)))
+        parts = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in losses.items())
+        sys.stderr.write(f"\r{iteration}/{self.total} {parts} | {per_it:.2f} s/it ETA {eta}  ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+
+
+def plot_losses(rows: Sequence[Mapping[str, float]], path: Path) -> Path:
+    """Each loss column against the iteration, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    its = [row["iteration"] for row in rows]
+    for key in [k for k in rows[0] if k.startswith("loss")]:
+        axes.plot(its, [row[key] for row in rows], label=key, linewidth=1)
+    axes.set_xlabel("iteration")
+    axes.set_ylabel("loss")
+    axes.set_yscale("log")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+# --- the loop --------------------------------------------------------------------------------------------------
+
+
+def _device(name: str) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+
+
+@torch.no_grad()
+def evaluate_detector(
+    model: nn.Module, dataset: Any, batch_size: int = 4, proposals: Callable[..., list[np.ndarray]] | None = None
+) -> dict:
+    """VOC AP (area under the curve, IoU 0.5, difficult ignored) of ``model`` on ``dataset``; ``proposals``
+    ``(images, targets) -> boxes`` feeds region detectors."""
+    model.eval()
+    evaluator = DetectionEvaluator(dataset.class_names)
+    for start in range(0, len(dataset), batch_size):
+        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        images, targets = [s[0] for s in samples], [s[1] for s in samples]
+        extra = {"proposals": [torch.from_numpy(p) for p in proposals(images, targets)]} if proposals else {}
+        detections, _ = model(images, **extra)
+        for target, found in zip(targets, detections):
+            evaluator.add(target["image_id"], found, target)
+    return evaluator.compute()
+
+
+class Trainer:
+    """One training run of :class:`TrainConfig` into ``config.out_dir`` (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.out = Path(config.out_dir)
+        self.device = _device(config.device)
+        self.dataset = make_dataset(config.data)
+        self.detector_config = detector_config(config)
+        torch.manual_seed(config.seed)
+        self.model = build_detector(config.detector, self.dataset.class_names, self.detector_config).to(self.device)
+        self.region = isinstance(self.model, RegionDetector)
+        cache_dir = Path(config.proposal_cache) if config.proposal_cache else self.out / "proposals"
+        self.cache = ProposalCache(cache_dir, self.detector_config.proposals) if self.region else None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = config.optimizer
+        if opt.name == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
+        self.amp = config.mixed_precision and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.augment = Augment(config.augment)
+        self.log = MetricsLog(self.out / f"metrics.{config.log_format}", config.log_format)
+        self.evaluations = MetricsLog(self.out / "evaluations.jsonl", "jsonl")
+        self.iteration = 0
+
+    # -- data --
+
+    def proposals_for(self, data: DataConfig) -> Callable[..., list[np.ndarray]]:
+        return lambda images, targets: self.cache(images, _cache_keys(data, targets))
+
+    def batch(self, iteration: int) -> tuple[list[np.ndarray], list[dict], list[Tensor] | None]:
+        """The augmented images, targets (and proposals) of ``iteration``: a pure function of the seed and it."""
+        cfg, n = self.config, len(self.dataset)
+        samples = []
+        for slot in range(cfg.batch_size):
+            position = iteration * cfg.batch_size + slot
+            order = np.random.default_rng([cfg.seed, position // n]).permutation(n)
+            samples.append(self.dataset[int(order[position % n])])
+        images, targets = [s[0] for s in samples], [dict(s[1]) for s in samples]
+        if self.region:
+            for target, boxes in zip(targets, self.proposals_for(cfg.data)(images, targets)):
+                target["proposals"] = boxes
+        out = [
+            self.augment(im, t, np.random.default_rng([cfg.seed, iteration, k]))
+            for k, (im, t) in enumerate(zip(images, targets))
+        ]
+        images = [o[0] for o in out]
+        model_targets = [{"boxes": torch.as_tensor(t["boxes"]), "labels": torch.as_tensor(t["labels"])} for _, t in out]
+        proposals = [torch.as_tensor(t["proposals"]) for _, t in out] if self.region else None
+        return images, model_targets, proposals
+
+    # -- checkpoints --
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "iteration": self.iteration,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write(self.checkpoint_path, buffer.getvalue())
+
+    def load_checkpoint(self) -> None:
+        if not self.checkpoint_path.exists():
+            raise ConfigError(f"--resume: no checkpoint at {self.checkpoint_path}")
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        self.iteration = int(state["iteration"])
+        self.log.truncate(self.iteration)
+        self.evaluations.truncate(self.iteration)
+
+    # -- steps --
+
+    def step(self) -> dict[str, float]:
+        """One optimisation step at ``self.iteration``; returns the losses as floats."""
+        cfg = self.config
+        images, targets, proposals = self.batch(self.iteration)
+        lr = cfg.optimizer.lr * lr_factor(cfg.schedule, self.iteration, cfg.max_iterations)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        extra = {"proposals": proposals} if proposals is not None else {}
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            _, losses = self.model(images, targets, **extra)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: {losses}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.optimizer.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optimizer.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.iteration += 1
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        return {"iteration": self.iteration, "lr": lr, "loss": float(loss.detach()), **values}
+
+    def run(self, resume: bool = False, progress: bool = True) -> dict:
+        """Train to ``max_iterations`` (from the checkpoint with ``resume``), fit the region detectors' extras,
+        save the model, plot the losses and evaluate; returns the last evaluation (empty without val data)."""
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.load_checkpoint()
+        else:
+            for stale in (self.log.path, self.evaluations.path):
+                stale.unlink(missing_ok=True)
+        bar = Progress(cfg.max_iterations, self.iteration) if progress else None
+        while self.iteration < cfg.max_iterations:
+            row = self.step()
+            if self.iteration % cfg.log_every == 0:
+                self.log.append(row)
+            if bar:
+                bar.update(self.iteration, {k: v for k, v in row.items() if k.startswith("loss")})
+            if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.max_iterations:
+                self.save_checkpoint()
+            if cfg.eval_every and self.iteration % cfg.eval_every == 0 and self.iteration < cfg.max_iterations:
+                self.evaluate()
+        if bar:
+            bar.close()
+        if self.region:
+            self.fit_region_extras()
+        save_model(self.model, self.out / "model.safetensors", cfg.detector, self.detector_config)
+        if rows := self.log.rows():
+            plot_losses(rows, self.out / "loss.png")
+        return self.evaluate(report=True)
+
+    def evaluate(self, report: bool = False) -> dict:
+        """Validation mAP (logged to ``evaluations.jsonl``); with ``report`` also the JSON report and PR plots."""
+        data = self.config.val_data
+        if data is None:
+            return {}
+        dataset = make_dataset(data)
+        proposals = self.proposals_for(data) if self.region else None
+        result = evaluate_detector(self.model, dataset, self.config.batch_size, proposals)
+        self.evaluations.append({"iteration": self.iteration, "mAP": result["mAP"]})
+        if report:
+            write_report(result, self.out / "report.json")
+            plot_pr_curves(result, self.out / "pr_curves")
+        return result
+
+    @torch.no_grad()
+    def fit_region_extras(self) -> None:
+        """Box regressors (and SVMs) of R-CNN/SPP-Net on the first ``region_fit_images`` training images."""
+        cfg = self.config
+        count = min(cfg.region_fit_images, len(self.dataset))
+        if count == 0 or not (cfg.fit_box_regressor or cfg.fit_svms):
+            return
+        self.model.eval()
+        parts = []
+        for start in range(0, count, cfg.batch_size):
+            samples = [self.dataset[i] for i in range(start, min(start + cfg.batch_size, count))]
+            images, targets = [s[0] for s in samples], [s[1] for s in samples]
+            proposals = [torch.from_numpy(p) for p in self.proposals_for(cfg.data)(images, targets)]
+            model_targets = [
+                {"boxes": torch.as_tensor(t["boxes"]), "labels": torch.as_tensor(t["labels"])} for t in targets
+            ]
+            parts.append(self.model.collect_regions(images, model_targets, proposals))
+        features = RegionFeatures.cat(parts)
+        if cfg.fit_box_regressor:
+            self.model.fit_box_regressor(features.pooled, features.boxes, features.gt_boxes, features.gt_labels)
+        if cfg.fit_svms:
+            generator = torch.Generator().manual_seed(cfg.seed)
+            self.model.fit_svms(features.fc7, features.labels, features.overlaps, generator=generator)
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Run :class:`Trainer` on ``config``; returns the final evaluation (empty without ``val_data``)."""
+    return Trainer(config).run(resume=resume, progress=progress)
+
+
+# --- command line ----------------------------------------------------------------------------------------------
+
+
+def _data_override(path: str) -> dict:
+    """``--data PATH``: a COCO JSON file or a VOC folder."""
+    return {"source": "coco" if path.endswith(".json") else "voc", "path": path}
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``detect train``: 0 when training (and evaluation) finished, 1 when training diverged, 2 on bad setup."""
+    overrides: dict[str, Any] = {}
+    if args.data:
+        overrides["data"] = _data_override(args.data)
+    if args.out:
+        overrides["out_dir"] = args.out
+    try:
+        config = load_recipe(args.recipe, overrides)
+        result = train(config, resume=args.resume)
+    except DetectError as err:
+        print(f"detect train: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:
+        print(f"detect train: {err}", file=sys.stderr)
+        return 1
+    if result:
+        print(format_table(result))
+    print(f"wrote {Path(config.out_dir) / 'model.safetensors'}")
+    return 0
+
+
+def _eval_data(spec: str) -> DataConfig:
+    """``--data``: a recipe (its ``val_data``, else ``data``), a VOC folder or a COCO JSON."""
+    if spec.endswith((".yaml", ".yml")):
+        recipe = load_recipe(spec)
+        return recipe.val_data or recipe.data
+    return DataConfig(**_data_override(spec))
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``detect eval``: writes ``report.json`` and PR plots into ``--out``; 0 done, 2 bad setup."""
+    try:
+        model, _ = load_model(args.weights)
+        data = _eval_data(args.data)
+        dataset = make_dataset(data)
+        proposals = None
+        if isinstance(model, RegionDetector):
+            cache = ProposalCache(Path(args.out) / "proposals", model.config.proposals)
+            proposals = lambda images, targets: cache(images, _cache_keys(data, targets))
+        result = evaluate_detector(model, dataset, args.batch_size, proposals)
+    except DetectError as err:
+        print(f"detect eval: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    write_report(result, out / "report.json")
+    plot_pr_curves(result, out / "pr_curves")
+    print(format_table(result))
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``train`` and ``eval`` on the ``detect`` command's subparsers (each sets ``func``)."""
+    train_parser = subparsers.add_parser("train", help="train a detector from a recipe file")
+    train_parser.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
+    train_parser.add_argument("--data", help="a VOC folder or COCO JSON to train on instead of the recipe's data")
+    train_parser.add_argument("--out", help="output folder (default: the recipe's out_dir)")
+    train_parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    train_parser.set_defaults(func=run_train)
+    eval_parser = subparsers.add_parser("eval", help="VOC mAP of trained weights on a data set")
+    eval_parser.add_argument("--weights", required=True, help="model.safetensors written by detect train")
+    eval_parser.add_argument("--data", required=True, help="a recipe (its val_data), a VOC folder or a COCO JSON")
+    eval_parser.add_argument("--out", default="runs/eval", help="folder for report.json and PR plots")
+    eval_parser.add_argument("--batch-size", type=int, default=4)
+    eval_parser.set_defaults(func=run_eval)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m detect.train {train,eval} ...`` (the same as ``detect train`` / ``detect eval``)."""
+    parser = argparse.ArgumentParser(prog="python -m detect.train")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
