@@ -502,7 +502,7 @@ def _small_images() -> dict[str, bytes]:
 SMALL_IMAGES = _small_images()
 
 
-def _decodes_or_refuses(data: bytes) -> None:
+def check_decodes_or_refuses(data: bytes) -> None:
     try:
         array = decode_image(data, max_pixels=4096)
     except ImageError as error:
@@ -520,10 +520,10 @@ def test_mutated_images_decode_or_raise_image_errors(fmt: str, edits: list[tuple
     data = bytearray(SMALL_IMAGES[fmt])
     for position, value in edits:
         data[position % len(data)] = value
-    _decodes_or_refuses(bytes(data[: len(data) - cut]))
+    check_decodes_or_refuses(bytes(data[: len(data) - cut]))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @given(prefix=st.sampled_from([data[:16] for data in SMALL_IMAGES.values()]), tail=st.binary(max_size=256))
 def test_a_valid_signature_with_garbage_raises_image_errors(prefix: bytes, tail: bytes) -> None:
-    _decodes_or_refuses(prefix + tail)
+    check_decodes_or_refuses(prefix + tail)
