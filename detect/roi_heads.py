@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from detect.errors import WeightsError
-from detect.ops.boxes import batched_box_iou, clip_boxes, small_boxes_mask
+from detect.ops.boxes import batched_box_iou, clip_boxes, min_size_mask
 from detect.ops.coder import BoxCoder
 from detect.ops.nms import multiclass_nms
 from detect.ops.pooling import roi_align, roi_pool
@@ -304,7 +304,7 @@ class RoIHeads(nn.Module):
         per_box_size = sizes.repeat_interleave(torch.tensor(counts, device=boxes.device), dim=0, output_size=len(boxes))
         boxes = clip_boxes(boxes, per_box_size)  # (K, C-1, 4), each row clipped to its image's (K, 2) size
         scores = F.softmax(logits, dim=-1)[:, 1:]  # (K, C) -> (K, C-1) without background
-        scores = scores.masked_fill(~small_boxes_mask(boxes, self.config.min_box_size), 0.0)  # too small: 0
+        scores = scores.masked_fill(~min_size_mask(boxes, self.config.min_box_size), 0.0)  # too small: 0
         results = multiclass_nms(
             list(boxes.split(counts)),
             list(scores.split(counts)),

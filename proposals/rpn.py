@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import Conv2dNormActivation
 
-from detect.ops.boxes import batched_box_iou, clip_boxes, small_boxes_mask
+from detect.ops.boxes import batched_box_iou, clip_boxes, min_size_mask
 from detect.ops.coder import BoxCoder
 from detect.ops.nms import grouped_nms
 from proposals.anchors import AnchorGenerator, ImageBatch
@@ -269,7 +269,7 @@ class RegionProposalNetwork(nn.Module):
         boxes = self.box_coder.decode(deltas[rows, top], anchors[top])  # (B, K, 4)
         boxes = clip_boxes(boxes, image_sizes)  # (B, K, 4)
         scores = torch.sigmoid(objectness[rows, top])  # (B, K)
-        keep = small_boxes_mask(boxes, self.min_size) & (scores >= self.score_thresh)  # (B, K) big enough, confident
+        keep = min_size_mask(boxes, self.min_size) & (scores >= self.score_thresh)  # (B, K) big enough, confident
         image_of, column = keep.nonzero(as_tuple=True)  # (M,) each
         boxes, scores = boxes[keep], scores[keep]  # (M, 4), (M,)
         kept = grouped_nms(

@@ -64,7 +64,7 @@ from torch.nn import functional as F
 from detect.backbones import Backbone, alexnet, load_imagenet_weights, read_state_dict, vgg16
 from detect.detectors.faster_rcnn import check_state_dict, check_targets
 from detect.errors import ConfigError, WeightsError
-from detect.ops.boxes import batched_box_iou, clip_boxes, clip_boxes_list, pairwise_box_iou, small_boxes_mask
+from detect.ops.boxes import batched_box_iou, clip_boxes, clip_boxes_list, pairwise_box_iou, min_size_mask
 from detect.ops.coder import BoxCoder
 from detect.ops.nms import multiclass_nms
 from detect.ops.pooling import warp_regions
@@ -575,7 +575,7 @@ class RegionDetector(nn.Module, metaclass=abc.ABCMeta):
         per_box = sizes.repeat_interleave(torch.tensor(counts, device=decoded.device), dim=0, output_size=len(decoded))
         decoded = clip_boxes(decoded.float(), per_box)  # (K, C, 4)
         scores, threshold = self.class_scores(outputs)  # (K, C)
-        scores = scores.float().masked_fill(~small_boxes_mask(decoded, post.min_box_size), float("-inf"))
+        scores = scores.float().masked_fill(~min_size_mask(decoded, post.min_box_size), float("-inf"))
         results = multiclass_nms(
             list(decoded.split(counts)),
             list(scores.split(counts)),

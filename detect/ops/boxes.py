@@ -114,15 +114,15 @@ def clip_boxes_list(boxes_list: Sequence[Tensor], sizes: Sequence[tuple[int, int
     return list(clip_boxes(flat, per_row).split(counts))  # (sum N_i, ..., 4) -> B x (N_i, ..., 4)
 
 
-def small_boxes_mask(boxes: Tensor, min_size: float) -> Tensor:
+def min_size_mask(boxes: Tensor, min_size: float) -> Tensor:
     """``(..., 4)`` boxes -> ``(...)`` bool, True where the box is big enough to keep: both width and height are at
     least ``min_size`` (a NaN side compares False, so such a box is not kept)."""
     return (boxes[..., 2] - boxes[..., 0] >= min_size) & (boxes[..., 3] - boxes[..., 1] >= min_size)
 
 
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
-    """``(N, 4)`` boxes -> int64 indices of the boxes :func:`small_boxes_mask` keeps, ascending (as torchvision)."""
-    return torch.where(small_boxes_mask(boxes, min_size))[0]
+    """``(N, 4)`` boxes -> int64 indices of the boxes :func:`min_size_mask` keeps, ascending (as torchvision)."""
+    return torch.where(min_size_mask(boxes, min_size))[0]
 
 
 def compute_dtype(a: Tensor, b: Tensor) -> torch.dtype:

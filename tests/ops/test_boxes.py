@@ -22,7 +22,7 @@ from detect.ops.boxes import (
     clip_boxes_list,
     pairwise_box_iou,
     remove_small_boxes,
-    small_boxes_mask,
+    min_size_mask,
 )
 
 
@@ -207,21 +207,21 @@ def test_remove_small_boxes_equals_torchvision(device: torch.device) -> None:
 
 
 @given(boxes=box_lists, min_size=st.sampled_from([0.0, 1.0, 16.0, 250.5]))
-def test_small_boxes_mask_matches_loop(boxes, min_size: float) -> None:
+def test_min_size_mask_matches_loop(boxes, min_size: float) -> None:
     tensor = as_tensor(boxes, torch.device("cpu"))
     expected = [b[2] - b[0] >= min_size and b[3] - b[1] >= min_size for b in tensor.tolist()]
-    assert small_boxes_mask(tensor, min_size).tolist() == expected
+    assert min_size_mask(tensor, min_size).tolist() == expected
     assert remove_small_boxes(tensor, min_size).tolist() == [i for i, keep in enumerate(expected) if keep]
 
 
-def test_small_boxes_mask_batched_shapes(device: torch.device) -> None:
+def test_min_size_mask_batched_shapes(device: torch.device) -> None:
     boxes = random_boxes(30, 2, 3, max_size=10.0).to(device)  # (2, 3, 30, 4)
-    mask = small_boxes_mask(boxes, 4.0)
+    mask = min_size_mask(boxes, 4.0)
     assert mask.shape == (2, 3, 30) and mask.dtype == torch.bool
     for index in [(0, 0), (1, 2)]:
         assert torch.equal(mask[index].nonzero().squeeze(1), torchvision.ops.remove_small_boxes(boxes[index], 4.0))
     nan_box = torch.tensor([[0.0, 0.0, float("nan"), 10.0]], device=device)
-    assert small_boxes_mask(nan_box, 1.0).tolist() == [False]
+    assert min_size_mask(nan_box, 1.0).tolist() == [False]
     assert remove_small_boxes(torch.zeros(0, 4, device=device), 1.0).shape == (0,)
 
 
