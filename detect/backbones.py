@@ -317,12 +317,36 @@ def mobilenet_v3_large(
     return backbone
 
 
+TINY_LAYERS = ((1, 2, 1), (2, 2, 1), (2, 1, 1), (4, 2, 1), (4, 1, 1), (4, 1, 2), (4, 1, 4))
+"""The tiny backbone's conv layers as (width multiple, stride, dilation)."""
+
+
+def tiny(*, width: int = 32, groups: int = 8) -> Backbone:
+    """A small stride-8 backbone that trains from scratch on a CPU (the bundled shapes models use it).
+
+    Seven 3x3 conv + GroupNorm + ReLU layers (:data:`TINY_LAYERS`): three stride-2 layers, then dilations 2 and 4
+    at stride 8, so each output cell sees 135 pixels while the map keeps an 8-pixel grid. GroupNorm rather than
+    BatchNorm because detection batches hold one or two images; it behaves the same in training and inference.
+    ``4 * width`` output channels.
+    """
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    channels = 3
+    for index, (multiple, stride, dilation) in enumerate(TINY_LAYERS, 1):
+        out = multiple * width
+        conv = nn.Conv2d(channels, out, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        layers[f"conv{index}"] = nn.Sequential(conv, nn.GroupNorm(min(groups, out), out), nn.ReLU(inplace=True))
+        channels = out
+    return Backbone(StageExtractor(layers, {f"conv{len(TINY_LAYERS)}": "0"}), channels)
+
+
 BACKBONES: dict[str, Callable[..., Backbone]] = {
     "resnet18": lambda **kw: resnet(18, **kw),
     "resnet50": lambda **kw: resnet(50, **kw),
     "vgg16": vgg16,
     "alexnet": alexnet,
     "mobilenet_v3_large": mobilenet_v3_large,
+    "tiny": tiny,
 }
 
 

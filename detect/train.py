@@ -46,7 +46,6 @@ import sys
 import time
 import types
 import typing
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,43 +58,28 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from detect.backbones import Backbone, StageExtractor, read_state_dict
+from detect import weights
+from detect.backbones import read_state_dict
 from detect.data.coco import CocoDataset
 from detect.data.shapes import ShapesConfig, ShapesDataset
 from detect.data.transforms import Augment, AugmentConfig
 from detect.data.voc import VocDataset
+from detect.detectors.faster_rcnn import TINY_CONFIG as FASTERRCNN_TINY_CONFIG
 from detect.detectors.faster_rcnn import (
     VGG16_PAPER_CONFIG,
     FasterRCNN,
     FasterRCNNConfig,
-    RPNConfig,
-    _rpn,
     fasterrcnn_resnet50_fpn,
+    fasterrcnn_tiny,
     fasterrcnn_vgg16,
 )
-from detect.detectors.rcnn import (
-    RCNN,
-    RCNNConfig,
-    RegionDetector,
-    RegionFeatures,
-    SamplingConfig,
-    rcnn_alexnet,
-    rcnn_vgg16,
-)
-from detect.detectors.sppnet import SPPNet, SPPNetConfig, sppnet_alexnet, sppnet_vgg16
+from detect.detectors.rcnn import TINY_CONFIG as RCNN_TINY_CONFIG
+from detect.detectors.rcnn import RCNNConfig, RegionDetector, RegionFeatures, rcnn_alexnet, rcnn_tiny, rcnn_vgg16
+from detect.detectors.sppnet import TINY_CONFIG as SPPNET_TINY_CONFIG
+from detect.detectors.sppnet import SPPNetConfig, sppnet_alexnet, sppnet_tiny, sppnet_vgg16
 from detect.errors import ConfigError, DetectError, WeightsError
 from detect.evaluate import DetectionEvaluator, format_table, plot_pr_curves, write_report
 from detect.io import atomic_write
-from detect.roi_heads import (
-    FastRCNNPredictor,
-    RoIHeads,
-    RoIHeadsConfig,
-    SingleLevelRoIPool,
-    ThreadedRoIPool,
-    TwoMLPHead,
-)
-from detect.transform import RCNNTransform, TransformConfig
-from proposals.anchors import AnchorGenerator
 from proposals.selective_search import SelectiveSearch, SelectiveSearchConfig
 
 __all__ = [
@@ -110,12 +94,13 @@ __all__ = [
     "build_detector",
     "evaluate_detector",
     "load_model",
+    "init_backbone",
+    "bundle_run",
     "load_recipe",
     "lr_factor",
     "make_dataset",
     "override",
     "save_model",
-    "tiny_backbone",
     "train",
 ]
 
@@ -208,6 +193,7 @@ class TrainConfig:
     out_dir: str = "runs/train"
     device: str = "auto"
     proposal_cache: str | None = None
+    init_backbone: str | None = None
     fit_box_regressor: bool = True
     fit_svms: bool = False
     region_fit_images: int = 100
@@ -284,98 +270,20 @@ def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 # --- detectors -------------------------------------------------------------------------------------------------
 
 
-def tiny_backbone(width: int = 32) -> Backbone:
-    """Four 3x3 conv + ReLU layers (widths ``w, 2w, 4w, 4w``, strides 2, 2, 2, 1): a stride-8 single-level
-    backbone of ``4w`` channels, small enough to train from scratch on the shapes set on a CPU."""
-    widths, strides = (3, width, 2 * width, 4 * width, 4 * width), (2, 2, 2, 1)
-    layers = OrderedDict(
-        (f"conv{i + 1}", nn.Sequential(nn.Conv2d(widths[i], widths[i + 1], 3, strides[i], 1), nn.ReLU(inplace=True)))
-        for i in range(4)
-    )
-    for module in layers.values():
-        nn.init.kaiming_normal_(module[0].weight, mode="fan_out", nonlinearity="relu")
-        nn.init.zeros_(module[0].bias)
-    return Backbone(StageExtractor(layers, {"conv4": "0"}), 4 * width)
-
-
-TINY_POOL5 = 4  # R-CNN tiny: the crop's stride-8 map is max-pooled to 4 x 4
-
-
-def rcnn_tiny(class_names: Sequence[str], *, config: RCNNConfig) -> RCNN:
-    """R-CNN on :func:`tiny_backbone`: crops of ``input_size`` pixels, pool5 an adaptive 4 x 4 max pool."""
-    backbone = tiny_backbone()
-    pool5 = nn.AdaptiveMaxPool2d(TINY_POOL5)
-    return RCNN(backbone, pool5, backbone.out_channels * TINY_POOL5**2, class_names, config, name="rcnn_tiny")
-
-
-def sppnet_tiny(class_names: Sequence[str], *, config: SPPNetConfig) -> SPPNet:
-    """SPP-Net on :func:`tiny_backbone` (trainable: there are no ImageNet weights to keep)."""
-    backbone = tiny_backbone()
-    field_ = backbone.receptive_field
-    return SPPNet(
-        backbone, backbone.out_channels, field_.stride, field_.offset, class_names, config, name="sppnet_tiny"
-    )
-
-
-TINY_ANCHORS = ((16, 32, 64, 128), (0.5, 1.0, 2.0))
-TINY_REPRESENTATION = 256
-
-
-def fasterrcnn_tiny(class_names: Sequence[str], *, config: FasterRCNNConfig) -> FasterRCNN:
-    """Faster R-CNN on :func:`tiny_backbone`: single-level anchors 16-128 px x 3 ratios, RoI Align 7 x 7 and a
-    256-wide two-layer head."""
-    backbone = tiny_backbone()
-    anchors = AnchorGenerator.single_level(*TINY_ANCHORS, stride=backbone.stride)
-    rpn = _rpn(anchors, backbone.out_channels, config.rpn)
-    roi_pool = ThreadedRoIPool(SingleLevelRoIPool(7, 1.0 / backbone.stride, method="align"))
-    head = TwoMLPHead(backbone.out_channels * 7 * 7, TINY_REPRESENTATION)
-    predictor = FastRCNNPredictor(TINY_REPRESENTATION, len(class_names) + 1)
-    roi_heads = RoIHeads(roi_pool, head, predictor, config.roi_heads)
-    return FasterRCNN(backbone, rpn, roi_heads, RCNNTransform(config.transform), class_names, name="fasterrcnn_tiny")
-
-
 def _faster(builder: Callable[..., FasterRCNN]) -> Callable[..., FasterRCNN]:
     return lambda class_names, *, config: builder(len(class_names) + 1, class_names=class_names, config=config)
 
 
-_TINY_SEARCH = SelectiveSearchConfig(max_boxes=300)
 DETECTORS: dict[str, tuple[Callable[..., nn.Module], Any]] = {
     "rcnn_alexnet": (rcnn_alexnet, RCNNConfig()),
     "rcnn_vgg16": (rcnn_vgg16, RCNNConfig(backbone="vgg16")),
-    "rcnn_tiny": (
-        rcnn_tiny,
-        RCNNConfig(backbone="tiny", input_size=64, representation_size=256, proposals=_TINY_SEARCH),
-    ),
+    "rcnn_tiny": (rcnn_tiny, RCNN_TINY_CONFIG),
     "sppnet_alexnet": (sppnet_alexnet, SPPNetConfig()),
     "sppnet_vgg16": (sppnet_vgg16, SPPNetConfig(backbone="vgg16")),
-    "sppnet_tiny": (
-        sppnet_tiny,
-        SPPNetConfig(
-            backbone="tiny",
-            scales=(160,),
-            max_size=400,
-            trainable_layers=4,
-            representation_size=256,
-            proposals=_TINY_SEARCH,
-            sampling=SamplingConfig(batch_size=64, bg_iou_low=0.1, per_image=True),
-        ),
-    ),
+    "sppnet_tiny": (sppnet_tiny, SPPNET_TINY_CONFIG),
     "fasterrcnn_resnet50_fpn": (_faster(fasterrcnn_resnet50_fpn), FasterRCNNConfig()),
     "fasterrcnn_vgg16": (_faster(fasterrcnn_vgg16), VGG16_PAPER_CONFIG),
-    "fasterrcnn_tiny": (
-        fasterrcnn_tiny,
-        FasterRCNNConfig(
-            transform=TransformConfig(min_size=(160,), max_size=400),
-            rpn=RPNConfig(
-                pre_nms_top_n_train=600,
-                post_nms_top_n_train=300,
-                pre_nms_top_n_test=300,
-                post_nms_top_n_test=100,
-                batch_size_per_image=128,
-            ),
-            roi_heads=RoIHeadsConfig(batch_size_per_image=64),
-        ),
-    ),
+    "fasterrcnn_tiny": (_faster(fasterrcnn_tiny), FASTERRCNN_TINY_CONFIG),
 }
 """Detector name -> (builder ``(class_names, *, config) -> nn.Module``, its default config)."""
 
@@ -407,7 +315,10 @@ def save_model(model: nn.Module, path: str | Path, detector: str, config: Any) -
 
 def load_model(path: str | Path) -> tuple[nn.Module, str]:
     """A :func:`save_model` file as ``(model in eval mode, detector name)``; :class:`WeightsError` when it is not
-    one or its tensors do not fit."""
+    one or its tensors do not fit. A registered weights name (``detect weights list``) loads through the manifest."""
+    if not Path(path).exists() and Path(path).suffix != ".safetensors":
+        model = weights.load_detector(path)
+        return model, model.name
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -424,7 +335,72 @@ def load_model(path: str | Path) -> tuple[nn.Module, str]:
     return model.eval(), name
 
 
+def bundle_run(
+    run: str | Path, name: str, directory: str | Path, recipe: str | Path | None = None
+) -> "weights.WeightsEntry":
+    """Register a finished training run as weights ``name`` in ``directory`` (e.g. the bundled ``weights/``).
+
+    ``run`` is a run folder (``model.safetensors`` and ``summary.json`` written by :class:`Trainer`) or a
+    ``model.safetensors`` in one. The manifest entry gets the run's validation mAP and the data it was measured
+    on, its optimisation time and iteration count, and the recipe (the file's path and parsed contents) when given.
+    """
+    run = Path(run)
+    model_path = run if run.suffix == ".safetensors" else run / "model.safetensors"
+    summary_path = model_path.parent / "summary.json"
+    model, detector = load_model(model_path)
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"{summary_path}: the run has no readable summary ({err}); did training finish?") from err
+    with safe_open(str(model_path), framework="pt") as handle:
+        config = override(DETECTORS[detector][1], json.loads((handle.metadata() or {})["config"]))
+    recipe_entry: dict[str, Any] = {}
+    if recipe is not None:
+        recipe_path = Path(recipe)
+        try:
+            recipe_entry = {"path": recipe_path.as_posix(), "contents": yaml.safe_load(recipe_path.read_text("utf-8"))}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read recipe {recipe_path}: {err}") from err
+    metrics = {
+        "voc_map50": summary.get("mAP"),
+        "iterations": summary.get("iterations"),
+        "torch_threads": summary.get("torch_threads"),
+        "eval_data": summary.get("val_data"),
+    }
+    return weights.save_detector(
+        model,
+        Path(directory) / f"{name}.safetensors",
+        name=name,
+        config=config,
+        recipe=recipe_entry,
+        metrics=metrics,
+        training_time_s=summary.get("train_seconds"),
+        source="trained with detect train",
+    )
+
+
 # --- data ------------------------------------------------------------------------------------------------------
+
+
+def _body_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The backbone body's tensors of a detector's state dict, keyed from ``body.`` on (R-CNN keeps its backbone
+    under ``features``, the others under ``backbone``)."""
+    return {key[key.index("body.") :]: value for key, value in state.items() if ".body." in f".{key}"}
+
+
+def init_backbone(model: nn.Module, source: str | Path) -> int:
+    """Copy the backbone body of trained weights ``source`` (a ``detect train`` model file or a registered name)
+    into ``model``'s: the region detectors start from the shapes-trained Faster R-CNN's features, as the papers
+    start from ImageNet's. Every body tensor of ``model`` must be found with its shape; returns how many."""
+    donor, _ = load_model(source)
+    found = _body_tensors(donor.state_dict())
+    targets = {key[key.index("body.") :]: key for key in model.state_dict() if ".body." in f".{key}"}
+    own = model.state_dict()
+    bad = [k for k, full in targets.items() if k not in found or found[k].shape != own[full].shape]
+    if not targets or bad:
+        raise ConfigError(f"init_backbone {source}: its backbone does not fit ({bad[:3] or 'no backbone body'})")
+    model.load_state_dict({full: found[k] for k, full in targets.items()}, strict=False)
+    return len(targets)
 
 
 def make_dataset(config: DataConfig) -> Any:
@@ -570,6 +546,7 @@ def _device(name: str) -> torch.device:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def evaluate_detector(
     model: nn.Module, dataset: Any, batch_size: int = 4, proposals: Callable[..., list[np.ndarray]] | None = None
 ) -> dict:
@@ -599,6 +576,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = build_detector(config.detector, self.dataset.class_names, self.detector_config).to(self.device)
         self.region = isinstance(self.model, RegionDetector)
+        if config.init_backbone:
+            init_backbone(self.model, config.init_backbone)
         cache_dir = Path(config.proposal_cache) if config.proposal_cache else self.out / "proposals"
         self.cache = ProposalCache(cache_dir, self.detector_config.proposals) if self.region else None
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -613,6 +592,7 @@ class Trainer:
         self.log = MetricsLog(self.out / f"metrics.{config.log_format}", config.log_format)
         self.evaluations = MetricsLog(self.out / "evaluations.jsonl", "jsonl")
         self.iteration = 0
+        self.train_seconds = 0.0  # optimisation time so far, carried across resumes in the checkpoint
 
     # -- data --
 
@@ -649,6 +629,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         state = {
             "iteration": self.iteration,
+            "train_seconds": self.train_seconds,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -670,6 +651,7 @@ class Trainer:
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         self.iteration = int(state["iteration"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         self.log.truncate(self.iteration)
         self.evaluations.truncate(self.iteration)
 
@@ -712,7 +694,9 @@ class Trainer:
                 stale.unlink(missing_ok=True)
         bar = Progress(cfg.max_iterations, self.iteration) if progress else None
         while self.iteration < cfg.max_iterations:
+            began = time.perf_counter()
             row = self.step()
+            self.train_seconds += time.perf_counter() - began
             if self.iteration % cfg.log_every == 0:
                 self.log.append(row)
             if bar:
@@ -724,11 +708,23 @@ class Trainer:
         if bar:
             bar.close()
         if self.region:
+            began = time.perf_counter()
             self.fit_region_extras()
+            self.train_seconds += time.perf_counter() - began
         save_model(self.model, self.out / "model.safetensors", cfg.detector, self.detector_config)
         if rows := self.log.rows():
             plot_losses(rows, self.out / "loss.png")
-        return self.evaluate(report=True)
+        result = self.evaluate(report=True)
+        summary = {
+            "detector": cfg.detector,
+            "iterations": self.iteration,
+            "train_seconds": round(self.train_seconds, 1),
+            "torch_threads": torch.get_num_threads(),
+            "val_data": dataclasses.asdict(cfg.val_data) if cfg.val_data else None,
+            "mAP": result.get("mAP"),
+        }
+        atomic_write(self.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        return result
 
     def evaluate(self, report: bool = False) -> dict:
         """Validation mAP (logged to ``evaluations.jsonl``); with ``report`` also the JSON report and PR plots."""

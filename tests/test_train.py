@@ -261,3 +261,37 @@ def test_trains_from_files_on_disk(tmp_path: Path, fmt: str) -> None:
     assert args.func(args) == 0
     _, name = load_model(tmp_path / "run" / "model.safetensors")
     assert name == "fasterrcnn_tiny"
+
+
+def test_bundles_a_finished_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``detect weights add RUN`` registers the trained model with the run's measured mAP and time; loading it by
+    name gives the same detections as the run's own file."""
+    from detect import weights
+    from detect.cli import main
+
+    recipe = _recipe(tmp_path, max_iterations=4)
+    path = _write(tmp_path / "r.yaml", recipe)
+    Trainer(load_recipe(path)).run(progress=False)
+    summary = json.loads((Path(recipe["out_dir"]) / "summary.json").read_text())
+    assert summary["iterations"] == 4 and summary["train_seconds"] > 0
+    bundle = tmp_path / "bundle"
+    code = main(["weights", "add", recipe["out_dir"], "--name", "shapes_test", "--dir", str(bundle), "--recipe", str(path)])
+    assert code == 0
+    entry = weights.load_manifest(bundle)["shapes_test"]
+    assert entry.metrics["voc_map50"] == pytest.approx(summary["mAP"])
+    assert entry.training_time_s == pytest.approx(summary["train_seconds"])
+    assert entry.recipe["contents"]["detector"] == "sppnet_tiny"
+    assert entry.architecture["builder"] == "sppnet_tiny" and entry.sha256 == weights.sha256_file(entry.path)
+
+    monkeypatch.setenv(weights.ENV_VAR, str(bundle))
+    bundled = weights.load_detector("shapes_test")
+    trained, _ = load_model(Path(recipe["out_dir"]) / "model.safetensors")
+    from detect.data.shapes import ShapesConfig, ShapesDataset
+
+    image, _ = ShapesDataset(ShapesConfig(**{**TINY_SHAPES, "seed": 5}))[0]
+    boxes = torch.tensor([[0.0, 0.0, 40.0, 40.0], [10.0, 20.0, 90.0, 80.0], [30.0, 5.0, 60.0, 95.0]])
+    with torch.no_grad():
+        a = bundled([image], proposals=[boxes])[0][0]
+        b = trained([image], proposals=[boxes])[0][0]
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores) and torch.equal(a.labels, b.labels)
+    assert main(["weights", "add", str(tmp_path / "nowhere"), "--name", "x", "--dir", str(bundle)]) == 2

@@ -38,7 +38,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
-from detect.backbones import Backbone, load_imagenet_weights, read_state_dict, resnet, vgg16
+from detect.backbones import Backbone, load_imagenet_weights, read_state_dict, resnet, tiny, vgg16
 from detect.errors import ConfigError, WeightsError
 from detect.roi_heads import (
     FastRCNNPredictor,
@@ -359,7 +359,41 @@ def fasterrcnn_vgg16(
     )
 
 
+TINY_ANCHORS = ((16, 32, 64, 128), (0.5, 1.0, 2.0))  # sizes, aspect ratios
+TINY_REPRESENTATION = 256
+TINY_CONFIG = FasterRCNNConfig(
+    transform=TransformConfig(min_size=(160,), max_size=400),
+    rpn=RPNConfig(
+        pre_nms_top_n_train=600,
+        post_nms_top_n_train=300,
+        pre_nms_top_n_test=300,
+        post_nms_top_n_test=100,
+        batch_size_per_image=128,
+    ),
+    roi_heads=RoIHeadsConfig(batch_size_per_image=64),
+)
+
+
+def fasterrcnn_tiny(
+    num_classes: int | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    config: FasterRCNNConfig = TINY_CONFIG,
+) -> FasterRCNN:
+    """Faster R-CNN on the from-scratch :func:`detect.backbones.tiny` backbone (the bundled shapes model): one
+    stride-8 level, anchors 16-128 pixels x 3 ratios, RoI Align 7 x 7 and a 256-wide two-layer head."""
+    num_classes, names = _class_names(num_classes, class_names)
+    backbone = tiny()
+    anchors = AnchorGenerator.single_level(*TINY_ANCHORS, stride=backbone.stride)
+    rpn = _rpn(anchors, backbone.out_channels, config.rpn)
+    roi_pool = ThreadedRoIPool(SingleLevelRoIPool(7, 1.0 / backbone.stride, method="align"))
+    head = TwoMLPHead(backbone.out_channels * 7 * 7, TINY_REPRESENTATION)
+    roi_heads = RoIHeads(roi_pool, head, FastRCNNPredictor(TINY_REPRESENTATION, num_classes), config.roi_heads)
+    return FasterRCNN(backbone, rpn, roi_heads, RCNNTransform(config.transform), names, name="fasterrcnn_tiny")
+
+
 BUILDERS: dict[str, Callable[..., FasterRCNN]] = {
     "fasterrcnn_resnet50_fpn": fasterrcnn_resnet50_fpn,
+    "fasterrcnn_tiny": fasterrcnn_tiny,
     "fasterrcnn_vgg16": fasterrcnn_vgg16,
 }

@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from detect.backbones import Backbone, alexnet, load_imagenet_weights, vgg16
+from detect.backbones import TINY_LAYERS, Backbone, alexnet, load_imagenet_weights, tiny, vgg16
 from detect.detectors.rcnn import (
     BoxRegressionConfig,
     PostprocessConfig,
@@ -249,4 +249,22 @@ def sppnet_vgg16(
     return _sppnet(vgg16(trainable_layers=config.trainable_layers), class_names, config, backbone_weights)
 
 
-BUILDERS: dict[str, Callable[..., SPPNet]] = {"alexnet": sppnet_alexnet, "vgg16": sppnet_vgg16}
+TINY_CONFIG = SPPNetConfig(
+    backbone="tiny",
+    scales=(160,),
+    max_size=400,
+    trainable_layers=len(TINY_LAYERS),
+    representation_size=256,
+    proposals=SelectiveSearchConfig(max_boxes=300),
+    sampling=SamplingConfig(batch_size=64, bg_iou_low=0.1, per_image=True),
+)
+
+
+def sppnet_tiny(class_names: Sequence[str], *, config: SPPNetConfig = TINY_CONFIG) -> SPPNet:
+    """SPP-Net on the from-scratch :func:`detect.backbones.tiny` backbone (the bundled shapes model): stride 8,
+    128 channels, every layer trainable."""
+    config = dataclasses.replace(config, backbone="tiny")
+    return _sppnet(tiny(), class_names, config, None)
+
+
+BUILDERS: dict[str, Callable[..., SPPNet]] = {"alexnet": sppnet_alexnet, "vgg16": sppnet_vgg16, "tiny": sppnet_tiny}
