@@ -52,7 +52,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from detect.backbones import read_state_dict
+from detect.backbones import fold_frozen_batchnorm, read_state_dict
 from detect.detectors import faster_rcnn
 from detect.detectors.faster_rcnn import FROZEN_BN_EPS_KEY, FasterRCNN, FasterRCNNConfig, check_state_dict
 from detect.detectors.rcnn import RCNN, config_from_dict, config_to_json
@@ -231,9 +231,18 @@ def verify(entry: WeightsEntry) -> None:
 
 # --- loading and saving ------------------------------------------------------------------------------------
 def load_detector(
-    name_or_path: str | os.PathLike, device: str | torch.device = "cpu", dirs: Sequence[str | os.PathLike] | None = None
+    name_or_path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dirs: Sequence[str | os.PathLike] | None = None,
+    *,
+    fold_batchnorm: bool = False,
 ) -> nn.Module:
-    """A verified detector in eval mode on ``device``, rebuilt from its manifest entry (see the module docstring)."""
+    """A verified detector in eval mode on ``device``, rebuilt from its manifest entry (see the module docstring).
+
+    ``fold_batchnorm``: fold frozen BatchNorm into the convolutions before it (:func:`fold_frozen_batchnorm`), for
+    inference only: faster, equal up to float rounding, but the state dict loses the BN keys. The CLI and the
+    service load this way.
+    """
     entry = resolve(name_or_path, dirs)
     verify(entry)
     model = _build(entry)
@@ -241,6 +250,8 @@ def load_detector(
     check_state_dict(model, state, entry.path)
     model.load_state_dict(state, strict=True)
     _set_frozen_bn_eps(model, entry.architecture.get("frozen_bn_eps"))
+    if fold_batchnorm:
+        fold_frozen_batchnorm(model)
     try:
         return model.to(torch.device(device)).eval()
     except (RuntimeError, AssertionError) as err:
@@ -454,6 +465,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="name to register (default: the file name without its hash suffix)")
     p.add_argument("--dir", help="weights folder to write (default: first DETECT_WEIGHTS_DIR, else user folder)")
     p.set_defaults(func=_cmd_import)
+    p = sub.add_parser("add", help="register a finished `detect train` run (e.g. into the bundled weights/ folder)")
+    p.add_argument("run", help="the run's folder (or its model.safetensors)")
+    p.add_argument("--name", required=True, help="name to register")
+    p.add_argument("--dir", help="weights folder to write (default: first DETECT_WEIGHTS_DIR, else user folder)")
+    p.add_argument("--recipe", help="the recipe the run was trained with, stored in the manifest entry")
+    p.set_defaults(func=_cmd_add)
     p = sub.add_parser("pull", help="download an official checkpoint (needs internet) and register it")
     p.add_argument("name", help=f"one of: {', '.join(sorted(OFFICIAL_CHECKPOINTS))}")
     p.add_argument("--dir", help="weights folder to write (default: first DETECT_WEIGHTS_DIR, else user folder)")
@@ -469,7 +486,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no weights found in {', '.join(str(d) for d in weights_dirs())}")
     for entry in entries:
-        metrics = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.metrics.items())
+        metrics = ", ".join(
+            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in entry.metrics.items()
+            if isinstance(v, (int, float, str))  # the rest (e.g. the evaluation data) is in --json
+        )
         print(f"{entry.name}\t{entry.architecture['builder']}\t{len(entry.class_names)} classes\t"
               f"{entry.size_bytes / 1e6:.1f} MB\t{metrics or '-'}\t{entry.path}")
     return 0
@@ -479,6 +500,15 @@ def _cmd_import(args: argparse.Namespace) -> int:
     name = args.name or re.sub(r"-[0-9a-f]{8,64}$", "", Path(args.path).stem)
     entry = import_torchvision_checkpoint(args.path, name, directory=args.dir)
     print(f"registered {entry.name} -> {entry.path}")
+    return 0
+
+
+def _cmd_add(args: argparse.Namespace) -> int:
+    from detect.train import bundle_run  # training pulls in the data sets and recipes: only when asked
+
+    directory = Path(args.dir) if args.dir else weights_dirs()[0]
+    entry = bundle_run(args.run, args.name, directory, args.recipe)
+    print(f"registered {entry.name} -> {entry.path} (mAP {entry.metrics.get('voc_map50')})")
     return 0
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.ops import FrozenBatchNorm2d
 
 from detect import weights
 from detect.detectors.faster_rcnn import COCO_CLASS_NAMES, FasterRCNN, fasterrcnn_resnet50_fpn
@@ -191,6 +192,15 @@ def test_import_torchvision_checkpoint(tmp_path: Path) -> None:
     expected = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     assert ours.keys() == expected.keys()
     assert all(torch.equal(ours[k], v) for k, v in expected.items())
+    folded = load_detector("coco", dirs=[tmp_path / "w"], fold_batchnorm=True)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in folded.modules())
+    image = (torch.rand(3, 96, 128) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    with torch.no_grad():
+        unfolded_maps = loaded.backbone(loaded.transform([image])[0].tensors)
+        folded_maps = folded.backbone(folded.transform([image])[0].tensors)
+    assert unfolded_maps["0"].abs().max() > 0
+    for key, value in unfolded_maps.items():  # torchvision's random init: BN with eps 0 is a plain affine map
+        torch.testing.assert_close(folded_maps[key], value, rtol=1e-4, atol=1e-4)
     alone = FasterRCNN.from_weights(entry.path)  # the safetensors file also loads without the manifest
     assert alone.class_names == COCO_CLASS_NAMES and torch.equal(alone.state_dict()["rpn.head.conv.0.0.weight"],
                                                                   state["rpn.head.conv.0.0.weight"])
