@@ -52,14 +52,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._timing import median_seconds  # noqa: E402
 from detect.backbones import fold_frozen_batchnorm  # noqa: E402
 from detect.data.shapes import ShapesConfig, ShapesDataset  # noqa: E402
-from detect.detectors.faster_rcnn import FasterRCNN, FasterRCNNConfig, fasterrcnn_resnet50_fpn  # noqa: E402
+from detect.detectors.faster_rcnn import (  # noqa: E402
+    FasterRCNN,
+    FasterRCNNConfig,
+    fasterrcnn_resnet50_fpn,
+)
 from detect.detectors.rcnn import BUILDERS as RCNN_BUILDERS  # noqa: E402
 from detect.detectors.rcnn import RegionDetector  # noqa: E402
 from detect.detectors.sppnet import BUILDERS as SPPNET_BUILDERS  # noqa: E402
 from detect.detectors.sppnet import SPPNetConfig  # noqa: E402
+from detect.testing import CLS_SCALE, randomise_frozen_bn  # noqa: E402  (the parity test's recipe)
 from detect.transform import TransformConfig  # noqa: E402
 from proposals.selective_search import SelectiveSearch, SelectiveSearchConfig  # noqa: E402
-from tests.detectors.test_faster_rcnn import CLS_SCALE, randomise_frozen_bn  # noqa: E402  (the parity test's recipe)
 
 VOC_CLASSES = 20
 PARITY_ATOL = 1e-4

@@ -61,14 +61,14 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from detect.backbones import Backbone, alexnet, load_imagenet_weights, read_state_dict, vgg16
+from detect.backbones import Backbone, alexnet, load_imagenet_weights, read_state_dict, tiny, vgg16
 from detect.detectors.faster_rcnn import check_state_dict, check_targets
 from detect.errors import ConfigError, WeightsError
 from detect.ops.boxes import batched_box_iou, clip_boxes, clip_boxes_list, pairwise_box_iou, min_size_mask
 from detect.ops.coder import BoxCoder
 from detect.ops.nms import multiclass_nms
 from detect.ops.pooling import warp_regions
-from detect.roi_heads import TwoMLPHead
+from detect.roi_heads import TwoMLPHead, load_fc67
 from detect.structures import Detections
 from detect.transform import IMAGENET_MEAN, IMAGENET_STD, ImageInput, as_image_list, as_image_tensor
 from proposals.rpn import pad_boxes, sample_anchors
@@ -785,15 +785,6 @@ class RCNN(RegionDetector):
         return torch.cat(parts) if parts else prepared[0].new_zeros((0, self.heads.in_features))  # (K, D)
 
 
-def _load_fc67(head: TwoMLPHead, imagenet: Mapping[str, Tensor], indices: tuple[int, int], path: str | Path) -> None:
-    """Copy an ImageNet classifier's first two fully connected layers (``classifier.{i}``) into fc6 and fc7."""
-    keys = {f"{fc}.{p}": f"classifier.{i}.{p}" for fc, i in zip(("fc6", "fc7"), indices) for p in ("weight", "bias")}
-    ours = head.state_dict()
-    if not all(k in imagenet and imagenet[k].shape == ours[o].shape for o, k in keys.items()):
-        raise WeightsError(f"{path} lacks fc6/fc7 ({', '.join(keys.values())}) of this shape")
-    head.load_state_dict({o: imagenet[k] for o, k in keys.items()})
-
-
 def _rcnn(
     backbone: Backbone,
     pool5: nn.Module,
@@ -807,7 +798,7 @@ def _rcnn(
     model = RCNN(backbone, pool5, pooled_dim, class_names, config)
     if weights is not None:
         imagenet = load_imagenet_weights(backbone.body, weights, prefix="features.")
-        _load_fc67(model.heads.box_head, imagenet, fc_indices, weights)
+        load_fc67(model.heads.box_head, imagenet, fc_indices, weights)
     return model
 
 
@@ -834,4 +825,19 @@ def rcnn_vgg16(
     return _rcnn(backbone, nn.MaxPool2d(2, 2), 512 * 7 * 7, class_names, config, backbone_weights, (0, 3))
 
 
-BUILDERS = {"alexnet": rcnn_alexnet, "vgg16": rcnn_vgg16}
+TINY_POOL5 = 4  # the tiny R-CNN max-pools each crop's stride-8 map to 4 x 4
+TINY_CONFIG = RCNNConfig(
+    backbone="tiny", input_size=64, representation_size=256, proposals=SelectiveSearchConfig(max_boxes=300)
+)
+
+
+def rcnn_tiny(class_names: Sequence[str], *, config: RCNNConfig = TINY_CONFIG) -> RCNN:
+    """R-CNN on the from-scratch :func:`detect.backbones.tiny` backbone (the bundled shapes model): crops of
+    ``input_size`` pixels (64 by default), pool5 an adaptive 4 x 4 max pool, two ``representation_size`` fc layers."""
+    config = dataclasses.replace(config, backbone="tiny")
+    backbone = tiny()
+    pooled_dim = backbone.out_channels * TINY_POOL5**2
+    return RCNN(backbone, nn.AdaptiveMaxPool2d(TINY_POOL5), pooled_dim, class_names, config)
+
+
+BUILDERS = {"alexnet": rcnn_alexnet, "vgg16": rcnn_vgg16, "tiny": rcnn_tiny}

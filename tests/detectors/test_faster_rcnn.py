@@ -43,6 +43,7 @@ from detect.roi_heads import (
     _contiguous_chunks,
     load_fc67,
 )
+from detect.testing import CLS_SCALE, randomise_frozen_bn
 from detect.transform import RCNNTransform, TransformConfig
 
 # Fewer proposals and sampled RoIs than the defaults keep the box head's CPU time down; same in both models.
@@ -52,22 +53,6 @@ SMALL = FasterRCNNConfig(
     rpn=RPNConfig(**PROPOSALS),
     roi_heads=RoIHeadsConfig(batch_size_per_image=256),
 )
-CLS_SCALE = 40.0  # random heads give logits of std ~0.06; scaled up, dozens of scores pass the 0.05 threshold
-
-
-def randomise_frozen_bn(model: nn.Module, generator: torch.Generator) -> None:
-    """Random frozen-BN statistics and affine (weights ~0.5 keep a random ResNet's activations O(1)), eps 0 as
-    in torchvision's COCO checkpoints."""
-    for module in model.modules():
-        if isinstance(module, FrozenBatchNorm2d):
-            n = module.weight.numel()
-            module.weight.copy_(torch.rand(n, generator=generator) * 0.5 + 0.25)
-            module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.eps = 0.0
-
-
 @pytest.fixture(scope="module")
 def models() -> tuple[TVFasterRCNN, FasterRCNN]:
     """torchvision's Faster R-CNN R50-FPN built from its public pieces with seeded random weights, and ours
