@@ -27,9 +27,12 @@ FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    DETECT_DEVICE=cpu
+    DETECT_DEVICE=cpu \
+    DETECT_WEIGHTS_DIR=/opt/detect/weights
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin detect
 COPY --from=build /opt/venv /opt/venv
+# The installed package has no weights/ beside it: DETECT_WEIGHTS_DIR puts the bundled ones on the search path, and
+# with DETECT_MODELS unset every registered <family>_shapes model is served.
 COPY --chown=root:root weights /opt/detect/weights
 WORKDIR /home/detect
 USER 10001

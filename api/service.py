@@ -5,9 +5,18 @@ Decisions:
 * **One inference thread, fed by an asyncio queue.** Each image of a request is one job on a bounded
   ``asyncio.Queue``. A dispatcher task takes the first job, gathers up to ``max_batch`` jobs for the same model
   and options, waiting at most ``max_wait_ms`` for the batch to fill, and runs ONE forward pass on a
-  single-thread executor, so the event loop never runs model code and the model never runs twice at once.
-  While a forward runs, new jobs queue up, so under load batches fill without waiting. Jobs for another model
-  are held for the next round. Results are handed back through each job's future.
+  single-thread executor, so the event loop never runs model code and the model never runs twice at once
+  (``DETECT_INFERENCE_WORKERS=2`` allows two forwards at once, and ``DETECT_TORCH_THREADS`` sizes torch's
+  intra-op pool from the inference thread; neither helped the tiny Faster R-CNN's throughput, see
+  ``benchmarks/service.py``).
+  It waits only while other images are on their way (requests being decoded, or queued): a request announces
+  its images when it starts, so a lone request is dispatched at once instead of paying ``max_wait_ms`` for
+  company that cannot come. While a forward runs, new jobs queue up, so under load batches fill without
+  waiting. Jobs for another model are held for the next round. Results are handed back through each job's future.
+* **Models.** ``DETECT_MODELS`` names them; unset, every registered ``<family>_shapes`` entry (the bundled
+  weights) is served under its family name, ``faster_rcnn`` first and so the default. Weights are a registered
+  name or a file; the version reported is the first 12 hex digits of the weights' SHA-256 (the manifest's for a
+  name).
 * **Back-pressure and deadlines.** A request whose images do not fit in the queue is refused at once
   (:class:`ServiceBusyError`, 503 with ``Retry-After``). Each request has a deadline (``request_timeout_s``);
   past it the request answers 504 and its jobs still queued are skipped by the dispatcher.
@@ -44,10 +53,20 @@ import anyio
 import numpy as np
 
 from api.schemas import DetectParams
-from api.settings import Settings
+from api.settings import ModelSpec, Settings
+from detect import weights as registered_weights
 from detect.errors import DetectError, ImageError, UnknownModelError, WeightsError
 from detect.io import decode_image
-from detect.predict import Refinement, annotate, forward_batch, load_detector, png_base64, resolve_classes
+from detect.predict import (
+    Refinement,
+    annotate,
+    bundled_weights_name,
+    forward_batch,
+    load_detector,
+    png_base64,
+    registered_names,
+    resolve_classes,
+)
 from detect.structures import Detections
 
 log = logging.getLogger("detect.api")
@@ -207,6 +226,29 @@ def file_version(path: str | Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def weights_version(weights: str) -> str:
+    """A served model's version: the file's SHA-256 prefix for a path, the manifest entry's for a registered name."""
+    if Path(weights).is_file():
+        return file_version(weights)
+    return registered_weights.resolve(weights).sha256[:12]
+
+
+SERVED_FAMILIES = ("faster_rcnn", "sppnet", "rcnn")
+"""Families served by default (``DETECT_MODELS`` unset), in this order: the first present is the default model."""
+
+
+def configured_models(settings: Settings) -> dict[str, ModelSpec]:
+    """``settings.models``, or when it is empty every registered ``<family>_shapes`` entry under its family name."""
+    if settings.models:
+        return dict(settings.models)
+    names = registered_names()
+    return {
+        family: ModelSpec(family=family, weights=bundled_weights_name(family))
+        for family in SERVED_FAMILIES
+        if bundled_weights_name(family) in names
+    }
+
+
 # --- micro-batching --------------------------------------------------------------------------------------------
 @dataclass
 class Job:
@@ -229,16 +271,42 @@ class Inference:
     batch_size: int
 
 
-class Batcher:
-    """Groups queued images into forward passes on one inference thread (see the module docstring)."""
+@dataclass
+class Ticket:
+    """Images a request announced to the :class:`Batcher` and has not queued yet (see :meth:`Batcher.announce`)."""
 
-    def __init__(self, max_batch: int, max_wait_ms: float, queue_size: int, metrics: Metrics) -> None:
+    left: int
+
+
+class Batcher:
+    """Groups queued images into forward passes on one inference thread (see the module docstring).
+
+    ``expected`` counts the images that could still join a batch: announced by requests being decoded, or queued
+    and not yet taken by the dispatcher. The dispatcher waits for company (up to ``max_wait_ms``) only while it is
+    above zero, so a lone request is dispatched at once and sequential clients pay no batching delay. Only the
+    event-loop thread touches it.
+    """
+
+    def __init__(
+        self,
+        max_batch: int,
+        max_wait_ms: float,
+        queue_size: int,
+        metrics: Metrics,
+        workers: int = 1,
+        torch_threads: int | None = None,
+    ) -> None:
         self.max_batch = max_batch
+        self.workers = workers
         self.max_wait_s = max_wait_ms / 1000.0
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_size)
         self.metrics = metrics
+        self.expected = 0
+        self._changed = asyncio.Event()  # set whenever ``expected`` changes other than by a take
         self._held: deque[Job] = deque()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._executor = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="inference", initializer=_set_torch_threads, initargs=(torch_threads,)
+        )
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -250,14 +318,42 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    def submit(self, model: LoadedModel, images: Sequence[np.ndarray], kwargs: dict[str, str], retry_after: int) -> list[asyncio.Future]:
-        """Queue every image or none: a request that does not fit is refused whole."""
+    def announce(self, images: int) -> Ticket:
+        """Say that ``images`` images are on their way (a request starts decoding): batches wait for them."""
+        self.expected += images
+        self._changed.set()
+        return Ticket(images)
+
+    def withdraw(self, ticket: Ticket) -> None:
+        """The announced images that will not come (bad images, a refused or failed request)."""
+        self.expected -= ticket.left
+        ticket.left = 0
+        self._changed.set()
+
+    def submit(
+        self,
+        model: LoadedModel,
+        images: Sequence[np.ndarray],
+        kwargs: dict[str, str],
+        retry_after: int,
+        ticket: Ticket | None = None,
+    ) -> list[asyncio.Future]:
+        """Queue every image or none: a request that does not fit is refused whole. ``ticket``: the request's
+        announcement, whose images not queued here are withdrawn."""
         if self.queue.maxsize - self.queue.qsize() < len(images):
+            if ticket is not None:
+                self.withdraw(ticket)
             raise ServiceBusyError("the server is busy; retry later", retry_after=retry_after)
         loop = asyncio.get_running_loop()
         jobs = [Job(model, image, kwargs, loop.create_future()) for image in images]
         for job in jobs:
             self.queue.put_nowait(job)
+        if ticket is None:
+            self.expected += len(jobs)
+        else:
+            ticket.left -= len(jobs)
+            self.withdraw(ticket)
+        self._changed.set()
         return [job.future for job in jobs]
 
     async def run_now(self, model: LoadedModel, images: list[np.ndarray]) -> list[Detections | DetectError]:
@@ -266,31 +362,43 @@ class Batcher:
         return await loop.run_in_executor(self._executor, forward_batch, model.detector, images)
 
     async def _dispatch(self) -> None:
+        """Gather a batch once a worker is free (so batches fill while all are busy), run it, repeat."""
         loop = asyncio.get_running_loop()
+        free = asyncio.Semaphore(self.workers)
         while True:
+            await free.acquire()
             batch = await self._gather()
             batch = [job for job in batch if not job.future.done()]  # requests that timed out meanwhile
-            if batch:
-                await loop.run_in_executor(self._executor, self._run, batch, loop)
+            if not batch:
+                free.release()
+                continue
+            running = loop.run_in_executor(self._executor, self._run, batch, loop)
+            running.add_done_callback(lambda _: free.release())
+
+    async def _take(self) -> Job:
+        job = await self.queue.get()
+        self.expected -= 1
+        return job
 
     async def _gather(self) -> list[Job]:
-        first = self._held.popleft() if self._held else await self.queue.get()
+        first = self._held.popleft() if self._held else await self._take()
         batch, deadline = [first], time.perf_counter() + self.max_wait_s
         for job in list(self._held):  # held jobs waited longest: they join first
             if len(batch) < self.max_batch and job.key == first.key:
                 self._held.remove(job)
                 batch.append(job)
         while len(batch) < self.max_batch:
-            try:
-                job = self.queue.get_nowait()
-            except asyncio.QueueEmpty:
+            if self.queue.empty():
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0:
+                if remaining <= 0 or self.expected <= 0:  # nobody else could join: go now
                     break
+                self._changed.clear()
                 try:
-                    job = await asyncio.wait_for(self.queue.get(), remaining)
+                    await asyncio.wait_for(self._changed.wait(), remaining)
                 except TimeoutError:
                     break
+                continue
+            job = await self._take()
             (batch if job.key == first.key else self._held).append(job)
         return batch
 
@@ -309,6 +417,15 @@ class Batcher:
         for i, job in enumerate(batch):
             outcome = results if isinstance(results, BaseException) else Inference(results[i], start - job.enqueued, seconds, len(batch))
             loop.call_soon_threadsafe(_resolve, job.future, outcome)
+
+
+def _set_torch_threads(threads: int | None) -> None:
+    """Inference-thread initializer. ``torch.set_num_threads`` sizes the process's intra-op pool, so this is a
+    deployment setting (``DETECT_TORCH_THREADS``), never a library default."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _resolve(future: asyncio.Future, outcome: Any) -> None:
@@ -348,7 +465,7 @@ class DetectionService:
     async def start(self) -> None:
         """Start the dispatcher, then load and warm up the models in the background (``/readyz`` says when)."""
         s = self.settings
-        self.batcher = Batcher(s.max_batch, s.max_wait_ms, s.queue_size, self.metrics)
+        self.batcher = Batcher(s.max_batch, s.max_wait_ms, s.queue_size, self.metrics, s.inference_workers, s.torch_threads)
         self.batcher.start()
         self._startup = asyncio.get_running_loop().create_task(self._load_and_warm())
 
@@ -366,7 +483,7 @@ class DetectionService:
             else:
                 self.models = await anyio.to_thread.run_sync(self._load_models)
             if not self.models:
-                self.not_ready_reason = "no models configured (set DETECT_MODELS)"
+                self.not_ready_reason = "no models configured (set DETECT_MODELS, or register <family>_shapes weights)"
                 return
             if self.settings.warmup:
                 blank = np.full((WARMUP_SIZE, WARMUP_SIZE, 3), 127, np.uint8)
@@ -384,9 +501,9 @@ class DetectionService:
 
     def _load_models(self) -> dict[str, LoadedModel]:
         models = {}
-        for name, spec in self.settings.models.items():
+        for name, spec in configured_models(self.settings).items():
             detector = load_detector(spec.family, spec.weights, self.settings.device)
-            models[name] = LoadedModel.wrap(name, detector, file_version(spec.weights))
+            models[name] = LoadedModel.wrap(name, detector, weights_version(spec.weights))
         return models
 
     # queries ---------------------------------------------------------------------------------------------------
@@ -419,11 +536,15 @@ class DetectionService:
             None if params.classes is None else resolve_classes(params.classes, model.detector.class_names),
         )
         kwargs = model.forward_kwargs(params.proposals)
-        outcomes = await asyncio.gather(*(anyio.to_thread.run_sync(self._decode, i, s) for i, s in sources))
-        if len(outcomes) == 1 and outcomes[0].error is not None:
-            raise outcomes[0].error
-        good = [o for o in outcomes if o.image is not None]
-        futures = self.batcher.submit(model, [o.image for o in good], kwargs, self.settings.retry_after_s)
+        ticket = self.batcher.announce(len(sources))
+        try:
+            outcomes = await asyncio.gather(*(anyio.to_thread.run_sync(self._decode, i, s) for i, s in sources))
+            if len(outcomes) == 1 and outcomes[0].error is not None:
+                raise outcomes[0].error
+            good = [o for o in outcomes if o.image is not None]
+            futures = self.batcher.submit(model, [o.image for o in good], kwargs, self.settings.retry_after_s, ticket)
+        finally:
+            self.batcher.withdraw(ticket)
         try:
             inferences = await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - time.perf_counter()))
         except TimeoutError:
@@ -489,8 +610,18 @@ def _b64decode(text: str) -> bytes:
 
 
 def check_weights(settings: Settings) -> None:
-    """Fail fast (for ``detect serve``) when a configured weights file does not exist."""
-    for name, spec in settings.models.items():
-        if not Path(spec.weights).is_file():
-            raise WeightsError(f"model {name!r}: weights file not found: {spec.weights!r}")
+    """Fail fast (for ``detect serve``) when a configured model's weights are neither a file nor a registered name
+    whose file exists. Without ``DETECT_MODELS`` only registered names are served, so nothing can be missing."""
+    for name, spec in configured_models(settings).items():
+        if Path(spec.weights).is_file():
+            continue
+        try:
+            entry = registered_weights.resolve(spec.weights)
+        except WeightsError as err:
+            raise WeightsError(
+                f"model {name!r}: {spec.weights!r} is neither a weights file nor registered weights ({err.message}); "
+                f"`detect weights list` shows the registered names"
+            ) from err
+        if not entry.path.is_file():
+            raise WeightsError(f"model {name!r}: the file of registered weights {spec.weights!r} is missing: {entry.path}")
 

@@ -1,9 +1,12 @@
 """Service settings, read from ``DETECT_*`` environment variables (pydantic-settings).
 
 Decisions: every limit has a safe default, so an unconfigured server is still defended. ``DETECT_MODELS`` is
-JSON mapping a served model name to its detector family and weights file, e.g.
-``{"faster_rcnn": {"family": "faster_rcnn", "weights": "/weights/frcnn.safetensors"}}``; list-valued settings
-(``DETECT_CORS_ORIGINS``) are JSON lists. The API key, when set, is required in ``X-API-Key`` on ``/detect`` and
+JSON mapping a served model name to its detector family and weights (a registered name, see ``detect weights
+list``, or a file), e.g. ``{"faster_rcnn": {"family": "faster_rcnn", "weights": "/weights/frcnn.safetensors"}}``.
+Unset or empty, the server serves the bundled shapes models: each registered ``<family>_shapes`` entry under its
+family name (``faster_rcnn``, ``sppnet``, ``rcnn``), ``faster_rcnn`` the default (see
+:func:`api.service.configured_models`). An empty variable counts as unset, for every setting. List-valued
+settings (``DETECT_CORS_ORIGINS``) are JSON lists. The API key, when set, is required in ``X-API-Key`` on ``/detect`` and
 ``/models``; the probes and ``/metrics`` stay open for orchestrators and scrapers.
 """
 
@@ -17,11 +20,11 @@ from detect.io import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 
 class ModelSpec(BaseModel):
     family: str = Field(description="detector family: faster_rcnn, rcnn or sppnet")
-    weights: str = Field(description="path of the weights file")
+    weights: str = Field(description="registered weights name (`detect weights list`) or path of a weights file")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DETECT_", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="DETECT_", frozen=True, env_ignore_empty=True)
 
     device: str = "cpu"
     models: dict[str, ModelSpec] = Field(default_factory=dict)
@@ -34,6 +37,10 @@ class Settings(BaseSettings):
     max_side: int = Field(DEFAULT_MAX_SIDE, gt=0)
 
     max_batch: int = Field(8, gt=0, description="images per forward pass")
+    inference_workers: int = Field(1, ge=1, le=8, description="forward passes that may run at once (threads)")
+    torch_threads: int | None = Field(
+        None, gt=0, description="torch intra-op threads, set by the inference thread (default: torch's, one per core)"
+    )
     max_wait_ms: float = Field(5.0, ge=0, description="how long the first image of a batch waits for company")
     queue_size: int = Field(64, gt=0, description="images waiting for inference before requests get 503")
     request_timeout_s: float = Field(30.0, gt=0)

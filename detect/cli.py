@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from detect import __version__
-from detect import train, weights
+from detect import demo, train, weights
 from detect.data import cli as data_cli
 from detect.errors import DetectError
 
@@ -52,13 +52,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from detect.predict import PredictOptions, Refinement, load_detector, resolve_classes, run
+    from detect.predict import PredictOptions, Refinement, default_weights, load_detector, resolve_classes, run
 
-    if args.weights is None:
-        print("error[weights_error]: --weights NAME|PATH is required (`detect weights list` shows the registered names)",
-              file=sys.stderr)
-        return EXIT_USAGE
-    detector = load_detector(args.model, args.weights, args.device)
+    detector = load_detector(args.model, args.weights or default_weights(args.model), args.device)
     classes = None if args.classes is None else resolve_classes(args.classes.split(","), detector.class_names)
     options = PredictOptions(
         sources=tuple(args.sources),
@@ -70,6 +66,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         save_images=args.save_images,
         resume=args.resume,
         workers=args.workers,
+        proposal_workers=args.proposal_workers,
     )
     summary = run(options, detector, progress=sys.stderr)
     if summary.images + summary.failed + summary.skipped == 0:
@@ -99,10 +96,12 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (mirrors the input tree)")
     p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
     p.add_argument("--model", default="faster_rcnn", choices=sorted(FAMILIES), help="detector family")
-    p.add_argument("--weights", help="weights file for --model")
+    p.add_argument("--weights", help="registered weights name or weights file (default: the bundled <model>_shapes)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument("--workers", type=_positive_int, default=2, help="image decoding threads")
+    p.add_argument("--proposal-workers", type=_non_negative_int, default=min(4, os.cpu_count() or 1),
+                   help="selective search processes for rcnn/sppnet (default: min(4, CPUs); 0: in-process)")
     p.add_argument("--score-threshold", type=float)
     p.add_argument("--iou-threshold", type=float)
     p.add_argument("--max-detections", type=_positive_int)
@@ -126,6 +125,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detect", description="Two-stage object detection toolkit.")
     parser.add_argument("--version", action="version", version=f"detect {__version__}")
@@ -143,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_cli(sub)
     data_cli.add_cli(sub)
     train.add_cli(sub)
+    demo.add_cli(sub)
     return parser
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from detect import cli, predict
 from detect.predict import PredictOptions, Refinement, run
-from tests.api.conftest import StubDetector, png
+from tests.api.conftest import StubDetector, isolate_weights, png
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,6 +116,7 @@ def test_each_format_parses_back(tmp_path: Path) -> None:
 
 
 def test_cli_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    isolate_weights(monkeypatch, tmp_path)  # nothing registered: no default weights
     monkeypatch.setattr(predict, "load_detector", lambda *a: StubDetector())
     write(tmp_path / "good" / "a.png", png(8, 8))
     write(tmp_path / "mixed" / "b.png", b"garbage")
@@ -124,7 +125,7 @@ def test_cli_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys:
     assert cli.main(["predict", str(tmp_path / "good"), str(tmp_path / "mixed"), "--out", str(tmp_path / "o2"), *weights]) == 1
     assert "1 failed" in capsys.readouterr().err
     assert cli.main(["predict", str(tmp_path / "nothing*.png"), "--out", str(tmp_path / "o3"), *weights]) == 2
-    assert cli.main(["predict", str(tmp_path / "good"), "--out", str(tmp_path / "o4")]) == 2  # no weights
+    assert cli.main(["predict", str(tmp_path / "good"), "--out", str(tmp_path / "o4")]) == 2  # no weights at all
     assert cli.main(["predict", str(tmp_path / "good"), "--out", str(tmp_path / "o5"), "--classes", "zebra", *weights]) == 2
     assert cli.main(["predict", "--out", "x"]) == 2  # no SRC
 
@@ -185,7 +186,8 @@ def test_predict_with_registered_weights_by_name_and_path(
 
     for weights in ("tiny", str(weights_dir / "tiny.safetensors")):
         out = tmp_path / f"out-{len(weights)}"
-        assert cli.main(["predict", str(image), "--out", str(out), "--weights", weights, "--model", "sppnet"]) == 0
+        assert cli.main(["predict", str(image), "--out", str(out), "--weights", weights, "--model", "sppnet",
+                         "--proposal-workers", "0"]) == 0
         result = json.loads((out / "a.jpg.json").read_text())
         assert (result["width"], result["height"]) == (96, 64)
 
@@ -196,3 +198,30 @@ def test_predict_with_registered_weights_by_name_and_path(
     (weights_dir / "tiny.safetensors").write_bytes(bytes(data))
     assert cli.main(["predict", str(image), "--out", str(tmp_path / "o2"), "--weights", "tiny"]) == 2
     assert "weights_checksum" in capsys.readouterr().err
+
+
+def test_default_weights_are_the_registered_shapes_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Without --weights, --model F uses the registered ``F_shapes``; unregistered, a weights_error naming the
+    command that lists what is registered."""
+    from detect.detectors.rcnn import rcnn_tiny
+    from detect.weights import save_detector
+
+    folder = isolate_weights(monkeypatch, tmp_path)
+    save_detector(rcnn_tiny(("circle", "square")).eval(), folder / "r.safetensors", name="rcnn_shapes")
+    loaded = []
+    real_load = predict.load_detector
+    monkeypatch.setattr(predict, "load_detector", lambda *a: loaded.append(a) or real_load(*a))
+    image = write(tmp_path / "in" / "a.png", png(40, 30))
+
+    out = tmp_path / "o1"
+    assert cli.main(["predict", str(image), "--out", str(out), "--model", "rcnn", "--proposal-workers", "0"]) == 0
+    assert loaded == [("rcnn", "rcnn_shapes", "cpu")]
+    assert json.loads((out / "a.png.json").read_text())["width"] == 40
+
+    for family in ("faster_rcnn", "sppnet"):
+        assert cli.main(["predict", str(image), "--out", str(tmp_path / f"o-{family}"), "--model", family]) == 2
+        err = capsys.readouterr().err
+        assert "error[weights_error]" in err and f"'{family}_shapes'" in err and "detect weights list" in err
+    assert len(loaded) == 1  # nothing was loaded for the unregistered defaults

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import shutil
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import httpx
 import numpy as np
@@ -114,3 +116,46 @@ def stub() -> StubDetector:
 def client(stub: StubDetector) -> Iterator[httpx.Client]:
     with running(stub, max_body_bytes=200_000, max_pixels=250_000, max_images_per_request=4) as c:
         yield c
+
+
+SHAPES_CLASSES = ("circle", "square", "triangle")
+
+
+@pytest.fixture(scope="session")
+def tiny_weights_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weights folder with randomly initialised tiny ``faster_rcnn_shapes`` and ``rcnn_shapes`` (no sppnet)."""
+    from detect.detectors.faster_rcnn import TINY_CONFIG, fasterrcnn_tiny
+    from detect.detectors.rcnn import rcnn_tiny
+    from detect.weights import save_detector
+
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    save_detector(fasterrcnn_tiny(class_names=SHAPES_CLASSES).eval(), folder / "frcnn.safetensors",
+                  name="faster_rcnn_shapes", config=TINY_CONFIG)
+    save_detector(rcnn_tiny(SHAPES_CLASSES).eval(), folder / "rcnn.safetensors", name="rcnn_shapes")
+    return folder
+
+
+def isolate_weights(monkeypatch: pytest.MonkeyPatch, root: Path, source: Path | None = None) -> Path:
+    """Make the weights search path exactly one folder, ``root/weights``: a copy of ``source`` (or empty).
+
+    ``DETECT_WEIGHTS_DIR`` names it; the user folder and the bundled ``weights/`` are pointed at empty folders, so
+    weights bundled with the checkout never leak into a test. ``DETECT_MODELS`` is unset.
+    """
+    import detect.weights
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(root / "xdg"))
+    monkeypatch.setattr(detect.weights, "BUNDLED_DIR", root / "no-bundled-weights")
+    monkeypatch.delenv("DETECT_MODELS", raising=False)
+    folder = root / "weights"
+    if source is not None:
+        shutil.copytree(source, folder)
+    folder.mkdir(exist_ok=True)
+    monkeypatch.setenv("DETECT_WEIGHTS_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture
+def isolated_weights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[Path | None], Path]:
+    """:func:`isolate_weights` under ``tmp_path``, called with the source folder (or ``None``)."""
+    return lambda source=None: isolate_weights(monkeypatch, tmp_path, source)

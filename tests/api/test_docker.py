@@ -1,7 +1,9 @@
-"""The Dockerfile passes hadolint, and its entry command, run outside a container, serves the API."""
+"""The Dockerfile passes hadolint, and its entry command, run outside a container, serves the API (with the
+registered ``*_shapes`` weights, as the image serves its bundled ones)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -14,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.conftest import free_port
+from tests.api.conftest import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -41,7 +43,14 @@ def test_dockerfile_shape() -> None:
     assert "EXPOSE 8000" in text and "HEALTHCHECK" in text and "/healthz" in text
 
 
-def test_entry_command_serves_outside_a_container(tmp_path: Path) -> None:
+def test_dockerfile_points_the_search_path_at_the_bundled_weights() -> None:
+    """An installed package has no ``weights/`` beside it: the image must name the folder it copies them to."""
+    text = DOCKERFILE.read_text()
+    copied = re.search(r"^COPY .*weights (\S+)$", text, flags=re.MULTILINE).group(1)
+    assert f"DETECT_WEIGHTS_DIR={copied}" in text
+
+
+def test_entry_command_serves_outside_a_container(tmp_path: Path, tiny_weights_source: Path) -> None:
     command = entry_command()
     assert command[:2] == ["detect", "serve"]
     port = free_port()
@@ -49,7 +58,10 @@ def test_entry_command_serves_outside_a_container(tmp_path: Path) -> None:
     args[args.index("--port") + 1] = str(port)
     args[args.index("--host") + 1] = "127.0.0.1"
     executable = Path(sys.executable).parent / "detect"
-    env = {**os.environ, "DETECT_MODELS": "{}"}
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_weights_source, weights)  # first on the search path: wins over any bundled weights
+    env = {**os.environ, "DETECT_WEIGHTS_DIR": str(weights), "XDG_DATA_HOME": str(tmp_path / "xdg")}
+    env.pop("DETECT_MODELS", None)
     server = subprocess.Popen([str(executable), *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -63,8 +75,11 @@ def test_entry_command_serves_outside_a_container(tmp_path: Path) -> None:
                     assert time.monotonic() < deadline, "the server did not come up"
                     time.sleep(0.1)
             assert health.json() == {"status": "ok"}
-            ready = client.get("/readyz")
-            assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"  # no models configured
+            wait_ready(client, timeout=60)
+            models = client.get("/models").json()
+            assert models["default"] == "faster_rcnn"
+            version = hashlib.sha256((weights / "frcnn.safetensors").read_bytes()).hexdigest()[:12]
+            assert {"name": "faster_rcnn", "version": version}.items() <= models["models"][0].items()
     finally:
         server.terminate()
         server.wait(20)
