@@ -74,6 +74,8 @@ def as_image_tensor(image: ImageInput, device: torch.device | str | None = None)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image arrays must be uint8 HxWx3 RGB, got {image.dtype} {image.shape}")
+        if not image.flags.writeable:  # e.g. a decoded buffer: torch warns on read-only memory, so copy (bytes only)
+            image = image.copy()
         pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device)  # (H, W, 3) uint8
         return pixels.permute(2, 0, 1).float().div(255)  # (3, H, W)
     if isinstance(image, Tensor):

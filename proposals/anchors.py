@@ -21,6 +21,7 @@ Decisions:
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Protocol, Sequence
 
@@ -29,6 +30,8 @@ from torch import Tensor, nn
 
 FPN_SIZES: tuple[tuple[int, ...], ...] = ((32,), (64,), (128,), (256,), (512,))
 FPN_ASPECT_RATIOS: tuple[tuple[float, ...], ...] = ((0.5, 1.0, 2.0),) * 5
+
+_CACHE_LOCK = threading.Lock()  # guards every generator's cache: the service may run two forwards at once
 
 
 class ImageBatch(Protocol):
@@ -132,19 +135,21 @@ class AnchorGenerator(nn.Module):
         grid_sizes = [(int(h), int(w)) for h, w in grid_sizes]
         strides = self.level_strides(image_size, grid_sizes)
         key = (tuple(grid_sizes), tuple(strides), str(device), dtype, torch.is_inference_mode_enabled())
-        anchors = self._cache.get(key)
-        if anchors is None:
-            anchors = torch.cat(
-                [
-                    shifted_anchors(base.to(device=device, dtype=dtype), size, stride)
-                    for base, size, stride in zip(self.cell_anchors, grid_sizes, strides)
-                ]
-            )
+        with _CACHE_LOCK:
+            anchors = self._cache.get(key)
+            if anchors is not None:
+                self._cache.move_to_end(key)
+                return anchors
+        anchors = torch.cat(
+            [
+                shifted_anchors(base.to(device=device, dtype=dtype), size, stride)
+                for base, size, stride in zip(self.cell_anchors, grid_sizes, strides)
+            ]
+        )
+        with _CACHE_LOCK:
             self._cache[key] = anchors
-            if len(self._cache) > self.cache_size:
+            while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
         return anchors
 
     def forward(self, images: ImageBatch, feature_maps: Sequence[Tensor]) -> Tensor:
