@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from proposals.segmentation import felzenszwalb
 from proposals.selective_search import (
     COLOR_BINS,
-    TEXTURE_BINS,
     SelectiveSearch,
     SelectiveSearchConfig,
     color_codes,
