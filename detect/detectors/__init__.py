@@ -10,15 +10,18 @@ from typing import Callable
 
 from torch import nn
 
-from detect.detectors.faster_rcnn import fasterrcnn_resnet50_fpn, fasterrcnn_vgg16
-from detect.detectors.rcnn import rcnn_alexnet, rcnn_vgg16
-from detect.detectors.sppnet import sppnet_alexnet, sppnet_vgg16
+from detect.detectors.faster_rcnn import fasterrcnn_resnet50_fpn, fasterrcnn_tiny, fasterrcnn_vgg16
+from detect.detectors.rcnn import rcnn_alexnet, rcnn_tiny, rcnn_vgg16
+from detect.detectors.sppnet import sppnet_alexnet, sppnet_tiny, sppnet_vgg16
 
 DETECTORS: dict[str, Callable[..., nn.Module]] = {
     "fasterrcnn_resnet50_fpn": fasterrcnn_resnet50_fpn,
+    "fasterrcnn_tiny": fasterrcnn_tiny,
     "fasterrcnn_vgg16": fasterrcnn_vgg16,
     "rcnn_alexnet": rcnn_alexnet,
+    "rcnn_tiny": rcnn_tiny,
     "rcnn_vgg16": rcnn_vgg16,
     "sppnet_alexnet": sppnet_alexnet,
+    "sppnet_tiny": sppnet_tiny,
     "sppnet_vgg16": sppnet_vgg16,
 }
