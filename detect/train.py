@@ -8,8 +8,11 @@ Decisions:
   overrides the chosen detector's own config dataclass (``RCNNConfig``, ``SPPNetConfig`` or ``FasterRCNNConfig``)
   starting from the builder's defaults in :data:`DETECTORS`.
 - Detectors by name in one plain dict. Besides the paper architectures (ImageNet-sized: AlexNet, VGG16,
-  ResNet-50-FPN) there is a ``*_tiny`` variant of each on :func:`tiny_backbone` (four 3x3 convs, stride 8,
-  trained from scratch) so that the bundled ``shapes`` models train in minutes on two CPU cores.
+  ResNet-50-FPN) there is a ``*_tiny`` variant of each on :func:`detect.backbones.tiny` (seven 3x3 convs with
+  GroupNorm, stride 8, trained from scratch) so that the bundled ``shapes`` models train within an hour on two
+  CPU cores.
+- ``init_backbone`` starts a detector's backbone from trained weights (a ``detect train`` file or a registered
+  name): the bundled region detectors start from the bundled Faster R-CNN's, where the papers start from ImageNet.
 - One step: ``losses = model(images, targets[, proposals])[1]``; the loss is their sum. SGD with momentum and
   weight decay or AdamW; gradient-norm clipping; linear warm-up then step or cosine decay. The learning rate is a
   pure function of the iteration (:func:`lr_factor`), so the iteration *is* the scheduler's state.
@@ -29,7 +32,10 @@ Decisions:
 - Outputs in ``out_dir``: ``checkpoint.pt``, ``model.safetensors`` (weights + detector name, class names and
   config in the metadata, see :func:`save_model`), ``metrics.jsonl`` or ``metrics.csv`` (one row per
   ``log_every`` iterations), ``evaluations.jsonl`` (one row per evaluation), ``loss.png``, and with validation data
-  ``report.json`` and per-class precision-recall plots. A progress line (losses, s/it, ETA) goes to stderr.
+  ``report.json`` and per-class precision-recall plots, and ``summary.json`` (iterations, optimisation seconds
+  carried across resumes, thread count, final mAP and the data it was measured on), which
+  :func:`bundle_run` (``detect weights add``) copies into a weights manifest. A progress line (losses, s/it, ETA)
+  goes to stderr.
 """
 
 from __future__ import annotations
