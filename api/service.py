@@ -331,28 +331,17 @@ class Batcher:
         self._changed.set()
 
     def submit(
-        self,
-        model: LoadedModel,
-        images: Sequence[np.ndarray],
-        kwargs: dict[str, str],
-        retry_after: int,
-        ticket: Ticket | None = None,
+        self, model: LoadedModel, images: Sequence[np.ndarray], kwargs: dict[str, str], retry_after: int
     ) -> list[asyncio.Future]:
-        """Queue every image or none: a request that does not fit is refused whole. ``ticket``: the request's
-        announcement, whose images not queued here are withdrawn."""
+        """Queue every image or none: a request that does not fit is refused whole. The caller withdraws its
+        announcement right after (no await between), so queued images are never counted twice."""
         if self.queue.maxsize - self.queue.qsize() < len(images):
-            if ticket is not None:
-                self.withdraw(ticket)
             raise ServiceBusyError("the server is busy; retry later", retry_after=retry_after)
         loop = asyncio.get_running_loop()
         jobs = [Job(model, image, kwargs, loop.create_future()) for image in images]
         for job in jobs:
             self.queue.put_nowait(job)
-        if ticket is None:
-            self.expected += len(jobs)
-        else:
-            ticket.left -= len(jobs)
-            self.withdraw(ticket)
+        self.expected += len(jobs)
         self._changed.set()
         return [job.future for job in jobs]
 
@@ -542,7 +531,7 @@ class DetectionService:
             if len(outcomes) == 1 and outcomes[0].error is not None:
                 raise outcomes[0].error
             good = [o for o in outcomes if o.image is not None]
-            futures = self.batcher.submit(model, [o.image for o in good], kwargs, self.settings.retry_after_s, ticket)
+            futures = self.batcher.submit(model, [o.image for o in good], kwargs, self.settings.retry_after_s)
         finally:
             self.batcher.withdraw(ticket)
         try:

@@ -72,15 +72,18 @@ def test_batcher_waits_for_announced_images_and_not_for_withdrawn_ones() -> None
         model = LoadedModel.wrap("stub", detector)
         try:
             a, b = batcher.announce(2), batcher.announce(1)  # two requests are decoding
-            first = batcher.submit(model, [image, image], {}, 1, a)
+            first = batcher.submit(model, [image, image], {}, 1)
+            batcher.withdraw(a)  # as DetectionService.detect does once its images are queued
             await asyncio.sleep(0.3)
             assert detector.batches == [] and not any(f.done() for f in first)  # b's image is on its way
-            second = batcher.submit(model, [image], {}, 1, b)
+            second = batcher.submit(model, [image], {}, 1)
+            batcher.withdraw(b)
             await asyncio.wait_for(asyncio.gather(*first, *second), 5)
             assert detector.batches == [3] and batcher.expected == 0
 
             c, d = batcher.announce(2), batcher.announce(1)
-            third = batcher.submit(model, [image], {}, 1, c)  # c's other image failed to decode: withdrawn
+            third = batcher.submit(model, [image], {}, 1)  # c's other image failed to decode: withdrawn
+            batcher.withdraw(c)
             assert batcher.expected == 2
             await asyncio.sleep(0.3)
             assert detector.batches == [3]  # d's image may still come
