@@ -474,13 +474,6 @@ class ProposalError(DetectError):
     http_status = 500
 
 
-def _init_proposal_worker() -> None:
-    """Each worker runs OpenCV single-threaded: the parallelism comes from the processes."""
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 def _search(image: np.ndarray, config: Any) -> np.ndarray:
     """In a worker: selective search on one image -> float32 ``(R, 4)`` boxes (numpy travels back cheaply)."""
     from proposals.selective_search import selective_search
@@ -510,8 +503,10 @@ class ProposalPool:
         return cls(proposer.config, workers) if isinstance(proposer, SelectiveSearch) else None
 
     def _start(self) -> ProcessPoolExecutor:
+        from proposals.selective_search import init_worker
+
         context = multiprocessing.get_context("spawn")
-        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_proposal_worker)
+        return ProcessPoolExecutor(self.workers, mp_context=context, initializer=init_worker)
 
     def submit(self, images: Sequence[np.ndarray | DetectError]) -> list[Future | None]:
         """Start the search of every decoded image (``None`` for the ones that failed to decode)."""

@@ -581,8 +581,9 @@ def selective_search(image: np.ndarray, config: SelectiveSearchConfig = Selectiv
     return torch.from_numpy(_proposals(_check_image(image), config))
 
 
-def _init_worker() -> None:
-    """Each worker process runs single-threaded: parallelism comes from the processes."""
+def init_worker() -> None:
+    """Initialiser of a selective-search worker process: OpenCV single-threaded, the parallelism comes from the
+    processes (also used by ``detect predict``'s long-lived pool)."""
     cv2.setNumThreads(1)
 
 
@@ -604,7 +605,7 @@ def selective_search_batch(
     if workers <= 1:
         return [torch.from_numpy(_proposals(image, config)) for image in checked]
     chunksize = max(1, math.ceil(len(checked) / (4 * workers)))
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker) as pool:
         results = pool.map(functools.partial(_proposals, config=config), checked, chunksize=chunksize)
     return [torch.from_numpy(boxes) for boxes in results]
 
