@@ -305,7 +305,7 @@ class Batcher:
         self._changed = asyncio.Event()  # set whenever ``expected`` changes other than by a take
         self._held: deque[Job] = deque()
         self._executor = ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="inference", initializer=_set_torch_threads, initargs=(torch_threads,)
+            max_workers=workers, thread_name_prefix="inference", initializer=set_torch_threads, initargs=(torch_threads,)
         )
         self._task: asyncio.Task | None = None
 
@@ -408,7 +408,7 @@ class Batcher:
             loop.call_soon_threadsafe(_resolve, job.future, outcome)
 
 
-def _set_torch_threads(threads: int | None) -> None:
+def set_torch_threads(threads: int | None) -> None:
     """Inference-thread initializer. ``torch.set_num_threads`` sizes the process's intra-op pool, so this is a
     deployment setting (``DETECT_TORCH_THREADS``), never a library default."""
     if threads is not None:

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from api.service import _set_torch_threads
+from api.service import set_torch_threads
 from detect.predict import bundled_weights_name, forward_batch, load_detector, registered_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,13 +118,13 @@ def image_bytes(size: int) -> tuple[bytes, np.ndarray]:
 
 class DirectCall:
     """The detector in this process, called the way the server's inference thread calls it: on a dedicated
-    executor thread that first applies ``DETECT_TORCH_THREADS`` (:func:`api.service._set_torch_threads`). On a
+    executor thread that first applies ``DETECT_TORCH_THREADS`` (:func:`api.service.set_torch_threads`). On a
     loaded machine the calling thread matters: here the main thread at 2 OpenMP threads ran the tiny model 20x
     slower than a fresh thread."""
 
     def __init__(self, family: str, weights: str, pixels: np.ndarray, threads: int | None) -> None:
         self.detector, self.pixels = load_detector(family, weights), pixels
-        self.pool = ThreadPoolExecutor(1, initializer=_set_torch_threads, initargs=(threads,))
+        self.pool = ThreadPoolExecutor(1, initializer=set_torch_threads, initargs=(threads,))
         self.seconds()  # warm up
 
     def seconds(self) -> float:
