@@ -319,20 +319,24 @@ def save_model(model: nn.Module, path: str | Path, detector: str, config: Any) -
     atomic_write(Path(path), safetensors_bytes(tensors, metadata=metadata))
 
 
+def saved_architecture(path: str | Path) -> tuple[str, list[str], Any]:
+    """``(detector name, class names, config)`` from the metadata of a :func:`save_model` file."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        name = metadata["detector"]
+        return name, json.loads(metadata["class_names"]), override(DETECTORS[name][1], json.loads(metadata["config"]))
+    except (OSError, KeyError, ValueError, ConfigError, SafetensorError) as err:
+        raise WeightsError(f"{path} is not a weights file written by detect train: {err}") from err
+
+
 def load_model(path: str | Path) -> tuple[nn.Module, str]:
     """A :func:`save_model` file as ``(model in eval mode, detector name)``; :class:`WeightsError` when it is not
     one or its tensors do not fit. A registered weights name (``detect weights list``) loads through the manifest."""
     if not Path(path).exists() and Path(path).suffix != ".safetensors":
         model = weights.load_detector(path)
         return model, model.name
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        name = metadata["detector"]
-        class_names = json.loads(metadata["class_names"])
-        config = override(DETECTORS[name][1], json.loads(metadata["config"]))
-    except (OSError, KeyError, ValueError, ConfigError, SafetensorError) as err:
-        raise WeightsError(f"{path} is not a weights file written by detect train: {err}") from err
+    name, class_names, config = saved_architecture(path)
     model = build_detector(name, class_names, config)
     try:
         model.load_state_dict(read_state_dict(path), strict=True)
@@ -353,13 +357,12 @@ def bundle_run(
     run = Path(run)
     model_path = run if run.suffix == ".safetensors" else run / "model.safetensors"
     summary_path = model_path.parent / "summary.json"
-    model, detector = load_model(model_path)
+    model, _ = load_model(model_path)
+    _, _, config = saved_architecture(model_path)
     try:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise WeightsError(f"{summary_path}: the run has no readable summary ({err}); did training finish?") from err
-    with safe_open(str(model_path), framework="pt") as handle:
-        config = override(DETECTORS[detector][1], json.loads((handle.metadata() or {})["config"]))
     recipe_entry: dict[str, Any] = {}
     if recipe is not None:
         recipe_path = Path(recipe)
@@ -388,10 +391,10 @@ def bundle_run(
 # --- data ------------------------------------------------------------------------------------------------------
 
 
-def _body_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The backbone body's tensors of a detector's state dict, keyed from ``body.`` on (R-CNN keeps its backbone
-    under ``features``, the others under ``backbone``)."""
-    return {key[key.index("body.") :]: value for key, value in state.items() if ".body." in f".{key}"}
+def _body_keys(state: Mapping[str, Tensor]) -> dict[str, str]:
+    """``{key from "body." on: full key}`` for a detector's backbone-body tensors (R-CNN keeps its backbone under
+    ``features``, the others under ``backbone``)."""
+    return {key[key.index("body.") :]: key for key in state if ".body." in f".{key}"}
 
 
 def init_backbone(model: nn.Module, source: str | Path) -> int:
@@ -399,13 +402,12 @@ def init_backbone(model: nn.Module, source: str | Path) -> int:
     into ``model``'s: the region detectors start from the shapes-trained Faster R-CNN's features, as the papers
     start from ImageNet's. Every body tensor of ``model`` must be found with its shape; returns how many."""
     donor, _ = load_model(source)
-    found = _body_tensors(donor.state_dict())
-    targets = {key[key.index("body.") :]: key for key in model.state_dict() if ".body." in f".{key}"}
-    own = model.state_dict()
-    bad = [k for k, full in targets.items() if k not in found or found[k].shape != own[full].shape]
+    theirs, own = donor.state_dict(), model.state_dict()
+    found, targets = _body_keys(theirs), _body_keys(own)
+    bad = [k for k, full in targets.items() if k not in found or theirs[found[k]].shape != own[full].shape]
     if not targets or bad:
         raise ConfigError(f"init_backbone {source}: its backbone does not fit ({bad[:3] or 'no backbone body'})")
-    model.load_state_dict({full: found[k] for k, full in targets.items()}, strict=False)
+    model.load_state_dict({full: theirs[found[k]] for k, full in targets.items()}, strict=False)
     return len(targets)
 
 

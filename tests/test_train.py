@@ -295,3 +295,32 @@ def test_bundles_a_finished_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         b = trained([image], proposals=[boxes])[0][0]
     assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores) and torch.equal(a.labels, b.labels)
     assert main(["weights", "add", str(tmp_path / "nowhere"), "--name", "x", "--dir", str(bundle)]) == 2
+
+
+def test_init_backbone_copies_the_donor_body_into_any_detector(tmp_path: Path) -> None:
+    """A Faster R-CNN's backbone body lands in R-CNN's ``features.body`` and SPP-Net's ``backbone.body`` unchanged;
+    the heads keep their own initialisation; a donor whose body does not fit is refused."""
+    from detect.detectors.faster_rcnn import TINY_CONFIG, fasterrcnn_tiny
+    from detect.train import init_backbone, save_model
+
+    torch.manual_seed(1)
+    donor = fasterrcnn_tiny(class_names=("a", "b"))
+    save_model(donor, tmp_path / "donor.safetensors", "fasterrcnn_tiny", TINY_CONFIG)
+    body = {k: v for k, v in donor.state_dict().items() if k.startswith("backbone.body.")}
+    for name, prefix in (("rcnn_tiny", "features."), ("sppnet_tiny", "")):
+        from detect.train import DETECTORS, build_detector
+
+        model = build_detector(name, ("x", "y", "z"), DETECTORS[name][1])
+        heads_before = {k: v.clone() for k, v in model.state_dict().items() if ".body." not in f".{k}"}
+        assert init_backbone(model, tmp_path / "donor.safetensors") == len(body)
+        state = model.state_dict()
+        for key, value in body.items():
+            target = prefix + key[len("backbone."):] if prefix else key
+            assert torch.equal(state[target], value)
+        assert all(torch.equal(state[k], v) for k, v in heads_before.items())
+
+    from detect.detectors.rcnn import RCNNConfig
+
+    alexnet_rcnn = build_detector("rcnn_alexnet", ("x",), RCNNConfig())
+    with pytest.raises(ConfigError, match="does not fit"):
+        init_backbone(alexnet_rcnn, tmp_path / "donor.safetensors")
