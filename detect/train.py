@@ -13,6 +13,9 @@ Decisions:
   CPU cores.
 - ``init_backbone`` starts a detector's backbone from trained weights (a ``detect train`` file or a registered
   name): the bundled region detectors start from the bundled Faster R-CNN's, where the papers start from ImageNet.
+- ``pretrain`` (off unless ``pretrain.iterations`` > 0) first trains the backbone to classify crops of the
+  training set's ground-truth boxes (:mod:`detect.pretrain`), the stand-in for ImageNet pre-training when nothing
+  can be downloaded; its time counts in ``train_seconds`` and a checkpoint follows it, so a resume skips it.
 - One step: ``losses = model(images, targets[, proposals])[1]``; the loss is their sum. SGD with momentum and
   weight decay or AdamW; gradient-norm clipping; linear warm-up then step or cosine decay. The learning rate is a
   pure function of the iteration (:func:`lr_factor`), so the iteration *is* the scheduler's state.
@@ -86,6 +89,7 @@ from detect.detectors.sppnet import SPPNetConfig, sppnet_alexnet, sppnet_tiny, s
 from detect.errors import ConfigError, DetectError, WeightsError
 from detect.evaluate import DetectionEvaluator, format_table, plot_pr_curves, write_report
 from detect.io import atomic_write
+from detect.pretrain import PretrainConfig, find_backbone, pretrain_backbone
 from proposals.selective_search import SelectiveSearch, SelectiveSearchConfig
 
 __all__ = [
@@ -200,6 +204,7 @@ class TrainConfig:
     device: str = "auto"
     proposal_cache: str | None = None
     init_backbone: str | None = None
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     fit_box_regressor: bool = True
     fit_svms: bool = False
     region_fit_images: int = 100
@@ -601,6 +606,7 @@ class Trainer:
         self.evaluations = MetricsLog(self.out / "evaluations.jsonl", "jsonl")
         self.iteration = 0
         self.train_seconds = 0.0  # optimisation time so far, carried across resumes in the checkpoint
+        self.pretrain_seconds = 0.0  # the part of it spent in the pretrain stage
 
     # -- data --
 
@@ -638,6 +644,7 @@ class Trainer:
         state = {
             "iteration": self.iteration,
             "train_seconds": self.train_seconds,
+            "pretrain_seconds": self.pretrain_seconds,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -660,6 +667,7 @@ class Trainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         self.iteration = int(state["iteration"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.pretrain_seconds = float(state.get("pretrain_seconds", 0.0))
         self.log.truncate(self.iteration)
         self.evaluations.truncate(self.iteration)
 
@@ -698,8 +706,10 @@ class Trainer:
         if resume:
             self.load_checkpoint()
         else:
-            for stale in (self.log.path, self.evaluations.path):
+            for stale in (self.log.path, self.evaluations.path, self.out / "pretrain.jsonl"):
                 stale.unlink(missing_ok=True)
+            if cfg.pretrain.iterations:
+                self.pretrain(progress)
         bar = Progress(cfg.max_iterations, self.iteration) if progress else None
         while self.iteration < cfg.max_iterations:
             began = time.perf_counter()
@@ -727,12 +737,33 @@ class Trainer:
             "detector": cfg.detector,
             "iterations": self.iteration,
             "train_seconds": round(self.train_seconds, 1),
+            "pretrain_seconds": round(self.pretrain_seconds, 1),
             "torch_threads": torch.get_num_threads(),
             "val_data": dataclasses.asdict(cfg.val_data) if cfg.val_data else None,
             "mAP": result.get("mAP"),
         }
         atomic_write(self.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
         return result
+
+    def pretrain(self, progress: bool) -> None:
+        """The recipe's ``pretrain`` stage (:mod:`detect.pretrain`) on the training data, logged to
+        ``pretrain.jsonl``; its time counts in ``train_seconds``. A checkpoint follows, so a resume skips it."""
+        cfg = self.config
+        log = MetricsLog(self.out / "pretrain.jsonl", "jsonl")
+        bar = Progress(cfg.pretrain.iterations, 0) if progress else None
+
+        def on_step(row: dict[str, float]) -> None:
+            if row["iteration"] % cfg.log_every == 0:
+                log.append(row)
+            if bar:
+                bar.update(int(row["iteration"]), {"pretrain": row["loss"], "accuracy": row["accuracy"]})
+
+        result = pretrain_backbone(find_backbone(self.model), self.dataset, cfg.pretrain, cfg.seed, on_step)
+        if bar:
+            bar.close()
+        self.pretrain_seconds = result["seconds"]
+        self.train_seconds += result["seconds"]
+        self.save_checkpoint()
 
     def evaluate(self, report: bool = False) -> dict:
         """Validation mAP (logged to ``evaluations.jsonl``); with ``report`` also the JSON report and PR plots."""
