@@ -7,7 +7,8 @@ Decisions:
   fields, and an unknown key anywhere raises :class:`ConfigError` naming its dotted path. ``detector_config``
   overrides the chosen detector's own config dataclass (``RCNNConfig``, ``SPPNetConfig`` or ``FasterRCNNConfig``)
   starting from the builder's defaults in :data:`DETECTORS`.
-- Detectors by name in one plain dict. Besides the paper architectures (ImageNet-sized: AlexNet, VGG16,
+- Detectors by name are :data:`detect.detectors.DETECTORS`; each builder's default config is read from its
+  signature, so it is written in one place. Besides the paper architectures (ImageNet-sized: AlexNet, VGG16,
   ResNet-50-FPN) there is a ``*_tiny`` variant of each on :func:`detect.backbones.tiny` (seven 3x3 convs with
   GroupNorm, stride 8, trained from scratch) so that the bundled ``shapes`` models train within an hour on two
   CPU cores.
@@ -47,6 +48,7 @@ import argparse
 import csv
 import dataclasses
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -73,19 +75,8 @@ from detect.data.coco import CocoDataset
 from detect.data.shapes import ShapesConfig, ShapesDataset
 from detect.data.transforms import Augment, AugmentConfig
 from detect.data.voc import VocDataset
-from detect.detectors.faster_rcnn import TINY_CONFIG as FASTERRCNN_TINY_CONFIG
-from detect.detectors.faster_rcnn import (
-    VGG16_PAPER_CONFIG,
-    FasterRCNN,
-    FasterRCNNConfig,
-    fasterrcnn_resnet50_fpn,
-    fasterrcnn_tiny,
-    fasterrcnn_vgg16,
-)
-from detect.detectors.rcnn import TINY_CONFIG as RCNN_TINY_CONFIG
-from detect.detectors.rcnn import RCNNConfig, RegionDetector, RegionFeatures, rcnn_alexnet, rcnn_tiny, rcnn_vgg16
-from detect.detectors.sppnet import TINY_CONFIG as SPPNET_TINY_CONFIG
-from detect.detectors.sppnet import SPPNetConfig, sppnet_alexnet, sppnet_tiny, sppnet_vgg16
+from detect.detectors import DETECTORS as BUILDERS_BY_NAME
+from detect.detectors.rcnn import RegionDetector, RegionFeatures
 from detect.errors import ConfigError, DetectError, WeightsError
 from detect.evaluate import DetectionEvaluator, format_table, plot_pr_curves, write_report
 from detect.io import atomic_write
@@ -281,20 +272,15 @@ def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 # --- detectors -------------------------------------------------------------------------------------------------
 
 
-def _faster(builder: Callable[..., FasterRCNN]) -> Callable[..., FasterRCNN]:
-    return lambda class_names, *, config: builder(len(class_names) + 1, class_names=class_names, config=config)
+def _trainable(builder: Callable[..., nn.Module]) -> tuple[Callable[..., nn.Module], Any]:
+    """``(class_names, *, config) -> model`` over one of :data:`detect.detectors.DETECTORS`, and the builder's own
+    default config (read from its signature, so there is one place that holds it)."""
+    default = inspect.signature(builder).parameters["config"].default
+    return (lambda class_names, *, config: builder(class_names=tuple(class_names), config=config)), default
 
 
 DETECTORS: dict[str, tuple[Callable[..., nn.Module], Any]] = {
-    "rcnn_alexnet": (rcnn_alexnet, RCNNConfig()),
-    "rcnn_vgg16": (rcnn_vgg16, RCNNConfig(backbone="vgg16")),
-    "rcnn_tiny": (rcnn_tiny, RCNN_TINY_CONFIG),
-    "sppnet_alexnet": (sppnet_alexnet, SPPNetConfig()),
-    "sppnet_vgg16": (sppnet_vgg16, SPPNetConfig(backbone="vgg16")),
-    "sppnet_tiny": (sppnet_tiny, SPPNET_TINY_CONFIG),
-    "fasterrcnn_resnet50_fpn": (_faster(fasterrcnn_resnet50_fpn), FasterRCNNConfig()),
-    "fasterrcnn_vgg16": (_faster(fasterrcnn_vgg16), VGG16_PAPER_CONFIG),
-    "fasterrcnn_tiny": (_faster(fasterrcnn_tiny), FASTERRCNN_TINY_CONFIG),
+    name: _trainable(builder) for name, builder in BUILDERS_BY_NAME.items()
 }
 """Detector name -> (builder ``(class_names, *, config) -> nn.Module``, its default config)."""
 
