@@ -77,25 +77,12 @@ MEMORY_SAMPLE_S = 10.0
 # --- the model ---------------------------------------------------------------------------------------------
 def random_weights(family: str, folder: Path) -> str:
     """A randomly initialised tiny detector of ``family`` saved (with its manifest entry) under ``folder``."""
-    from detect.weights import save_detector
+    from detect.testing import TINY_BUILDERS, save_random_tiny
 
-    classes = ("circle", "square", "triangle")
-    path = folder / f"{family}_random.safetensors"
-    if family == "faster_rcnn":
-        from detect.detectors.faster_rcnn import TINY_CONFIG, fasterrcnn_tiny
-
-        save_detector(fasterrcnn_tiny(class_names=classes).eval(), path, name=path.stem, config=TINY_CONFIG)
-    elif family == "rcnn":
-        from detect.detectors.rcnn import rcnn_tiny
-
-        save_detector(rcnn_tiny(classes).eval(), path, name=path.stem)
-    elif family == "sppnet":
-        from detect.detectors.sppnet import sppnet_tiny
-
-        save_detector(sppnet_tiny(classes).eval(), path, name=path.stem)
-    else:
+    if family not in TINY_BUILDERS:
         raise SystemExit(f"unknown family {family!r}")
-    return str(path)
+    path = folder / f"{family}_random.safetensors"
+    return str(save_random_tiny(family, path, path.stem, ("circle", "square", "triangle")))
 
 
 def choose_weights(args: argparse.Namespace, scratch: Path) -> tuple[str, str]:
@@ -240,8 +227,10 @@ def memory_run(url: str, pid: int, data: bytes, seconds: float) -> None:
     print(f"\nserver memory over {seconds:.0f} s ({n} requests, 8 clients), RSS MiB at t s:")
     print("  " + ", ".join(f"{t:.0f}s {rss:.0f}" for t, rss in samples))
     half = next(rss for t, rss in samples if t >= samples[-1][0] / 2)
-    print(f"  growth: {samples[-1][1] - samples[0][1]:+.1f} MiB over the run, {samples[-1][1] - half:+.1f} MiB over "
-          f"its second half; peak {status_kib(pid, 'VmHWM') / 1024:.0f} MiB")
+    print(
+        f"  growth: {samples[-1][1] - samples[0][1]:+.1f} MiB over the run, {samples[-1][1] - half:+.1f} MiB over "
+        f"its second half; peak {status_kib(pid, 'VmHWM') / 1024:.0f} MiB"
+    )
 
 
 def sweep(args: argparse.Namespace, weights: str, data: bytes) -> None:
@@ -251,15 +240,25 @@ def sweep(args: argparse.Namespace, weights: str, data: bytes) -> None:
     rows = []
     for _ in range(args.repeats):
         for threads, workers in configs:
-            with server(args.family, weights, max_batch=args.max_batch, max_wait_ms=5, queue_size=256,
-                        request_timeout_s=300, torch_threads=threads, inference_workers=workers) as (url, _):
+            with server(
+                args.family,
+                weights,
+                max_batch=args.max_batch,
+                max_wait_ms=5,
+                queue_size=256,
+                request_timeout_s=300,
+                torch_threads=threads,
+                inference_workers=workers,
+            ) as (url, _):
                 load(url, data, 8, 16)
                 throughput, lat = load(url, data, 8, args.requests)
                 rows.append((threads or cores, workers, throughput, percentile(lat, 50), percentile(lat, 99)))
     print(f"\n{'threads':>7} {'workers':>7} {'req/s':>8} {'vs default':>10} {'p50 ms':>8} {'p99 ms':>8}")
     for i, (threads, workers, throughput, p50, p99) in enumerate(rows):
         base = rows[i - i % len(configs)][2]
-        print(f"{threads:>7} {workers:>7} {throughput:>8.2f} {throughput / base:>10.2f} {p50 * 1e3:>8.1f} {p99 * 1e3:>8.1f}")
+        print(
+            f"{threads:>7} {workers:>7} {throughput:>8.2f} {throughput / base:>10.2f} {p50 * 1e3:>8.1f} {p99 * 1e3:>8.1f}"
+        )
 
 
 def main() -> None:
@@ -280,9 +279,11 @@ def main() -> None:
         weights, how = choose_weights(args, Path(scratch))
         data, pixels = image_bytes(args.size)
         threads = args.torch_threads or torch.get_num_threads()
-        print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, server: {threads} torch threads, "
-              f"{args.inference_workers} inference worker(s); {args.family} weights {weights} ({how}); "
-              f"{args.size}px JPEG")
+        print(
+            f"torch {torch.__version__}, {os.cpu_count()} CPUs, server: {threads} torch threads, "
+            f"{args.inference_workers} inference worker(s); {args.family} weights {weights} ({how}); "
+            f"{args.size}px JPEG"
+        )
         if args.sweep:
             sweep(args, weights, data)
             return
@@ -290,8 +291,14 @@ def main() -> None:
 
         rows = []
         for max_batch in (args.max_batch, 1):
-            settings = dict(max_batch=max_batch, max_wait_ms=5, queue_size=256, request_timeout_s=300,
-                            torch_threads=args.torch_threads, inference_workers=args.inference_workers)
+            settings = dict(
+                max_batch=max_batch,
+                max_wait_ms=5,
+                queue_size=256,
+                request_timeout_s=300,
+                torch_threads=args.torch_threads,
+                inference_workers=args.inference_workers,
+            )
             with server(args.family, weights, **settings) as (url, pid):
                 load(url, data, 1, 3)  # warm the HTTP path
                 if max_batch > 1:
@@ -307,12 +314,16 @@ def main() -> None:
         label = f"max {max_batch}" if max_batch > 1 else "off"
         print(f"{label:>9} {clients:>7} {throughput:>8.2f} {p50 * 1e3:>8.1f} {p99 * 1e3:>8.1f} {p99 / p50:>7.2f}")
     sequential = next(r for r in rows if r[0] > 1 and r[1] == 1)
-    print(f"\nAPI overhead over the direct call (alternating single calls, p50 {api * 1e3:.1f} ms vs "
-          f"{direct * 1e3:.1f} ms): {(api - direct) / direct * 100:+.1f} % (target <= 5 %)")
+    print(
+        f"\nAPI overhead over the direct call (alternating single calls, p50 {api * 1e3:.1f} ms vs "
+        f"{direct * 1e3:.1f} ms): {(api - direct) / direct * 100:+.1f} % (target <= 5 %)"
+    )
     print("  server-side stages, median ms: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     for max_batch, clients, throughput, _, _ in (r for r in rows if r[1] >= 8):
         label = "batching" if max_batch > 1 else "no batching"
-        print(f"{clients} clients ({label}) vs sequential throughput: {throughput / sequential[2]:.2f}x (target >= 1.5x)")
+        print(
+            f"{clients} clients ({label}) vs sequential throughput: {throughput / sequential[2]:.2f}x (target >= 1.5x)"
+        )
 
 
 if __name__ == "__main__":

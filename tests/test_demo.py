@@ -12,17 +12,16 @@ from PIL import Image
 
 from detect import weights
 from detect.cli import main
-from detect.demo import DEMO_SIZE
-from detect.detectors.faster_rcnn import TINY_CONFIG, fasterrcnn_tiny
 from detect.data.shapes import SHAPES_CLASSES
+from detect.demo import DEMO_SIZE
+from detect.testing import save_random_tiny
 
 
 @pytest.fixture
 def registered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     torch.manual_seed(0)
-    model = fasterrcnn_tiny(class_names=SHAPES_CLASSES).eval()
     folder = tmp_path / "weights"
-    weights.save_detector(model, folder / "demo.safetensors", name="faster_rcnn_shapes", config=TINY_CONFIG)
+    save_random_tiny("faster_rcnn", folder / "demo.safetensors", "faster_rcnn_shapes", SHAPES_CLASSES)
     monkeypatch.setenv(weights.ENV_VAR, str(folder))
     return folder
 

@@ -53,7 +53,9 @@ class StubDetector:
             h, w = image.shape[:2]
             if image[0, 0, 0] == 13:  # a marker pixel: the model "fails" on this image
                 raise RuntimeError("stub failure")
-            boxes = torch.tensor([[0, 0, w / 2, h / 2], [0, 0, w / 2, h / 2 * 0.8], [w / 2, h / 2, w, h]], dtype=torch.float32)
+            boxes = torch.tensor(
+                [[0, 0, w / 2, h / 2], [0, 0, w / 2, h / 2 * 0.8], [w / 2, h / 2, w, h]], dtype=torch.float32
+            )
             out.append(Detections(boxes, torch.tensor([0.9, 0.6, 0.3]), torch.tensor([1, 1, 2]), (h, w)))
         return out, {}
 
@@ -124,15 +126,12 @@ SHAPES_CLASSES = ("circle", "square", "triangle")
 @pytest.fixture(scope="session")
 def tiny_weights_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A weights folder with randomly initialised tiny ``faster_rcnn_shapes`` and ``rcnn_shapes`` (no sppnet)."""
-    from detect.detectors.faster_rcnn import TINY_CONFIG, fasterrcnn_tiny
-    from detect.detectors.rcnn import rcnn_tiny
-    from detect.weights import save_detector
+    from detect.testing import save_random_tiny
 
     folder = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
-    save_detector(fasterrcnn_tiny(class_names=SHAPES_CLASSES).eval(), folder / "frcnn.safetensors",
-                  name="faster_rcnn_shapes", config=TINY_CONFIG)
-    save_detector(rcnn_tiny(SHAPES_CLASSES).eval(), folder / "rcnn.safetensors", name="rcnn_shapes")
+    save_random_tiny("faster_rcnn", folder / "frcnn.safetensors", "faster_rcnn_shapes", SHAPES_CLASSES)
+    save_random_tiny("rcnn", folder / "rcnn.safetensors", "rcnn_shapes", SHAPES_CLASSES)
     return folder
 
 
