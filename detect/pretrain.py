@@ -79,9 +79,7 @@ def _normalised(image: np.ndarray) -> Tensor:
 
 
 def crop_batch(
-    samples: list[tuple[np.ndarray, Mapping[str, Any]]],
-    config: PretrainConfig,
-    rng: np.random.Generator,
+    samples: list[tuple[np.ndarray, Mapping[str, Any]]], config: PretrainConfig, rng: np.random.Generator
 ) -> tuple[Tensor, Tensor]:
     """Jittered, flipped ``(N, 3, crop, crop)`` crops of every non-difficult object in ``samples`` and their
     labels."""
@@ -96,16 +94,7 @@ def crop_batch(
         centre = (boxes[:, :2] + boxes[:, 2:]) / 2 + rng.uniform(-1, 1, size.shape) * config.jitter * size
         half = size * (1 + rng.uniform(0, config.enlarge, (len(boxes), 1))) / 2
         jittered = torch.from_numpy(np.concatenate([centre - half, centre + half], 1)).float()
-        crops.append(
-            roi_align(
-                _normalised(image)[None],
-                [jittered],
-                config.crop_size,
-                1.0,
-                2,
-                aligned=True,
-            )
-        )
+        crops.append(roi_align(_normalised(image)[None], [jittered], config.crop_size, 1.0, 2, aligned=True))
         labels.append(torch.as_tensor(kept, dtype=torch.int64))
     if not crops:
         return torch.zeros(0, 3, config.crop_size, config.crop_size), torch.zeros(0, dtype=torch.int64)
@@ -135,12 +124,7 @@ def pretrain_backbone(
     head = nn.Linear(backbone.out_channels, len(dataset.class_names) + 1).to(device)
     params = [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters())
     if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(
-            params,
-            lr=config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-        )
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     began, row = time.perf_counter(), {}
@@ -166,12 +150,7 @@ def pretrain_backbone(
         loss.backward()
         optimizer.step()
         accuracy = float((logits.argmax(1).cpu() == y).float().mean())
-        row = {
-            "iteration": step + 1,
-            "lr": lr,
-            "loss": float(loss.detach()),
-            "accuracy": accuracy,
-        }
+        row = {"iteration": step + 1, "lr": lr, "loss": float(loss.detach()), "accuracy": accuracy}
         if on_step:
             on_step(row)
     backbone.train(was_training)

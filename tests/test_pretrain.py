@@ -38,11 +38,7 @@ def test_crops_hold_the_boxes_pixels_and_skip_difficult_objects() -> None:
     image[20:40, 10:30] = RED  # box (10, 20, 30, 40) in xyxy pixel edges
     image[5:15, 40:60] = BLUE
     image[45:60, 45:60] = RED
-    target = _target(
-        [[10, 20, 30, 40], [40, 5, 60, 15], [45, 45, 60, 60]],
-        [1, 2, 1],
-        [False, False, True],
-    )
+    target = _target([[10, 20, 30, 40], [40, 5, 60, 15], [45, 45, 60, 60]], [1, 2, 1], [False, False, True])
     crops, labels = crop_batch([(image, target)], EXACT, np.random.default_rng(0))
     assert crops.shape == (2, 3, 4, 4) and labels.tolist() == [1, 2]
     for crop, colour in zip(crops, (RED, BLUE)):
@@ -68,11 +64,7 @@ def test_jittered_boxes_stay_near_the_object() -> None:
     image[...] = BLUE
     image[24:40, 24:40] = RED
     config = PretrainConfig(crop_size=9, flip_prob=0.0)
-    crops, _ = crop_batch(
-        [(image, _target([[24, 24, 40, 40]] * 50, [1] * 50))],
-        config,
-        np.random.default_rng(3),
-    )
+    crops, _ = crop_batch([(image, _target([[24, 24, 40, 40]] * 50, [1] * 50))], config, np.random.default_rng(3))
     centre = crops[:, :, 3:6, 3:6]
     torch.testing.assert_close(centre, _normalised(RED).view(1, 3, 1, 1).expand_as(centre), atol=1e-5, rtol=0)
     assert not torch.allclose(crops[0], crops[1])  # each object gets its own jitter
@@ -109,12 +101,7 @@ def test_pretraining_learns_to_tell_the_classes_apart(optimizer: str, lr: float)
     before = [p.detach().clone() for p in backbone.parameters()]
     rows = []
     config = PretrainConfig(
-        iterations=40,
-        images_per_batch=8,
-        crop_size=32,
-        optimizer=optimizer,
-        lr=lr,
-        warmup_iterations=5,
+        iterations=40, images_per_batch=8, crop_size=32, optimizer=optimizer, lr=lr, warmup_iterations=5
     )
     result = pretrain_backbone(backbone, _ColourBoxes(30), config, seed=0, on_step=rows.append)
     assert [r["iteration"] for r in rows] == list(range(1, 41))
@@ -140,15 +127,7 @@ def test_every_tiny_detector_has_one_backbone(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad",
-    [
-        {"iterations": -1},
-        {"crop_size": 0},
-        {"lr": 0},
-        {"flip_prob": 2},
-        {"jitter": -1},
-        {"optimizer": "lbfgs"},
-    ],
+    "bad", [{"iterations": -1}, {"crop_size": 0}, {"lr": 0}, {"flip_prob": 2}, {"jitter": -1}, {"optimizer": "lbfgs"}]
 )
 def test_invalid_pretrain_values(bad: dict) -> None:
     with pytest.raises(ConfigError):
@@ -165,10 +144,7 @@ def test_train_runs_the_stage_once_and_resume_skips_it(tmp_path: Path) -> None:
     straight = override(TrainConfig(), _recipe(tmp_path / "a", val_data=None, pretrain=pre))
     Trainer(straight).run(progress=False)
     expected = Trainer(straight).log.rows()
-    split = override(
-        TrainConfig(),
-        _recipe(tmp_path / "b", val_data=None, pretrain=pre, max_iterations=3),
-    )
+    split = override(TrainConfig(), _recipe(tmp_path / "b", val_data=None, pretrain=pre, max_iterations=3))
     Trainer(split).run(progress=False)
     resumed = Trainer(override(split, {"max_iterations": 6}))
     resumed.run(resume=True, progress=False)
