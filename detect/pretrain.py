@@ -64,10 +64,11 @@ class PretrainConfig:
 
 
 def find_backbone(model: nn.Module) -> Backbone:
-    """The detector's :class:`~detect.backbones.Backbone` (every detector here has exactly one)."""
+    """The detector's :class:`~detect.backbones.Backbone` (every detector here has exactly one): what the pretrain
+    stage trains and ``init_backbone`` copies."""
     found = [m for m in model.modules() if isinstance(m, Backbone)]
     if len(found) != 1:
-        raise ConfigError(f"pretrain needs a detector with one backbone, found {len(found)}")
+        raise ConfigError(f"expected a detector with one backbone, found {len(found)} in {type(model).__name__}")
     return found[0]
 
 

@@ -382,24 +382,18 @@ def bundle_run(
 # --- data ------------------------------------------------------------------------------------------------------
 
 
-def _body_keys(state: Mapping[str, Tensor]) -> dict[str, str]:
-    """``{key from "body." on: full key}`` for a detector's backbone-body tensors (R-CNN keeps its backbone under
-    ``features``, the others under ``backbone``)."""
-    return {key[key.index("body.") :]: key for key in state if ".body." in f".{key}"}
-
-
 def init_backbone(model: nn.Module, source: str | Path) -> int:
     """Copy the backbone body of trained weights ``source`` (a ``detect train`` model file or a registered name)
     into ``model``'s: the region detectors start from the shapes-trained Faster R-CNN's features, as the papers
     start from ImageNet's. Every body tensor of ``model`` must be found with its shape; returns how many."""
     donor, _ = load_model(source)
-    theirs, own = donor.state_dict(), model.state_dict()
-    found, targets = _body_keys(theirs), _body_keys(own)
-    bad = [k for k, full in targets.items() if k not in found or theirs[found[k]].shape != own[full].shape]
-    if not targets or bad:
-        raise ConfigError(f"init_backbone {source}: its backbone does not fit ({bad[:3] or 'no backbone body'})")
-    model.load_state_dict({full: theirs[found[k]] for k, full in targets.items()}, strict=False)
-    return len(targets)
+    theirs = find_backbone(donor).body.state_dict()
+    body = find_backbone(model).body
+    own = body.state_dict()
+    if bad := [k for k, v in own.items() if k not in theirs or theirs[k].shape != v.shape]:
+        raise ConfigError(f"init_backbone {source}: its backbone does not fit ({bad[:3]})")
+    body.load_state_dict({k: theirs[k] for k in own})
+    return len(own)
 
 
 def make_dataset(config: DataConfig) -> Any:
