@@ -15,8 +15,8 @@ Decisions:
   one GIL. The memory samples read the server's ``VmRSS`` from ``/proc/PID/status``.
 * **Model.** ``--weights`` (a registered name or a file) for ``--family``; by default the bundled
   ``<family>_shapes`` when registered, else a randomly initialised tiny detector of the family
-  (``fasterrcnn_tiny``, ``rcnn_tiny``, ``sppnet_tiny``) saved with ``save_detector`` into a temporary folder:
-  speed does not depend on the weights' values. The image is a ``--size`` px (default 160, the tiny model's
+  (``fasterrcnn_tiny``, ``rcnn_tiny``, ``sppnet_tiny``) saved by :func:`detect.testing.save_random_tiny` into a
+  temporary folder: speed does not depend on the weights' values. The image is a ``--size`` px (default 160, the tiny model's
   input size) JPEG of noise.
 * **Direct call.** The detector is also loaded here and called on the decoded image with the server's torch
   thread count, on a dedicated thread like the server's inference thread. Direct calls and single requests
