@@ -36,10 +36,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.schemas import DetectJSONRequest, DetectParams, DetectResponse, ErrorResponse, Health, ImageIn, ModelsResponse
-from api.service import DetectionService, NotReadyError, PayloadTooLargeError, UnauthorizedError
+from api.service import DetectionService
 from api.settings import Settings
 from detect import __version__
-from detect.errors import DetectError
+from detect.errors import DetectError, NotReadyError, PayloadTooLargeError, UnauthorizedError, UnsupportedMediaTypeError
 
 log = logging.getLogger("detect.api")
 
@@ -233,15 +233,9 @@ async def _read_detect_request(request: Request, settings: Settings) -> tuple[De
         if not files:
             raise RequestValidationError([{"loc": ("images",), "msg": "no image file in the form", "type": "missing"}])
         return params, files
-    raise _UnsupportedMediaType(content_type or "none")
-
-
-class _UnsupportedMediaType(DetectError):
-    code = "unsupported_media_type"
-    http_status = 415
-
-    def __init__(self, content_type: str) -> None:
-        super().__init__(f"content type {content_type!r}: send multipart/form-data or application/json")
+    raise UnsupportedMediaTypeError(
+        f"content type {content_type or 'none'!r}: send multipart/form-data or application/json"
+    )
 
 
 def _document_detect_body(app: FastAPI) -> None:

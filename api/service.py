@@ -55,7 +55,17 @@ import numpy as np
 from api.schemas import DetectParams
 from api.settings import ModelSpec, Settings
 from detect import weights as registered_weights
-from detect.errors import DetectError, ImageError, UnknownModelError, WeightsError
+from detect.errors import (
+    BadBase64Error,
+    DetectError,
+    NotReadyError,
+    RequestTimeoutError,
+    ServiceBusyError,
+    TooManyImagesError,
+    UnknownModelError,
+    UnsupportedProposalsError,
+    WeightsError,
+)
 from detect.io import decode_image
 from detect.predict import (
     Refinement,
@@ -73,46 +83,6 @@ log = logging.getLogger("detect.api")
 
 STAGES = ("decode", "queue", "inference", "postprocess")
 WARMUP_SIZE = 64
-
-
-class ServiceBusyError(DetectError):
-    code = "overloaded"
-    http_status = 503
-
-
-class NotReadyError(DetectError):
-    code = "not_ready"
-    http_status = 503
-
-
-class RequestTimeoutError(DetectError):
-    code = "timeout"
-    http_status = 504
-
-
-class PayloadTooLargeError(DetectError):
-    code = "payload_too_large"
-    http_status = 413
-
-
-class TooManyImagesError(DetectError):
-    code = "too_many_images"
-    http_status = 413
-
-
-class BadBase64Error(ImageError):
-    code = "bad_base64"
-    http_status = 422
-
-
-class UnsupportedProposalsError(DetectError):
-    code = "unsupported_proposals"
-    http_status = 422
-
-
-class UnauthorizedError(DetectError):
-    code = "unauthorized"
-    http_status = 401
 
 
 # --- metrics ---------------------------------------------------------------------------------------------------

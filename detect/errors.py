@@ -92,6 +92,18 @@ class ConfigError(DetectError):
     exit_code = 2
 
 
+class ChecksumError(WeightsError):
+    """A weights file's SHA-256 differs from the one its manifest (or its download name) promises."""
+
+    code = "weights_checksum"
+
+
+class NoNetworkError(WeightsError):
+    """A download could not reach its server (no network, DNS failure, refused connection or timeout)."""
+
+    code = "no_network"
+
+
 class UnknownModelError(DetectError):
     code = "unknown_model"
     http_status = 404
@@ -102,6 +114,75 @@ class UnknownClassError(DetectError):
     code = "unknown_class"
     http_status = 422
     exit_code = 2
+
+
+# --- running a model -------------------------------------------------------------------------------------
+class InferenceError(DetectError):
+    """The detector raised on one image (after its batch was retried image by image)."""
+
+    code = "inference_error"
+    http_status = 500
+
+
+class ProposalError(DetectError):
+    """Selective search failed on one image (in a worker process)."""
+
+    code = "proposal_error"
+    http_status = 500
+
+
+class UnsupportedProposalsError(DetectError):
+    """A request names a proposal method the model does not have."""
+
+    code = "unsupported_proposals"
+    http_status = 422
+
+
+# --- the service -------------------------------------------------------------------------------------------
+class ServiceBusyError(DetectError):
+    """The queue cannot take the request's images now; retry later (503 with ``Retry-After``)."""
+
+    code = "overloaded"
+    http_status = 503
+
+
+class NotReadyError(DetectError):
+    """Models are still loading or failed to load."""
+
+    code = "not_ready"
+    http_status = 503
+
+
+class RequestTimeoutError(DetectError):
+    code = "timeout"
+    http_status = 504
+
+
+class PayloadTooLargeError(DetectError):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class TooManyImagesError(DetectError):
+    code = "too_many_images"
+    http_status = 413
+
+
+class BadBase64Error(ImageError):
+    code = "bad_base64"
+    http_status = 422
+
+
+class UnauthorizedError(DetectError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class UnsupportedMediaTypeError(DetectError):
+    """A request body that is neither multipart/form-data nor JSON."""
+
+    code = "unsupported_media_type"
+    http_status = 415
 
 
 # --- data sets ---------------------------------------------------------------------------------------------

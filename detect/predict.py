@@ -66,6 +66,8 @@ from detect.backbones import fold_frozen_batchnorm
 from detect.errors import (
     ConfigError,
     DetectError,
+    InferenceError,
+    ProposalError,
     UnknownClassError,
     UnknownModelError,
     UnreadableFileError,
@@ -412,13 +414,6 @@ class Manifest:
 
 
 # --- the run -------------------------------------------------------------------------------------------------
-class InferenceError(DetectError):
-    """The detector raised on one image (after the batch was retried image by image)."""
-
-    code = "inference_error"
-    http_status = 500
-
-
 def run(
     options: PredictOptions,
     detector: Callable,
@@ -465,13 +460,6 @@ def remove_stale_temporaries(out_dir: Path) -> None:
 def _batches(items: Sequence[Input], size: int) -> Iterator[Sequence[Input]]:
     for start in range(0, len(items), max(1, size)):
         yield items[start : start + max(1, size)]
-
-
-class ProposalError(DetectError):
-    """Selective search failed on one image (in a worker process)."""
-
-    code = "proposal_error"
-    http_status = 500
 
 
 def _search(image: np.ndarray, config: Any) -> np.ndarray:

@@ -55,9 +55,10 @@ from torchvision.ops import FrozenBatchNorm2d
 from detect.backbones import fold_frozen_batchnorm, read_state_dict
 from detect.detectors import faster_rcnn
 from detect.detectors.faster_rcnn import FROZEN_BN_EPS_KEY, FasterRCNN, FasterRCNNConfig, check_state_dict
-from detect.detectors.rcnn import RCNN, config_from_dict, config_to_json
+from detect.detectors.rcnn import RCNN
+from detect.detectors.region import config_from_dict, config_to_json
 from detect.detectors.sppnet import SPPNet
-from detect.errors import ConfigError, WeightsError
+from detect.errors import ChecksumError, ConfigError, NoNetworkError, WeightsError
 from detect.io import atomic_write
 
 __all__ = [
@@ -91,17 +92,6 @@ _CHUNK = 1 << 20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _REGION_DETECTORS: dict[str, type] = {"rcnn": RCNN, "sppnet": SPPNet}
 
-
-class ChecksumError(WeightsError):
-    """A weights file's SHA-256 differs from the one its manifest (or its download name) promises."""
-
-    code = "weights_checksum"
-
-
-class NoNetworkError(WeightsError):
-    """A download could not reach its server (no network, DNS failure, refused connection or timeout)."""
-
-    code = "no_network"
 
 
 @dataclass(frozen=True)
