@@ -17,13 +17,13 @@ from PIL import Image
 
 from detect import cli, predict
 from detect.predict import PredictOptions, Refinement, run
-from tests.api.conftest import StubDetector, isolate_weights, png
+from tests.helpers import StubDetector, isolate_weights, png
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def stub_box(w: int, h: int) -> list[float]:
-    return [0.0, 0.0, w / 2, h / 2]  # the stub's best detection (cat, 0.9), see tests/api/conftest.py
+    return [0.0, 0.0, w / 2, h / 2]  # the stub's best detection (cat, 0.9), see tests/helpers.py
 
 
 def jpeg(width: int, height: int) -> bytes:
@@ -140,7 +140,7 @@ _CHILD = """
 import sys
 from pathlib import Path
 from detect.predict import PredictOptions, run
-from tests.api.conftest import StubDetector
+from tests.helpers import StubDetector
 run(PredictOptions((sys.argv[1],), Path(sys.argv[2]), batch_size=1), StubDetector(delay=0.1))
 """
 

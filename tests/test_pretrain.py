@@ -14,7 +14,7 @@ from detect.detectors import DETECTORS
 from detect.errors import ConfigError
 from detect.pretrain import PretrainConfig, crop_batch, find_backbone, pretrain_backbone
 from detect.train import TrainConfig, Trainer, override
-from tests.test_train import _recipe
+from tests.helpers import tiny_recipe
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -141,10 +141,10 @@ def test_unknown_pretrain_key_is_named() -> None:
 
 def test_train_runs_the_stage_once_and_resume_skips_it(tmp_path: Path) -> None:
     pre = {"iterations": 4, "images_per_batch": 2, "warmup_iterations": 2}
-    straight = override(TrainConfig(), _recipe(tmp_path / "a", val_data=None, pretrain=pre))
+    straight = override(TrainConfig(), tiny_recipe(tmp_path / "a", val_data=None, pretrain=pre))
     Trainer(straight).run(progress=False)
     expected = Trainer(straight).log.rows()
-    split = override(TrainConfig(), _recipe(tmp_path / "b", val_data=None, pretrain=pre, max_iterations=3))
+    split = override(TrainConfig(), tiny_recipe(tmp_path / "b", val_data=None, pretrain=pre, max_iterations=3))
     Trainer(split).run(progress=False)
     resumed = Trainer(override(split, {"max_iterations": 6}))
     resumed.run(resume=True, progress=False)
@@ -154,6 +154,6 @@ def test_train_runs_the_stage_once_and_resume_skips_it(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert 0 < summary["pretrain_seconds"] <= summary["train_seconds"]
 
-    plain = override(TrainConfig(), _recipe(tmp_path / "c", val_data=None))
+    plain = override(TrainConfig(), tiny_recipe(tmp_path / "c", val_data=None))
     Trainer(plain).run(progress=False)
     assert Trainer(plain).log.rows()[0]["loss"] != expected[0]["loss"]  # the stage changed the starting point

@@ -6,7 +6,6 @@ import argparse
 import hashlib
 import http.server
 import json
-import socket
 import threading
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from detect.weights import (
     save_detector,
     verify,
 )
+from tests.helpers import free_port
 
 CONFIG = RCNNConfig(representation_size=16)  # a 2.7 M-parameter R-CNN: quick to build and save
 
@@ -239,14 +239,8 @@ def test_import_never_unpickles(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_pull_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    url = f"http://127.0.0.1:{_closed_port()}/models/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
+    url = f"http://127.0.0.1:{free_port()}/models/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
     monkeypatch.setitem(weights.OFFICIAL_CHECKPOINTS, "coco", OfficialCheckpoint(url))
     with pytest.raises(NoNetworkError, match=r"cannot download .*detect weights import") as error:
         pull("coco", directory=tmp_path, timeout=2)

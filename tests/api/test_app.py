@@ -1,4 +1,4 @@
-"""The API through a real uvicorn server on 127.0.0.1 (see conftest): results, every error case, batching."""
+"""The API through a real uvicorn server on 127.0.0.1 (see tests/helpers.py): results, every error case, batching."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.api.conftest import CLASS_NAMES, StubDetector, png, running
+from tests.helpers import CLASS_NAMES, StubDetector, png, running, wait_ready
 
 CT_PNG = "image/png"
 
@@ -223,8 +223,6 @@ def test_not_ready_until_warmed_up() -> None:
             assert_error(client.post("/detect", json={"images": [{"data": b64(png(8, 8))}]}), 503, "not_ready")
             assert client.get("/healthz").status_code == 200
             gate.set()
-            from tests.api.conftest import wait_ready
-
             wait_ready(client)
     finally:
         gate.set()

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from api.service import Batcher, LoadedModel, Metrics
-from tests.api.conftest import StubDetector, png, running
+from tests.helpers import StubDetector, png, running
 
 CT_PNG = "image/png"
 

@@ -15,7 +15,7 @@ from api.service import check_weights, configured_models
 from api.settings import ModelSpec, Settings
 from detect import cli
 from detect.errors import WeightsError
-from tests.api.conftest import SHAPES_CLASSES, png, serve, wait_ready
+from tests.helpers import SHAPES_CLASSES, png, serve, wait_ready
 
 
 def sha12(path: Path) -> str:

@@ -7,7 +7,7 @@ import torch
 from detect.detectors import DETECTORS
 from detect.detectors.faster_rcnn import FasterRCNNConfig
 from detect.transform import TransformConfig
-from tests.api.conftest import png, running
+from tests.helpers import png, running
 
 
 def test_faster_rcnn_behind_the_api() -> None:
