@@ -58,7 +58,7 @@ from detect.detectors.faster_rcnn import (  # noqa: E402
     fasterrcnn_resnet50_fpn,
 )
 from detect.detectors.rcnn import BUILDERS as RCNN_BUILDERS  # noqa: E402
-from detect.detectors.rcnn import RegionDetector  # noqa: E402
+from detect.detectors.region import RegionDetector  # noqa: E402
 from detect.detectors.sppnet import BUILDERS as SPPNET_BUILDERS  # noqa: E402
 from detect.detectors.sppnet import SPPNetConfig  # noqa: E402
 from detect.testing import CLS_SCALE, randomise_frozen_bn  # noqa: E402  (the parity test's recipe)

@@ -76,7 +76,7 @@ from detect.data.shapes import ShapesConfig, ShapesDataset
 from detect.data.transforms import Augment, AugmentConfig
 from detect.data.voc import VocDataset
 from detect.detectors import DETECTORS as BUILDERS_BY_NAME
-from detect.detectors.rcnn import RegionDetector, RegionFeatures
+from detect.detectors.region import RegionDetector, RegionFeatures
 from detect.errors import ConfigError, DetectError, WeightsError
 from detect.evaluate import DetectionEvaluator, format_table, plot_pr_curves, write_report
 from detect.io import atomic_write

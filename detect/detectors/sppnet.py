@@ -4,9 +4,9 @@ Where R-CNN runs the CNN on thousands of warped crops, SPP-Net runs the conv lay
 or several scales), projects every proposal onto the last conv feature map and max-pools the window over a spatial
 pyramid of 1x1, 2x2, 3x3 and 6x6 bins (50 bins per channel, whatever the window's size and aspect) with the shared
 kernel :func:`detect.ops.pooling.spatial_pyramid_pool`. The fixed-length vector feeds the same heads as R-CNN
-(:class:`detect.detectors.rcnn.RegionHeads`: fc6, fc7, softmax, optional SVMs, box regressors), and training,
+(:class:`detect.detectors.region.RegionHeads`: fc6, fc7, softmax, optional SVMs, box regressors), and training,
 post-processing, SVM and regressor fitting and weights files are R-CNN's
-(:class:`~detect.detectors.rcnn.RegionDetector`).
+(:class:`~detect.detectors.region.RegionDetector`).
 
 Decisions:
 
@@ -29,7 +29,7 @@ Decisions:
   by default (``trainable_layers=0``, the paper fine-tunes only the fully connected layers) and gradients flow
   through the pyramid pooling when they are not.
 - Box regression is fitted post hoc by ridge regression on the pooled conv features, as the paper does
-  (:meth:`~detect.detectors.rcnn.RegionDetector.fit_box_regressor`), not learned in the fine-tuning loss.
+  (:meth:`~detect.detectors.region.RegionDetector.fit_box_regressor`), not learned in the fine-tuning loss.
 - Backbones: ``"alexnet"`` stands in for the paper's ZF-5 (same five-conv layout, stride 16) and ``"vgg16"``;
   ImageNet weights initialise the conv layers only (fc6's input is the 50-bin pyramid, not pool5).
 """
@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from detect.backbones import TINY_LAYERS, Backbone, alexnet, load_imagenet_weights, tiny, vgg16
-from detect.detectors.rcnn import (
+from detect.detectors.region import (
     BoxRegressionConfig,
     PostprocessConfig,
     RegionDetector,

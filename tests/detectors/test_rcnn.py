@@ -24,18 +24,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from detect.data.shapes import SHAPES_CLASSES, ShapesConfig, ShapesDataset
-from detect.detectors.rcnn import (
-    RCNN,
-    PostprocessConfig,
-    RCNNConfig,
-    SamplingConfig,
-    SVMConfig,
-    fit_ridge,
-    match_regions,
-    rcnn_alexnet,
-    sample_regions,
-    train_linear_svms,
-)
+from detect.detectors.rcnn import RCNN, RCNNConfig, rcnn_alexnet
+from detect.detectors.region import PostprocessConfig, SamplingConfig, SVMConfig, match_regions, sample_regions
+from detect.detectors.solvers import fit_ridge, train_linear_svms
 from detect.errors import WeightsError
 from detect.transform import IMAGENET_MEAN, IMAGENET_STD
 

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from detect.backbones import receptive_field
 from detect.data.shapes import SHAPES_CLASSES
-from detect.detectors.rcnn import SamplingConfig
+from detect.detectors.region import SamplingConfig
 from detect.detectors.sppnet import SPPNet, SPPNetConfig, project_boxes, sppnet_alexnet
 from tests.detectors.test_rcnn import one_thread, overfit_and_refine, shapes_problem  # noqa: F401 (autouse fixture)
 
