@@ -20,8 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from detect.ops import dispatch
 
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 
@@ -174,6 +177,11 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor, *, block: int = IOU_BLOCK) -
         raise ValueError(f"block must be a positive number of elements, got {block}")
     if out.numel() == 0:
         return out
+    backend = dispatch.choose("box_iou", out.device, dtype)
+    if backend == "numba":
+        return _iou_numba(boxes1, boxes2, out)
+    if backend == "triton":
+        return dispatch.gpu().box_iou(boxes1, boxes2, out)
     area1, area2 = box_area(boxes1)[:, :, None], box_area(boxes2)[:, None, :]  # (B, N, 1), (B, 1, M)
     corners1 = boxes1.unsqueeze(2).unbind(-1)  # 4 x (B, N, 1)
     corners2 = boxes2.unsqueeze(1).unbind(-1)  # 4 x (B, 1, M)
@@ -189,6 +197,23 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor, *, block: int = IOU_BLOCK) -
                     [v[images, :, cols_] for v in (*corners2, area2)],
                     scratch,
                 )
+    return out
+
+
+def _iou_numba(boxes1: Tensor, boxes2: Tensor, out: Tensor) -> Tensor:
+    """The fused CPU loop: one pass writes ``out (B, N, M)``, no other ``N x M`` memory.
+
+    The columns go in as a ``(B, 5, M)`` structure of arrays (x1, y1, x2, y2, area) so the inner loop over them
+    vectorises; that and a contiguous copy of the rows are the only ``O(B * (N + M))`` working memory.
+    """
+    batch, cols = boxes2.shape[0], boxes2.shape[1]
+    second = boxes2.new_empty((batch, 5, cols))  # (B, 5, M)
+    second[:, :4] = boxes2.transpose(1, 2)
+    torch.mul(boxes2[..., 2] - boxes2[..., 0], boxes2[..., 3] - boxes2[..., 1], out=second[:, 4])
+    kind = np.dtype(str(out.dtype).removeprefix("torch.")).type
+    cpu = dispatch.cpu()
+    args = (out.numpy(), boxes1.contiguous().numpy(), second.numpy(), kind(0), kind(torch.finfo(out.dtype).tiny))
+    dispatch.run_cpu(cpu.iou_serial, cpu.iou_parallel, out.numel(), *args)
     return out
 
 

@@ -49,13 +49,16 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 import torchvision  # noqa: F401  (registers torch.ops.torchvision)
 from torch import Tensor
 
+from detect.ops import dispatch
+
 __all__ = ["NMSResult", "batched_nms", "grouped_nms", "multiclass_nms", "nms"]
 
-_STRATEGIES = ("auto", "chunked", "per_group")
+_STRATEGIES = ("auto", "chunked", "fused", "per_group")
 _PACK_LIMIT = 256  # at most this many boxes in one mirrored kernel call of the per-group strategy
 
 
@@ -130,11 +133,15 @@ def grouped_nms(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     cap = None if max_per_image is None else max(int(max_per_image), 0)
+    dtype = torch.float64 if boxes.dtype == torch.float64 else torch.float32
+    backend = dispatch.choose("nms", boxes.device, dtype)
+    reference = "per_group" if boxes.device.type == "cpu" else "chunked"
     if strategy == "auto":
-        strategy = "per_group" if boxes.device.type == "cpu" else "chunked"
+        strategy = "fused" if backend != "torch" else reference
+    elif strategy == "fused" and backend == "torch":  # no fused loop for these inputs (device, backend forced)
+        strategy = reference
     if strategy == "per_group" and boxes.device.type != "cpu":
         raise ValueError("strategy 'per_group' runs torchvision's CPU kernel and needs CPU tensors")
-    dtype = torch.float64 if boxes.dtype == torch.float64 else torch.float32
     scores = scores.to(dtype) if scores.dtype in (torch.float16, torch.bfloat16) else scores
     images = images.to(torch.int64)
     ranked = _Ranked(
@@ -146,7 +153,9 @@ def grouped_nms(
     )
     if ranked.counts.shape[0] != num_images:
         raise ValueError(f"images must lie in [0, {num_images}), got up to {ranked.counts.shape[0] - 1}")
-    if strategy == "per_group":
+    if strategy == "fused":
+        kept, counts = _fused_nms(ranked, iou_threshold, cap, backend)
+    elif strategy == "per_group":
         kept, counts = _per_group_nms(ranked, iou_threshold, cap, chunk_size)
     else:
         kept, counts = _chunked_nms(ranked, iou_threshold, cap, chunk_size or 256)
@@ -348,6 +357,69 @@ def _strict_threshold(iou_threshold: float, dtype: torch.dtype) -> float:
     if low.double() > t:
         low = torch.nextafter(low, torch.tensor(float("-inf"), dtype=dtype))
     return float(low)
+
+
+# --- strategy "fused": one fused loop (numba on the CPU, Triton on CUDA) -----------------------------------
+
+
+def _segments(codes: Tensor, images: Tensor, num_images: int) -> tuple[Tensor, int]:
+    """Dense ``(K,)`` ids of the (image, group) pairs, in ``[0, S)``, and ``S``.
+
+    ``image * G + code`` when that table (``G`` = largest code + 1) is not much larger than the candidate list,
+    else the ranks of the distinct pairs (one sort).
+    """
+    groups = int(codes.max()) + 1
+    if num_images * groups <= 4 * codes.shape[0] + 4096:
+        return images * groups + codes, num_images * groups
+    ids = torch.unique(images * 2**40 + codes, return_inverse=True)[1]
+    return ids, int(ids.max()) + 1
+
+
+def _fused_nms(ranked: _Ranked, thr: float, cap: int | None, backend: str) -> tuple[Tensor, list[int]]:
+    """Kept candidates grouped by image (score order) and per-image counts, from one fused loop.
+
+    The loop visits each image's candidates in ``ranked.order`` and compares each with the boxes already kept in
+    its own (image, group) segment only, stopping an image at ``cap`` kept boxes; images run in parallel. This is
+    greedy NMS per segment, decision for decision (see :func:`detect.ops._cpu._nms_image`): a box is kept iff no
+    kept box of its segment, earlier in the order, overlaps it above the threshold, and the cap only truncates
+    each image's score-ordered list. Working memory is ``O(K)``.
+    """
+    boxes, codes, images, order, counts = ranked
+    k, num_images, device = boxes.shape[0], counts.shape[0], boxes.device
+    if k == 0 or cap == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device), [0] * num_images
+    segment, num_segments = _segments(codes, images, num_images)
+    sizes = torch.bincount(segment, minlength=num_segments)  # (S,)
+    segment_start = sizes.cumsum(0) - sizes  # (S,) first slot of each segment's kept boxes
+    image_start = torch.zeros(num_images + 1, dtype=torch.int64, device=device)
+    torch.cumsum(counts, 0, out=image_start[1:])  # (B + 1,) visiting positions of each image
+    if backend == "triton":
+        return dispatch.gpu().nms(boxes, order, segment, image_start, segment_start, sizes, thr, cap)
+    keep = torch.zeros(k, dtype=torch.bool)  # (K,) over visiting positions
+    kept_counts = torch.zeros(num_images, dtype=torch.int64)  # (B,)
+    kind = np.dtype(str(boxes.dtype).removeprefix("torch.")).type
+    args = [
+        boxes.contiguous(),
+        order,
+        segment.contiguous(),
+        image_start,
+        segment_start,
+    ]
+    cpu = dispatch.cpu()
+    dispatch.run_cpu(
+        cpu.nms_serial,
+        cpu.nms_parallel,
+        k * 32 if num_images > 1 else 0,  # ~ comparisons; one image is one serial task anyway
+        *[a.numpy() for a in args],
+        float(thr),
+        -1 if cap is None else cap,
+        np.empty((5, k), dtype=kind),
+        np.zeros(num_segments, dtype=np.int64),
+        keep.numpy(),
+        kept_counts.numpy(),
+        kind(0),
+    )
+    return order.masked_select(keep), kept_counts.tolist()
 
 
 # --- strategy "per_group": torchvision's C++ kernel per (image, group) segment -------------------------------

@@ -2,7 +2,8 @@
 
 Random cases use half-integer coordinates and dyadic thresholds, so the float32 IoU of the kernels and the float64
 IoU of the reference fall on the same side of the threshold (their ratios are far from it unless equal to it).
-Both strategies of :func:`grouped_nms` are checked everywhere ("per_group" only exists on the CPU).
+Every strategy of :func:`grouped_nms` is checked everywhere ("per_group" only exists on the CPU; "fused" is the
+numba loop on the CPU and the Triton kernel on CUDA).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ FIXTURE_OK = settings(suppress_health_check=[HealthCheck.function_scoped_fixture
 DYADIC_THRESHOLDS = [0.0, 0.25, 0.375, 0.5, 0.75]
 
 
-@pytest.fixture(params=["per_group", "chunked"])
+@pytest.fixture(params=["per_group", "chunked", "fused"])
 def strategy(request, device: torch.device) -> str:
     if request.param == "per_group" and device.type != "cpu":
         pytest.skip("per_group runs torchvision's CPU kernel")

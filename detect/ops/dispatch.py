@@ -1,0 +1,177 @@
+"""Where each box kernel runs: fused numba loops on the CPU, fused Triton kernels on CUDA, torch ops as reference.
+
+Every public kernel of :mod:`detect.ops` (``box_iou``/``batched_box_iou``, the suppression inside
+``grouped_nms``/``multiclass_nms``, ``BoxCoder.encode``/``decode``, ``clip_boxes``) asks :func:`choose` once per call
+which implementation to run, and gets one of
+
+- ``"numba"``: the fused loops of :mod:`detect.ops._cpu` (CPU tensors, float32/float64 arithmetic);
+- ``"triton"``: the fused kernels of :mod:`detect.ops._gpu` (CUDA tensors, Triton importable);
+- ``"torch"``: the composed torch-op implementation, which every fast path is tested against and which runs
+  everywhere else (other devices, other dtypes, autograd).
+
+All three give the same results: bitwise on the CPU; on CUDA see :mod:`detect.ops._gpu` for the ulp-level
+exceptions. fp16/bf16 inputs are upcast to float32 before the choice, as the reference does.
+
+Decisions:
+
+- The choice depends on the device, the compute dtype and whether autograd needs a graph; never on the values,
+  so an image's detections cannot depend on its batch. On the CPU the serial loop runs below
+  ``PARALLEL_WORK`` elements of work (waking threads costs more than it saves there) and the parallel one
+  above; the torch path is never the cheapest on the CPU, even for a handful of boxes (a dozen op launches
+  against one loop).
+- Parallel loops use ``torch.get_num_threads()`` threads (at most numba's pool size), so the one knob the
+  service already turns (``set_torch_threads``) sizes both.
+- Numba's fallback threading layer ("workqueue", used when neither TBB nor OpenMP is installed) aborts the
+  process when two threads launch parallel loops at once; calls are then serialised by a lock. GNU OpenMP is not
+  fork-safe: in a process forked after the pool started, only the serial loops run.
+- The first call of a loop loads it from numba's on-disk cache, or compiles it (seconds) on a cold cache. A
+  service calls :func:`warmup` at start-up so that no request pays this; :func:`warmup` returns the seconds it
+  took per backend, reported apart from any timing.
+- :func:`use_backend` (or ``DETECT_OPS_BACKEND=torch|numba|triton`` in the environment) forces one
+  implementation, for tests and benchmarks; a forced backend that cannot run an input falls back to ``"torch"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from contextvars import ContextVar
+from types import ModuleType
+from typing import Callable, Iterator
+
+import torch
+
+__all__ = ["BACKENDS", "PARALLEL_WORK", "choose", "cpu", "gpu", "run_cpu", "use_backend", "warmup"]
+
+BACKENDS = ("auto", "torch", "numba", "triton")
+PARALLEL_WORK = 1 << 15
+"""Elements of work (IoU pairs, candidate boxes x kept boxes, boxes) from which the parallel loop runs."""
+
+_FORCED: ContextVar[str] = ContextVar("detect_ops_backend", default=os.environ.get("DETECT_OPS_BACKEND", "auto"))
+_FAST_DTYPES = (torch.float32, torch.float64)
+_lock = threading.Lock()
+_state: dict[str, object] = {"layer": None, "pid": None}
+_modules: dict[str, ModuleType | None] = {}
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force ``name`` (one of :data:`BACKENDS`) for the kernels called inside the block (this thread/context)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    token = _FORCED.set(name)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def cpu() -> ModuleType:
+    """The numba loops (imported, and numba with them, on first use)."""
+    module = _modules.get("cpu")
+    if module is None:
+        from detect.ops import _cpu
+
+        module = _modules["cpu"] = _cpu
+    return module
+
+
+def gpu() -> ModuleType | None:
+    """The Triton kernels, or None where Triton cannot be imported."""
+    if "gpu" not in _modules:
+        try:
+            from detect.ops import _gpu
+        except ImportError:  # a CPU-only torch without triton
+            _gpu = None
+        _modules["gpu"] = _gpu
+    return _modules["gpu"]
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def choose(kernel: str, device: torch.device, dtype: torch.dtype, *, needs_grad: bool = False) -> str:
+    """``"numba"``, ``"triton"`` or ``"torch"`` for ``kernel`` on inputs of ``device`` computed in ``dtype``.
+
+    ``kernel`` names the caller (for error messages and future per-kernel rules); ``needs_grad`` is True when
+    autograd must see the computation, which only the torch path provides.
+    """
+    forced = _FORCED.get()
+    if forced == "torch" or needs_grad or dtype not in _FAST_DTYPES:
+        return "torch"
+    if device.type == "cpu":
+        if forced == "triton" and _triton_interpreted() and gpu() is not None:
+            return "triton"  # the Triton interpreter runs on CPU tensors: correctness tests only
+        return "numba"
+    if device.type == "cuda" and forced in ("auto", "triton") and gpu() is not None:
+        return "triton"
+    return "torch"
+
+
+def _parallel_safe() -> bool:
+    """False in a process forked after the numba thread pool started (GNU OpenMP would hang there)."""
+    pid = _state["pid"]
+    return pid is None or pid == os.getpid()
+
+
+def run_cpu(serial: Callable, parallel: Callable, work: int, *args) -> None:
+    """Run a numba loop: ``serial(*args)`` for small ``work`` or one thread, else ``parallel(*args)`` on
+    ``torch.get_num_threads()`` threads (see the module docstring for the locking)."""
+    threads = torch.get_num_threads()
+    if work < PARALLEL_WORK or threads <= 1 or not _parallel_safe():
+        serial(*args)
+        return
+    import numba
+
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    layer = _state["layer"]
+    if layer is None or layer == "workqueue":
+        with _lock:
+            parallel(*args)
+            if layer is None:
+                _state["layer"], _state["pid"] = numba.threading_layer(), os.getpid()
+    else:
+        parallel(*args)
+
+
+def warmup(devices: tuple[str, ...] | None = None) -> dict[str, float]:
+    """Load (or compile, on a cold cache) every fused kernel for float32 and float64, so no request pays it.
+
+    Runs each public kernel once on tiny inputs of every device in ``devices`` (default: the CPU, and CUDA when
+    available), both the serial and the parallel numba variants. Returns seconds spent per device, e.g.
+    ``{"cpu": 0.4}``; call it once at service start-up (it is idempotent and cheap when already warm).
+    """
+    from detect.ops.boxes import batched_box_iou, clip_boxes
+    from detect.ops.coder import BoxCoder
+    from detect.ops.nms import grouped_nms
+
+    if devices is None:
+        devices = ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
+    spent = {}
+    for name in devices:
+        device = torch.device(name)
+        start = time.perf_counter()
+        for dtype in _FAST_DTYPES:
+            for n in (4, 256):  # 4: serial loops; 256 boxes: above PARALLEL_WORK where it applies
+                xy = torch.rand(1, n, 2, device=device, dtype=dtype) * 100
+                boxes = torch.cat((xy, xy + 1 + torch.rand(1, n, 2, device=device, dtype=dtype) * 50), -1)
+                batched_box_iou(boxes, boxes)
+                flat = boxes[0]
+                zeros = torch.zeros(n, dtype=torch.int64, device=device)
+                grouped_nms(flat, flat[:, 0], zeros, zeros, 1, 0.5, None)
+                grouped_nms(flat.repeat(64, 1), flat[:, 0].repeat(64), zeros.repeat(64), zeros.repeat(64), 1, 0.5, 10)
+                coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+                big = flat.repeat(PARALLEL_WORK // n + 1, 1)
+                for b in (flat, big):
+                    deltas = coder.encode(b + 1, b)
+                    coder.decode(deltas, b)
+                    coder.decode_per_class(deltas.repeat(1, 3), b)
+                    clip_boxes(b, (50, 60))
+                    clip_boxes(b[None], torch.tensor([[50, 60]], device=device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        spent[name] = time.perf_counter() - start
+    return spent
