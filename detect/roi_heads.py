@@ -45,8 +45,8 @@ from detect.ops.boxes import batched_box_iou, clip_boxes, min_size_mask
 from detect.ops.coder import BoxCoder
 from detect.ops.nms import multiclass_nms
 from detect.ops.pooling import roi_align, roi_pool
+from detect.ops.sampling import pad_boxes, sample_balanced
 from detect.structures import Detections
-from proposals.rpn import pad_boxes, sample_anchors
 
 Features = Mapping[str, Tensor] | Tensor
 
@@ -277,7 +277,7 @@ class RoIHeads(nn.Module):
         padded, valid = pad_boxes(with_gt, with_gt[0])  # (B, P, 4), (B, P)
         labels, matched = self.match(padded, valid, targets)  # (B, P), (B, P, 4)
         ternary = torch.where(labels > 0, 1, labels)  # the sampler's 1 / 0 / -1
-        positive, negative = sample_anchors(ternary, self.config.batch_size_per_image, self.config.positive_fraction)
+        positive, negative = sample_balanced(ternary, self.config.batch_size_per_image, self.config.positive_fraction)
         sampled = positive | negative  # (B, P)
         counts = sampled.sum(dim=1).tolist()  # one host read
         rois = padded[sampled]  # (S, 4) image-major, index order within each image

@@ -15,9 +15,8 @@ Decisions:
 - Matching is batched over images with the ground truth padded to ``(B, G, 4)``. One departure from torchvision:
   a ground-truth box that overlaps no anchor at all (IoU 0 everywhere: degenerate, or outside the image) gets no
   low-quality match; torchvision would turn every anchor it ties with at IoU 0 into a positive.
-- Sampling calls ``torch.randperm`` exactly as torchvision's ``BalancedPositiveNegativeSampler`` does (per image,
-  positives then negatives, on the labels' device), so the same seed draws the same anchors; only those RNG calls
-  loop over images, the selection itself is batched.
+- Sampling is :func:`detect.ops.sampling.sample_balanced`, which calls ``torch.randperm`` exactly as
+  torchvision's ``BalancedPositiveNegativeSampler`` does, so the same seed draws the same anchors.
 - Losses are computed whenever targets are given, in training or evaluation mode (validation loss), as the
   detectors' ``(detections, losses)`` convention asks; ``training`` only picks the top-k sizes.
 """
@@ -31,12 +30,12 @@ from types import MappingProxyType
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import Conv2dNormActivation
 
 from detect.ops.boxes import batched_box_iou, clip_boxes, min_size_mask
 from detect.ops.coder import BoxCoder
 from detect.ops.nms import grouped_nms
+from detect.ops.sampling import pad_boxes, sample_balanced
 from proposals.anchors import AnchorGenerator, ImageBatch
 
 PRE_NMS_TOP_N: Mapping[str, int] = MappingProxyType({"training": 2000, "testing": 1000})
@@ -107,16 +106,6 @@ def flatten_predictions(logits: Sequence[Tensor], deltas: Sequence[Tensor]) -> t
     return torch.cat(objectness, dim=1), torch.cat(box_deltas, dim=1), [o.shape[1] for o in objectness]
 
 
-def pad_boxes(boxes: Sequence[Tensor], like: Tensor) -> tuple[Tensor, Tensor]:
-    """Stack ragged ``(G_i, 4)`` boxes into ``(B, G, 4)`` (zeros where missing, ``G >= 1`` even when every image is
-    empty) and a validity mask ``(B, G)``. ``like`` gives the dtype and device."""
-    sentinel = like.new_zeros((1, 4))  # a last row of one box makes G >= 1; dropped after padding
-    padded = pad_sequence([b.to(like.dtype) for b in boxes] + [sentinel], batch_first=True)[:-1]  # (B, G, 4)
-    counts = torch.tensor([len(b) for b in boxes], device=like.device)  # (B,)
-    valid = torch.arange(padded.shape[1], device=like.device) < counts[:, None]  # (B, G)
-    return padded, valid
-
-
 def match_anchors(
     anchors: Tensor, gt_boxes: Sequence[Tensor], fg_iou_thresh: float, bg_iou_thresh: float
 ) -> tuple[Tensor, Tensor]:
@@ -140,41 +129,6 @@ def match_anchors(
     labels = labels.masked_fill(positive, 1.0)
     matched = gt.gather(1, best_gt[:, :, None].expand(batch, num_anchors, 4))  # (B, N, 4)
     return labels, matched
-
-
-def _select(mask: Tensor, perms: list[Tensor], quotas: list[int]) -> Tensor:
-    """Keep, per image, the elements of ``mask (B, N)`` whose rank among the image's True entries is in
-    ``perms[b][:quotas[b]]``. ``perms[b]`` is a permutation of ``range(mask[b].sum())``."""
-    counts = torch.tensor([len(p) for p in perms], device=mask.device)  # (B,)
-    starts = torch.cumsum(counts, 0) - counts  # (B,)
-    flat_perm = torch.cat(perms)  # (P,) ranks within each image
-    owner_start = torch.repeat_interleave(starts, counts)  # (P,)
-    owner_quota = torch.repeat_interleave(torch.tensor(quotas, device=mask.device), counts)  # (P,)
-    taken = torch.arange(flat_perm.numel(), device=mask.device) - owner_start < owner_quota  # (P,)
-    chosen = torch.zeros(flat_perm.numel(), dtype=torch.bool, device=mask.device)
-    chosen[flat_perm[taken] + owner_start[taken]] = True  # (P,) in row-major order of mask's True entries
-    selected = torch.zeros_like(mask)
-    selected[mask] = chosen
-    return selected
-
-
-def sample_anchors(labels: Tensor, batch_size_per_image: int, positive_fraction: float) -> tuple[Tensor, Tensor]:
-    """Draw at most ``batch_size_per_image`` labelled anchors per image, at most ``positive_fraction`` of them
-    positive, the rest negative. Returns boolean masks ``(B, N)`` of the drawn positives and negatives.
-
-    Draws like torchvision's ``BalancedPositiveNegativeSampler``: per image, ``randperm`` over its positives then
-    over its negatives, the first ``quota`` of each permutation kept; one host sync reads the counts.
-    """
-    positive, negative = labels == 1, labels == 0  # (B, N)
-    counts = torch.stack((positive.sum(1), negative.sum(1)), dim=1).tolist()  # (B, 2) on the host
-    most_positive = int(batch_size_per_image * positive_fraction)
-    pos_perms, neg_perms, pos_quota, neg_quota = [], [], [], []
-    for num_pos, num_neg in counts:  # the RNG calls, in torchvision's order
-        pos_quota.append(min(num_pos, most_positive))
-        neg_quota.append(min(num_neg, batch_size_per_image - pos_quota[-1]))
-        pos_perms.append(torch.randperm(num_pos, device=labels.device))
-        neg_perms.append(torch.randperm(num_neg, device=labels.device))
-    return _select(positive, pos_perms, pos_quota), _select(negative, neg_perms, neg_quota)
 
 
 class RegionProposalNetwork(nn.Module):
@@ -287,7 +241,7 @@ class RegionProposalNetwork(nn.Module):
         if len(gt_boxes) != objectness.shape[0]:
             raise ValueError(f"{len(gt_boxes)} targets for a batch of {objectness.shape[0]} images")
         labels, matched = match_anchors(anchors, gt_boxes, self.fg_iou_thresh, self.bg_iou_thresh)  # (B, N), (B, N, 4)
-        positive, negative = sample_anchors(labels, self.batch_size_per_image, self.positive_fraction)
+        positive, negative = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction)
         sampled = positive | negative  # (B, N)
         targets = self.box_coder.encode(matched[positive], anchors.expand_as(matched)[positive])  # (P, 4)
         num_sampled = sampled.sum()

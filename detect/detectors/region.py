@@ -65,10 +65,10 @@ from detect.errors import ConfigError, WeightsError
 from detect.ops.boxes import batched_box_iou, clip_boxes, clip_boxes_list, pairwise_box_iou, min_size_mask
 from detect.ops.coder import BoxCoder
 from detect.ops.nms import multiclass_nms
+from detect.ops.sampling import pad_boxes, sample_balanced
 from detect.roi_heads import TwoMLPHead
 from detect.structures import Detections
 from detect.transform import ImageInput, as_image_list, as_image_tensor
-from proposals.rpn import pad_boxes, sample_anchors
 from proposals.selective_search import SelectiveSearch
 
 __all__ = [
@@ -230,7 +230,7 @@ def sample_regions(
     boxes: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]], config: SamplingConfig, num_classes: int
 ) -> RegionSample:
     """Append each image's ground-truth boxes to its regions, label them (see :class:`SamplingConfig`) and draw a
-    mini-batch with :func:`proposals.rpn.sample_anchors` (per image, or over the batch as one row)."""
+    mini-batch with :func:`detect.ops.sampling.sample_balanced` (per image, or over the batch as one row)."""
     with_gt = [torch.cat([b, t["boxes"].to(b)]) for b, t in zip(boxes, targets)]  # (N_i + G_i, 4)
     match = match_regions(with_gt, targets, num_classes)
     foreground = match.iou >= config.fg_iou_thresh  # (N,)
@@ -240,10 +240,10 @@ def sample_regions(
         _, valid = pad_boxes(with_gt, with_gt[0])  # (B, P)
         rows = torch.full(valid.shape, -1, dtype=ternary.dtype, device=ternary.device)  # (B, P)
         rows[valid] = ternary
-        positive, negative = sample_anchors(rows, config.batch_size, config.positive_fraction)
+        positive, negative = sample_balanced(rows, config.batch_size, config.positive_fraction)
         drawn = (positive | negative)[valid]  # (B, P) -> (N,)
     else:
-        positive, negative = sample_anchors(ternary[None], config.batch_size, config.positive_fraction)
+        positive, negative = sample_balanced(ternary[None], config.batch_size, config.positive_fraction)
         drawn = (positive | negative)[0]  # (1, N) -> (N,)
     sizes = torch.tensor([len(b) for b in with_gt], device=drawn.device)  # (B,)
     image = torch.arange(len(with_gt), device=drawn.device).repeat_interleave(sizes, output_size=len(drawn))  # (N,)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
+from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork as TVRegionProposalNetwork
@@ -16,7 +16,7 @@ from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 from torchvision.ops import box_iou
 
 from proposals.anchors import AnchorGenerator
-from proposals.rpn import RegionProposalNetwork, RPNHead, match_anchors, sample_anchors
+from proposals.rpn import RegionProposalNetwork, RPNHead, match_anchors
 
 CHANNELS = 64
 FPN = (((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
@@ -253,25 +253,3 @@ def test_match_anchors_equals_torchvision_matcher(anchors, gt_a, gt_b) -> None:
         assert torch.equal(labels[image], expected)
         positive = matches >= 0
         assert torch.equal(matched[image][positive], gt[matches[positive]])
-
-
-def test_sampling_counts_and_torchvision_draws(device: torch.device) -> None:
-    """Per image: 300 positives -> 128 + 128; 10 positives -> 10 + 246; no negatives -> positives only; and the
-    same seed draws exactly torchvision's anchors."""
-    labels = torch.full((4, 1500), -1.0, device=device)
-    labels[0, :300], labels[0, 300:1300] = 1, 0
-    labels[1, 100:110], labels[1, 200:1400] = 1, 0
-    labels[2, :40] = 1
-    labels[3, 500:700] = 0
-    labels = labels[:, torch.randperm(1500, device=device)]
-
-    torch.manual_seed(5)
-    positive, negative = sample_anchors(labels, 256, 0.5)
-    torch.manual_seed(5)
-    expected_pos, expected_neg = BalancedPositiveNegativeSampler(256, 0.5)(list(labels))
-
-    assert positive.sum(1).tolist() == [128, 10, 40, 0]
-    assert negative.sum(1).tolist() == [128, 246, 0, 200]
-    assert (labels[positive] == 1).all() and (labels[negative] == 0).all()
-    assert torch.equal(positive, torch.stack(expected_pos).bool())
-    assert torch.equal(negative, torch.stack(expected_neg).bool())
