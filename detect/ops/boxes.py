@@ -213,7 +213,7 @@ def _iou_numba(boxes1: Tensor, boxes2: Tensor, out: Tensor) -> Tensor:
     kind = np.dtype(str(out.dtype).removeprefix("torch.")).type
     cpu = dispatch.cpu()
     args = (out.numpy(), boxes1.contiguous().numpy(), second.numpy(), kind(0), kind(torch.finfo(out.dtype).tiny))
-    dispatch.run_cpu(cpu.iou_serial, cpu.iou_parallel, out.numel(), *args)
+    dispatch.run_cpu(cpu.iou, out.shape[0] * out.shape[1], out.numel(), *args)
     return out
 
 

@@ -19,11 +19,9 @@ Decisions:
   ``PARALLEL_WORK`` elements of work (waking threads costs more than it saves there) and the parallel one
   above; the torch path is never the cheapest on the CPU, even for a handful of boxes (a dozen op launches
   against one loop).
-- Parallel loops use ``torch.get_num_threads()`` threads (at most numba's pool size), so the one knob the
-  service already turns (``set_torch_threads``) sizes both.
-- Numba's fallback threading layer ("workqueue", used when neither TBB nor OpenMP is installed) aborts the
-  process when two threads launch parallel loops at once; calls are then serialised by a lock. GNU OpenMP is not
-  fork-safe: in a process forked after the pool started, only the serial loops run.
+- Large inputs are split over ``torch.get_num_threads()`` threads (at most the CPU count), so the one knob the
+  service already turns (``set_torch_threads``) sizes both; the worker threads are created again in a forked
+  child. See :mod:`detect.ops._cpu` for why not numba's own ``parallel=True``.
 - The first call of a loop loads it from numba's on-disk cache, or compiles it (seconds) on a cold cache. A
   service calls :func:`warmup` at start-up so that no request pays this; :func:`warmup` returns the seconds it
   took per backend, reported apart from any timing.
@@ -37,6 +35,7 @@ import contextlib
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from types import ModuleType
 from typing import Callable, Iterator
@@ -52,7 +51,7 @@ PARALLEL_WORK = 1 << 15
 _FORCED: ContextVar[str] = ContextVar("detect_ops_backend", default=os.environ.get("DETECT_OPS_BACKEND", "auto"))
 _FAST_DTYPES = (torch.float32, torch.float64)
 _lock = threading.Lock()
-_state: dict[str, object] = {"layer": None, "pid": None}
+_pool: dict[str, object] = {}
 _modules: dict[str, ModuleType | None] = {}
 
 
@@ -111,30 +110,32 @@ def choose(kernel: str, device: torch.device, dtype: torch.dtype, *, needs_grad:
     return "torch"
 
 
-def _parallel_safe() -> bool:
-    """False in a process forked after the numba thread pool started (GNU OpenMP would hang there)."""
-    pid = _state["pid"]
-    return pid is None or pid == os.getpid()
+def _executor() -> ThreadPoolExecutor:
+    """The worker threads of :func:`run_cpu`, created on first use (and again in a forked child)."""
+    with _lock:
+        if _pool.get("pid") != os.getpid():
+            _pool["executor"] = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="detect-ops")
+            _pool["pid"] = os.getpid()
+        return _pool["executor"]
 
 
-def run_cpu(serial: Callable, parallel: Callable, work: int, *args) -> None:
-    """Run a numba loop: ``serial(*args)`` for small ``work`` or one thread, else ``parallel(*args)`` on
-    ``torch.get_num_threads()`` threads (see the module docstring for the locking)."""
-    threads = torch.get_num_threads()
-    if work < PARALLEL_WORK or threads <= 1 or not _parallel_safe():
-        serial(*args)
+def run_cpu(kernel: Callable, tasks: int, work: int, *args) -> None:
+    """Run the numba loop ``kernel(start, stop, *args)`` over its ``tasks`` independent tasks.
+
+    Below ``PARALLEL_WORK`` elements of ``work``, or with one torch thread, the whole range runs in the calling
+    thread; above, it is cut into ``torch.get_num_threads()`` equal ranges, one run here and the others on
+    worker threads (the loops release the GIL). See :mod:`detect.ops._cpu` for why not numba's ``prange``.
+    """
+    threads = min(torch.get_num_threads(), tasks)
+    if work < PARALLEL_WORK or threads <= 1:
+        kernel(0, tasks, *args)
         return
-    import numba
-
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    layer = _state["layer"]
-    if layer is None or layer == "workqueue":
-        with _lock:
-            parallel(*args)
-            if layer is None:
-                _state["layer"], _state["pid"] = numba.threading_layer(), os.getpid()
-    else:
-        parallel(*args)
+    bounds = [tasks * part // threads for part in range(threads + 1)]
+    executor = _executor()
+    futures = [executor.submit(kernel, bounds[p], bounds[p + 1], *args) for p in range(1, threads)]
+    kernel(bounds[0], bounds[1], *args)
+    for future in futures:
+        future.result()
 
 
 def warmup(devices: tuple[str, ...] | None = None) -> dict[str, float]:

@@ -201,6 +201,12 @@ def multiclass_nms(
         One :class:`NMSResult` per image, sorted by descending score (equal scores: lower ``(row, class)`` first).
     """
     box_list, score_list = _per_image_inputs(boxes, scores)
+    if strategy in ("auto", "fused"):
+        fused = _multiclass_fused(
+            boxes, scores, box_list, score_list, iou_threshold, score_threshold, topk_per_class, max_per_image
+        )
+        if fused is not None:
+            return fused
     cand = _candidates(boxes, scores, box_list, score_list, score_threshold, topk_per_class)
     kept = grouped_nms(
         cand.boxes,
@@ -218,6 +224,71 @@ def multiclass_nms(
     fields = (cand.boxes.float(), cand.scores.float(), cand.labels, cand.rows)
     per_field = [f.index_select(0, flat_kept).split(counts) for f in fields]
     return [NMSResult(*image_fields) for image_fields in zip(*per_field)]
+
+
+def _multiclass_fused(
+    boxes: Sequence[Tensor] | Tensor,
+    scores: Sequence[Tensor] | Tensor,
+    box_list: Sequence[Tensor],
+    score_list: Sequence[Tensor],
+    iou_threshold: float,
+    score_threshold: float,
+    topk_per_class: int | None,
+    max_per_image: int | None,
+) -> list[NMSResult] | None:
+    """:func:`multiclass_nms` as one fused CPU loop per image (threshold, sort, top-k, NMS, cap, outputs), or
+    None where that loop does not apply (not the CPU, scores not float32/float64, autograd on the boxes).
+
+    Same results as the composed path (see :func:`detect.ops._cpu._multiclass_image`); it skips the flat candidate
+    tensors, the global sorts and the gathers, which cost several times the suppression itself.
+    """
+    if not score_list or score_list[0].dtype not in (torch.float32, torch.float64):
+        return None
+    box_dtype = torch.float64 if box_list[0].dtype == torch.float64 else torch.float32
+    needs_grad = torch.is_grad_enabled() and any(b.requires_grad for b in box_list)
+    if dispatch.choose("multiclass_nms", score_list[0].device, box_dtype, needs_grad=needs_grad) != "numba":
+        return None
+    num_classes = score_list[0].shape[1]
+    row_counts = [s.shape[0] for s in score_list]
+    flat_scores = _flatten(scores, score_list, ()).contiguous()  # (sum N_i * C,)
+    flat_boxes = _flatten(boxes, box_list, (4,)).to(box_dtype).contiguous()  # (sum N_i [* C], 4)
+    row_start = torch.tensor([0, *row_counts], dtype=torch.int64).cumsum(0)  # (B + 1,)
+    largest = max(row_counts) * num_classes
+    width = largest if max_per_image is None else min(max(int(max_per_image), 0), largest)
+    num_images = len(score_list)
+    out_boxes = torch.empty((num_images, width, 4), dtype=box_dtype)
+    out_scores = torch.empty((num_images, width), dtype=flat_scores.dtype)
+    out_labels = torch.empty((num_images, width), dtype=torch.int64)
+    out_rows = torch.empty((num_images, width), dtype=torch.int64)
+    counts = torch.zeros(num_images, dtype=torch.int64)
+    score_kind = np.dtype(str(flat_scores.dtype).removeprefix("torch.")).type
+    box_kind = np.dtype(str(box_dtype).removeprefix("torch.")).type
+    cpu = dispatch.cpu()
+    dispatch.run_cpu(
+        cpu.multiclass,
+        num_images,
+        flat_scores.shape[0],
+        flat_scores.numpy(),
+        flat_boxes.numpy(),
+        row_start.numpy(),
+        num_classes,
+        box_list[0].ndim == 3,
+        score_kind(score_threshold),
+        float(iou_threshold),
+        -1 if topk_per_class is None else max(int(topk_per_class), 0),
+        -1 if max_per_image is None else width,
+        out_boxes.numpy(),
+        out_scores.numpy(),
+        out_labels.numpy(),
+        out_rows.numpy(),
+        counts.numpy(),
+        box_kind(0),
+    )
+    out_boxes, out_scores = out_boxes.float(), out_scores.float()
+    return [
+        NMSResult(out_boxes[b, :n], out_scores[b, :n], out_labels[b, :n], out_rows[b, :n])
+        for b, n in enumerate(counts.tolist())
+    ]
 
 
 class _Candidates(NamedTuple):
@@ -407,9 +478,9 @@ def _fused_nms(ranked: _Ranked, thr: float, cap: int | None, backend: str) -> tu
     ]
     cpu = dispatch.cpu()
     dispatch.run_cpu(
-        cpu.nms_serial,
-        cpu.nms_parallel,
-        k * 32 if num_images > 1 else 0,  # ~ comparisons; one image is one serial task anyway
+        cpu.nms,
+        num_images,
+        k * 4,  # ~ IoU pairs
         *[a.numpy() for a in args],
         float(thr),
         -1 if cap is None else cap,
