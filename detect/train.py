@@ -55,8 +55,6 @@ import math
 import re
 import sys
 import time
-import types
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +69,7 @@ from torch import Tensor, nn
 
 from detect import weights
 from detect.backbones import read_state_dict
+from detect.config import override
 from detect.data.coco import CocoDataset
 from detect.data.shapes import ShapesConfig, ShapesDataset
 from detect.data.transforms import Augment, AugmentConfig
@@ -100,7 +99,6 @@ __all__ = [
     "load_recipe",
     "lr_factor",
     "make_dataset",
-    "override",
     "save_model",
     "train",
 ]
@@ -215,46 +213,6 @@ class TrainConfig:
             raise ConfigError(f"{', '.join(bad)} must be positive")
         if self.eval_every < 0 or self.seed < 0 or self.region_fit_images < 0:
             raise ConfigError("eval_every, seed and region_fit_images must be >= 0")
-
-
-def _as_tuples(value: Any) -> Any:
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def _dataclass_in(hint: Any) -> type | None:
-    """The dataclass a field's type names, also inside ``X | None``."""
-    if dataclasses.is_dataclass(hint):
-        return hint
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return next((arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)), None)
-    return None
-
-
-def override(config: Any, data: Mapping[str, Any] | None, where: str = "") -> Any:
-    """``config`` (a frozen dataclass) with the fields in ``data`` replaced; nested dataclass fields take nested
-    mappings (a ``None`` field starts from its class's defaults), YAML lists become tuples. Unknown keys and
-    invalid values raise :class:`ConfigError` naming the dotted key."""
-    if data is None:
-        return config
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or 'recipe'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(type(config))
-    names = {f.name for f in dataclasses.fields(config)}
-    if unknown := sorted(set(data) - names):
-        raise ConfigError(f"unknown key {where}{unknown[0]!r} in {type(config).__name__} (known: {sorted(names)})")
-    values = {}
-    for name, value in data.items():
-        nested = _dataclass_in(hints[name])
-        current = getattr(config, name)
-        if nested is not None and value is not None:
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{where}{name} must be a mapping, got {value!r}")
-            value = override(current if current is not None else nested(), value, f"{where}{name}.")
-        values[name] = _as_tuples(value)
-    try:
-        return dataclasses.replace(config, **values)
-    except (TypeError, ValueError) as err:  # ConfigError is a DetectError, not a ValueError: it passes through
-        raise ConfigError(f"invalid value in {where or 'recipe'}: {err}") from err
 
 
 def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:

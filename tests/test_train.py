@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from detect.config import override
 from detect.errors import ConfigError
 from detect.train import (
     ProposalCache,
@@ -28,7 +29,6 @@ from detect.train import (
     load_model,
     load_recipe,
     lr_factor,
-    override,
 )
 from proposals.selective_search import SelectiveSearchConfig
 

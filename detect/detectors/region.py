@@ -47,7 +47,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -59,6 +58,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from detect.backbones import read_state_dict
+from detect.config import from_dict, to_json
 from detect.detectors.faster_rcnn import check_state_dict, check_targets
 from detect.detectors.solvers import fit_ridge, train_linear_svms
 from detect.errors import ConfigError, WeightsError
@@ -155,35 +155,6 @@ class PostprocessConfig:
     svm_score_thresh: float = -1.0
     detections_per_img: int = 100
     min_box_size: float = 1e-2
-
-
-def config_to_json(config: Any) -> str:
-    """A (nested) frozen config dataclass as JSON."""
-    return json.dumps(dataclasses.asdict(config), sort_keys=True)
-
-
-def config_from_dict(config_type: type, data: Mapping[str, Any]) -> Any:
-    """Rebuild a (nested) config dataclass from :func:`config_to_json`'s data: lists become tuples, nested
-    dataclass fields are rebuilt from their dicts, missing fields keep their defaults. Unknown keys raise
-    :class:`ConfigError`."""
-    hints = typing.get_type_hints(config_type)
-    names = {f.name for f in dataclasses.fields(config_type)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown {config_type.__name__} fields {unknown}")
-    values = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
-            value = config_from_dict(hint, value)
-        elif isinstance(value, list):
-            value = _as_tuples(value)
-        values[name] = value
-    return config_type(**values)
-
-
-def _as_tuples(value: Any) -> Any:
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 # --- matching and sampling regions -----------------------------------------------------------------------------
@@ -563,7 +534,7 @@ class RegionDetector(nn.Module, metaclass=abc.ABCMeta):
         metadata = {
             "detector": self.name,
             "class_names": json.dumps(list(self.class_names)),
-            "config": config_to_json(self.config),
+            "config": to_json(self.config),
         }
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path), metadata=metadata)
 
@@ -575,7 +546,7 @@ class RegionDetector(nn.Module, metaclass=abc.ABCMeta):
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
-            config = config_from_dict(cls.config_class, json.loads(metadata["config"]))
+            config = from_dict(cls.config_class, json.loads(metadata["config"]))
             class_names = json.loads(metadata["class_names"])
         except (KeyError, ValueError, TypeError, ConfigError) as err:
             raise WeightsError(f"{path} lacks a valid {cls.__name__} config in its metadata: {err}") from err
