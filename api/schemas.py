@@ -23,7 +23,7 @@ class ErrorResponse(BaseModel):
 class DetectParams(BaseModel):
     """Detection parameters: JSON fields, or form fields next to the files of a multipart request.
 
-    Thresholds can only tighten the model's own (see :class:`detect.predict.Refinement`)."""
+    Thresholds can only tighten the model's own (see :class:`detect.inference.Refinement`)."""
 
     model_config = ConfigDict(extra="forbid")
 

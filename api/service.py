@@ -14,7 +14,8 @@ Decisions:
   company that cannot come. While a forward runs, new jobs queue up, so under load batches fill without
   waiting. Jobs for another model are held for the next round. Results are handed back through each job's future.
 * **Models.** ``DETECT_MODELS`` names them; unset, every registered ``<family>_shapes`` entry (the bundled
-  weights) is served under its family name, ``faster_rcnn`` first and so the default. Weights are a registered
+  weights) is served under its family name, in the registry's family order (``faster_rcnn`` first and so the
+  default). Loading and running go through :mod:`detect.inference`, the path ``detect predict`` uses too. Weights are a registered
   name or a file; the version reported is the first 12 hex digits of the weights' SHA-256 (the manifest's for a
   name).
 * **Back-pressure and deadlines.** A request whose images do not fit in the queue is refused at once
@@ -38,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import logging
 import threading
 import time
@@ -67,13 +67,15 @@ from detect.errors import (
     WeightsError,
 )
 from detect.io import decode_image
-from detect.predict import (
+from detect.detectors import families
+from detect.inference import (
     Refinement,
     annotate,
     bundled_weights_name,
     forward_batch,
-    load_detector,
+    load_model,
     png_base64,
+    proposal_methods,
     registered_names,
     resolve_classes,
 )
@@ -172,10 +174,7 @@ class LoadedModel:
 
     @classmethod
     def wrap(cls, name: str, detector: Any, version: str | None = None) -> "LoadedModel":
-        declared = getattr(detector, "proposal_methods", None)
-        if declared is None:
-            declared = tuple(m for m, attr in (("rpn", "rpn"), ("selective_search", "proposer")) if hasattr(detector, attr))
-        return cls(name, detector, version or getattr(detector, "version", "unversioned"), tuple(declared))
+        return cls(name, detector, version or getattr(detector, "version", "unversioned"), proposal_methods(detector))
 
     def forward_kwargs(self, proposals: str | None) -> dict[str, str]:
         if proposals is None:
@@ -187,26 +186,6 @@ class LoadedModel:
         return {"proposal_method": proposals} if len(self.proposals) > 1 else {}
 
 
-def file_version(path: str | Path) -> str:
-    """The first 12 hex digits of the weights file's SHA-256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
-
-
-def weights_version(weights: str) -> str:
-    """A served model's version: the file's SHA-256 prefix for a path, the manifest entry's for a registered name."""
-    if Path(weights).is_file():
-        return file_version(weights)
-    return registered_weights.resolve(weights).sha256[:12]
-
-
-SERVED_FAMILIES = ("faster_rcnn", "sppnet", "rcnn")
-"""Families served by default (``DETECT_MODELS`` unset), in this order: the first present is the default model."""
-
-
 def configured_models(settings: Settings) -> dict[str, ModelSpec]:
     """``settings.models``, or when it is empty every registered ``<family>_shapes`` entry under its family name."""
     if settings.models:
@@ -214,7 +193,7 @@ def configured_models(settings: Settings) -> dict[str, ModelSpec]:
     names = registered_names()
     return {
         family: ModelSpec(family=family, weights=bundled_weights_name(family))
-        for family in SERVED_FAMILIES
+        for family in families()
         if bundled_weights_name(family) in names
     }
 
@@ -461,8 +440,8 @@ class DetectionService:
     def _load_models(self) -> dict[str, LoadedModel]:
         models = {}
         for name, spec in configured_models(self.settings).items():
-            detector = load_detector(spec.family, spec.weights, self.settings.device)
-            models[name] = LoadedModel.wrap(name, detector, weights_version(spec.weights))
+            detector = load_model(spec.weights, self.settings.device, spec.family)
+            models[name] = LoadedModel.wrap(name, detector, registered_weights.version(spec.weights))
         return models
 
     # queries ---------------------------------------------------------------------------------------------------

@@ -52,18 +52,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._timing import median_seconds  # noqa: E402
 from detect.backbones import fold_frozen_batchnorm  # noqa: E402
 from detect.data.shapes import ShapesConfig, ShapesDataset  # noqa: E402
+from detect.detectors import DETECTORS  # noqa: E402
 from detect.detectors.faster_rcnn import (  # noqa: E402
     FasterRCNN,
     FasterRCNNConfig,
     fasterrcnn_resnet50_fpn,
 )
-from detect.detectors.rcnn import BUILDERS as RCNN_BUILDERS  # noqa: E402
 from detect.detectors.region import RegionDetector  # noqa: E402
-from detect.detectors.sppnet import BUILDERS as SPPNET_BUILDERS  # noqa: E402
 from detect.detectors.sppnet import SPPNetConfig  # noqa: E402
 from detect.testing import CLS_SCALE, randomise_frozen_bn  # noqa: E402  (the parity test's recipe)
 from detect.transform import TransformConfig  # noqa: E402
 from proposals.selective_search import SelectiveSearch, SelectiveSearchConfig  # noqa: E402
+
+BACKBONES = ("alexnet", "vgg16", "tiny")  # region detectors exist for each: DETECTORS["rcnn_<backbone>"]
 
 VOC_CLASSES = 20
 PARITY_ATOL = 1e-4
@@ -205,8 +206,8 @@ SPPNET_STAGES: Stages = [
 def region_detectors(settings: Settings) -> tuple[RegionDetector, RegionDetector]:
     torch.manual_seed(0)
     names = [f"class_{k}" for k in range(1, VOC_CLASSES + 1)]
-    rcnn = RCNN_BUILDERS[settings.backbone](names)
-    sppnet = SPPNET_BUILDERS[settings.backbone](names, config=SPPNetConfig(settings.backbone, (settings.spp_scale,)))
+    rcnn = DETECTORS[f"rcnn_{settings.backbone}"](names)
+    sppnet = DETECTORS[f"sppnet_{settings.backbone}"](names, config=SPPNetConfig(settings.backbone, (settings.spp_scale,)))
     return rcnn.eval(), sppnet.eval()
 
 
@@ -371,7 +372,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", choices=sorted(RCNN_BUILDERS), default="alexnet", help="R-CNN/SPP-Net backbone")
+    parser.add_argument("--backbone", choices=BACKBONES, default="alexnet", help="R-CNN/SPP-Net backbone")
     parser.add_argument("--proposals", type=int, default=2000, help="N proposals per image for SPP-Net and R-CNN")
     parser.add_argument("--rcnn-proposals", type=int, default=256, help="K: R-CNN is timed at K/2 and K regions")
     parser.add_argument("--spp-scale", type=int, default=688, help="SPP-Net's single scale (short side)")

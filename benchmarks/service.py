@@ -68,7 +68,8 @@ import torch
 from PIL import Image
 
 from api.service import set_torch_threads
-from detect.predict import bundled_weights_name, forward_batch, load_detector, registered_names
+from detect.detectors import families
+from detect.inference import bundled_weights_name, forward_batch, load_model, registered_names
 
 ROOT = Path(__file__).resolve().parent.parent
 MEMORY_SAMPLE_S = 10.0
@@ -77,9 +78,9 @@ MEMORY_SAMPLE_S = 10.0
 # --- the model ---------------------------------------------------------------------------------------------
 def random_weights(family: str, folder: Path) -> str:
     """A randomly initialised tiny detector of ``family`` saved (with its manifest entry) under ``folder``."""
-    from detect.testing import TINY_BUILDERS, save_random_tiny
+    from detect.testing import save_random_tiny
 
-    if family not in TINY_BUILDERS:
+    if family not in families():
         raise SystemExit(f"unknown family {family!r}")
     path = folder / f"{family}_random.safetensors"
     return str(save_random_tiny(family, path, path.stem, ("circle", "square", "triangle")))
@@ -110,7 +111,7 @@ class DirectCall:
     slower than a fresh thread."""
 
     def __init__(self, family: str, weights: str, pixels: np.ndarray, threads: int | None) -> None:
-        self.detector, self.pixels = load_detector(family, weights), pixels
+        self.detector, self.pixels = load_model(weights, family=family), pixels
         self.pool = ThreadPoolExecutor(1, initializer=set_torch_threads, initargs=(threads,))
         self.seconds()  # warm up
 

@@ -14,7 +14,6 @@ the model runs once): with the low-scoring ones cut it can only be at most the f
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,7 +22,8 @@ import numpy as np
 
 from detect.data.shapes import ShapesConfig, ShapesDataset, write_voc
 from detect.evaluate import DetectionEvaluator
-from detect.predict import FAMILIES, PredictOptions, Refinement, default_weights, load_detector, run
+from detect.engines.local import PredictOptions, run
+from detect.inference import Refinement, default_weights, load_model
 
 DEMO_SEED = 424242  # training uses seed 0, validation 1000
 DEMO_SIZE = 320
@@ -40,7 +40,7 @@ def run_demo(
 ) -> dict:
     """Draw the samples, detect, write the outputs and return ``{"mAP", "images", "detections", "out"}``."""
     out = Path(out)
-    detector = load_detector(family, weights or default_weights(family), device)
+    detector = load_model(weights or default_weights(family), device, family)
     dataset = ShapesDataset(ShapesConfig(num_images=num_images, image_size=DEMO_SIZE, seed=DEMO_SEED))
     samples = out / "samples"
     ids = write_voc(dataset, samples)
@@ -75,24 +75,13 @@ def run_demo(
     }
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    report = run_demo(args.out, args.model, args.weights, args.num_images, args.device)
-    print(json.dumps(report))
-    print(
+def format_report(report: dict) -> str:
+    """The lines ``detect demo`` prints: the report as JSON, then a sentence with the mAP and where things are."""
+    out = Path(report["out"])
+    return (
+        f"{json.dumps(report)}\n"
         f"detect demo: {report['images']} sample images, {report['detections']} detections with score >= "
         f"{SHOW_SCORE} ({report['objects']} objects drawn); VOC mAP@0.5 of those detections {report['mAP']:.3f}\n"
-        f"  annotated images and predictions.jsonl under {Path(args.out) / 'detections'}, the samples (VOC) under "
-        f"{Path(args.out) / 'samples'}"
+        f"  annotated images and predictions.jsonl under {out / 'detections'}, the samples (VOC) under "
+        f"{out / 'samples'}"
     )
-    return 1 if report["failed"] else 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``detect demo``."""
-    p = subparsers.add_parser("demo", help="detect objects in generated sample images with the bundled weights")
-    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--model", default="faster_rcnn", choices=sorted(FAMILIES), help="detector family")
-    p.add_argument("--weights", help="registered weights name or file (default: the bundled <model>_shapes)")
-    p.add_argument("--num-images", type=int, default=6, help="sample images to draw (default 6)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.set_defaults(func=_cmd_demo)

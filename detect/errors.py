@@ -104,6 +104,14 @@ class NoNetworkError(WeightsError):
     code = "no_network"
 
 
+class OutputError(DetectError):
+    """An output folder that cannot be written: an existing file, a read-only folder or mount, no permission."""
+
+    code = "unwritable_output"
+    http_status = 500
+    exit_code = 2
+
+
 class UnknownModelError(DetectError):
     code = "unknown_model"
     http_status = 404

@@ -9,13 +9,15 @@ weights so dozens of detections per image survive.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
+
+from detect.detectors import tiny_detector
+from detect.weights import save_detector
 
 CLS_SCALE = 40.0  # random heads give logits of std ~0.06; scaled up, dozens of scores pass the 0.05 threshold
 
@@ -34,18 +36,10 @@ def randomise_frozen_bn(model: nn.Module, generator: torch.Generator) -> None:
             module.eps = 0.0
 
 
-TINY_BUILDERS = {"faster_rcnn": "fasterrcnn_tiny", "rcnn": "rcnn_tiny", "sppnet": "sppnet_tiny"}
-"""Weights family -> the tiny detector the bundled ``<family>_shapes`` weights use."""
-
-
 def save_random_tiny(family: str, path: Path, name: str, class_names: Sequence[str]) -> Path:
     """A freshly initialised (seed it first) tiny detector of ``family`` saved as weights ``name`` at ``path``,
     with its manifest entry: a stand-in for the bundled weights where the test or benchmark needs no accuracy."""
-    from detect.detectors import DETECTORS
-    from detect.weights import save_detector
-
-    builder = DETECTORS[TINY_BUILDERS[family]]
-    model = builder(class_names=tuple(class_names)).eval()
-    config = getattr(model, "config", None) or inspect.signature(builder).parameters["config"].default
-    save_detector(model, path, name=name, config=config)
+    detector = tiny_detector(family)
+    model = detector.build(class_names).eval()
+    save_detector(model, path, name=name, config=getattr(model, "config", None) or detector.default_config)
     return path

@@ -6,9 +6,9 @@ Decisions:
 - A recipe is YAML mapping onto :class:`TrainConfig` (frozen dataclasses with defaults); a recipe only overrides
   fields, and an unknown key anywhere raises :class:`ConfigError` naming its dotted path. ``detector_config``
   overrides the chosen detector's own config dataclass (``RCNNConfig``, ``SPPNetConfig`` or ``FasterRCNNConfig``)
-  starting from the builder's defaults in :data:`DETECTORS`.
-- Detectors by name are :data:`detect.detectors.DETECTORS`; each builder's default config is read from its
-  signature, so it is written in one place. Besides the paper architectures (ImageNet-sized: AlexNet, VGG16,
+  starting from the detector's registry default (:data:`detect.detectors.DETECTORS`, read from its builder's
+  signature, so it is written in one place).
+- Detectors by name are the registry's. Besides the paper architectures (ImageNet-sized: AlexNet, VGG16,
   ResNet-50-FPN) there is a ``*_tiny`` variant of each on :func:`detect.backbones.tiny` (seven 3x3 convs with
   GroupNorm, stride 8, trained from scratch) so that the bundled ``shapes`` models train within an hour on two
   CPU cores.
@@ -34,7 +34,7 @@ Decisions:
   ``region_fit_images`` training images (:meth:`RegionDetector.collect_regions`), as in the papers.
 - Mixed precision (fp16 autocast + grad scaler) only when the device is CUDA; it is ignored on CPU.
 - Outputs in ``out_dir``: ``checkpoint.pt``, ``model.safetensors`` (weights + detector name, class names and
-  config in the metadata, see :func:`save_model`), ``metrics.jsonl`` or ``metrics.csv`` (one row per
+  config in the metadata, see :func:`detect.weights.write_detector`), ``metrics.jsonl`` or ``metrics.csv`` (one row per
   ``log_every`` iterations), ``evaluations.jsonl`` (one row per evaluation), ``loss.png``, and with validation data
   ``report.json`` and per-class precision-recall plots, and ``summary.json`` (iterations, optimisation seconds
   carried across resumes, thread count, final mAP and the data it was measured on), which
@@ -44,11 +44,9 @@ Decisions:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import hashlib
-import inspect
 import io
 import json
 import math
@@ -63,43 +61,38 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from detect import weights
-from detect.backbones import read_state_dict
 from detect.config import override
 from detect.data.coco import CocoDataset
 from detect.data.shapes import ShapesConfig, ShapesDataset
 from detect.data.transforms import Augment, AugmentConfig
 from detect.data.voc import VocDataset
-from detect.detectors import DETECTORS as BUILDERS_BY_NAME
+from detect import detectors
 from detect.detectors.region import RegionDetector, RegionFeatures
-from detect.errors import ConfigError, DetectError, WeightsError
-from detect.evaluate import DetectionEvaluator, format_table, plot_pr_curves, write_report
+from detect.errors import ConfigError, WeightsError
+from detect.evaluate import DetectionEvaluator, plot_pr_curves, write_report
 from detect.io import atomic_write
 from detect.pretrain import PretrainConfig, find_backbone, pretrain_backbone
 from proposals.selective_search import SelectiveSearch, SelectiveSearchConfig
 
 __all__ = [
-    "DETECTORS",
     "DataConfig",
     "OptimizerConfig",
     "ProposalCache",
     "ScheduleConfig",
     "TrainConfig",
     "Trainer",
-    "add_cli",
-    "build_detector",
     "evaluate_detector",
-    "load_model",
     "init_backbone",
     "bundle_run",
+    "data_config",
+    "evaluate_weights",
+    "evaluation_data",
     "load_recipe",
     "lr_factor",
     "make_dataset",
-    "save_model",
     "train",
 ]
 
@@ -199,8 +192,7 @@ class TrainConfig:
     region_fit_images: int = 100
 
     def __post_init__(self) -> None:
-        if self.detector not in DETECTORS:
-            raise ConfigError(f"unknown detector {self.detector!r}; known: {sorted(DETECTORS)}")
+        detectors.entry(self.detector)  # ConfigError naming the known detectors
         if self.log_format not in ("jsonl", "csv"):
             raise ConfigError(f"log_format must be 'jsonl' or 'csv', got {self.log_format!r}")
         positive = {
@@ -230,72 +222,13 @@ def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 # --- detectors -------------------------------------------------------------------------------------------------
 
 
-def _trainable(builder: Callable[..., nn.Module]) -> tuple[Callable[..., nn.Module], Any]:
-    """``(class_names, *, config) -> model`` over one of :data:`detect.detectors.DETECTORS`, and the builder's own
-    default config (read from its signature, so there is one place that holds it)."""
-    default = inspect.signature(builder).parameters["config"].default
-    return (lambda class_names, *, config: builder(class_names=tuple(class_names), config=config)), default
-
-
-DETECTORS: dict[str, tuple[Callable[..., nn.Module], Any]] = {
-    name: _trainable(builder) for name, builder in BUILDERS_BY_NAME.items()
-}
-"""Detector name -> (builder ``(class_names, *, config) -> nn.Module``, its default config)."""
-
-
 def detector_config(config: TrainConfig) -> Any:
-    """The detector's config: the builder's default with the recipe's ``detector_config`` applied."""
-    return override(DETECTORS[config.detector][1], config.detector_config, "detector_config.")
-
-
-def build_detector(name: str, class_names: Sequence[str], config: Any) -> nn.Module:
-    """A freshly initialised detector ``name`` for ``class_names`` with ``config``."""
-    if name not in DETECTORS:
-        raise ConfigError(f"unknown detector {name!r}; known: {sorted(DETECTORS)}")
-    return DETECTORS[name][0](tuple(class_names), config=config)
-
-
-def save_model(model: nn.Module, path: str | Path, detector: str, config: Any) -> None:
-    """Write ``model``'s state dict as safetensors with ``detector``, class names and ``config`` (a region
-    detector's own, which fitting SVMs may have changed) in the metadata; :func:`load_model` reads it back."""
-    config = getattr(model, "config", config)
-    metadata = {
-        "detector": detector,
-        "class_names": json.dumps(list(model.class_names)),
-        "config": json.dumps(dataclasses.asdict(config), sort_keys=True),
-    }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(Path(path), safetensors_bytes(tensors, metadata=metadata))
-
-
-def saved_architecture(path: str | Path) -> tuple[str, list[str], Any]:
-    """``(detector name, class names, config)`` from the metadata of a :func:`save_model` file."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        name = metadata["detector"]
-        return name, json.loads(metadata["class_names"]), override(DETECTORS[name][1], json.loads(metadata["config"]))
-    except (OSError, KeyError, ValueError, ConfigError, SafetensorError) as err:
-        raise WeightsError(f"{path} is not a weights file written by detect train: {err}") from err
-
-
-def load_model(path: str | Path) -> tuple[nn.Module, str]:
-    """A :func:`save_model` file as ``(model in eval mode, detector name)``; :class:`WeightsError` when it is not
-    one or its tensors do not fit. A registered weights name (``detect weights list``) loads through the manifest."""
-    if not Path(path).exists() and Path(path).suffix != ".safetensors":
-        model = weights.load_detector(path)
-        return model, model.name
-    name, class_names, config = saved_architecture(path)
-    model = build_detector(name, class_names, config)
-    try:
-        model.load_state_dict(read_state_dict(path), strict=True)
-    except RuntimeError as err:
-        raise WeightsError(f"{path} does not fit {name}: {err}") from err
-    return model.eval(), name
+    """The detector's config: its registry default with the recipe's ``detector_config`` applied."""
+    return override(detectors.entry(config.detector).default_config, config.detector_config, "detector_config.")
 
 
 def bundle_run(
-    run: str | Path, name: str, directory: str | Path, recipe: str | Path | None = None
+    run: str | Path, name: str, directory: str | Path | None = None, recipe: str | Path | None = None
 ) -> "weights.WeightsEntry":
     """Register a finished training run as weights ``name`` in ``directory`` (e.g. the bundled ``weights/``).
 
@@ -306,8 +239,8 @@ def bundle_run(
     run = Path(run)
     model_path = run if run.suffix == ".safetensors" else run / "model.safetensors"
     summary_path = model_path.parent / "summary.json"
-    model, _ = load_model(model_path)
-    _, _, config = saved_architecture(model_path)
+    model = weights.load_detector(model_path)
+    _, _, config = weights.saved_architecture(model_path)
     try:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -325,9 +258,10 @@ def bundle_run(
         "torch_threads": summary.get("torch_threads"),
         "eval_data": summary.get("val_data"),
     }
+    directory = Path(directory) if directory is not None else weights.weights_dirs()[0]
     return weights.save_detector(
         model,
-        Path(directory) / f"{name}.safetensors",
+        directory / f"{name}.safetensors",
         name=name,
         config=config,
         recipe=recipe_entry,
@@ -344,7 +278,7 @@ def init_backbone(model: nn.Module, source: str | Path) -> int:
     """Copy the backbone body of trained weights ``source`` (a ``detect train`` model file or a registered name)
     into ``model``'s: the region detectors start from the shapes-trained Faster R-CNN's features, as the papers
     start from ImageNet's. Every body tensor of ``model`` must be found with its shape; returns how many."""
-    donor, _ = load_model(source)
+    donor = weights.load_detector(source)
     theirs = find_backbone(donor).body.state_dict()
     body = find_backbone(model).body
     own = body.state_dict()
@@ -525,7 +459,7 @@ class Trainer:
         self.dataset = make_dataset(config.data)
         self.detector_config = detector_config(config)
         torch.manual_seed(config.seed)
-        self.model = build_detector(config.detector, self.dataset.class_names, self.detector_config).to(self.device)
+        self.model = detectors.build(config.detector, self.dataset.class_names, self.detector_config).to(self.device)
         self.region = isinstance(self.model, RegionDetector)
         if config.init_backbone:
             init_backbone(self.model, config.init_backbone)
@@ -667,7 +601,7 @@ class Trainer:
             began = time.perf_counter()
             self.fit_region_extras()
             self.train_seconds += time.perf_counter() - began
-        save_model(self.model, self.out / "model.safetensors", cfg.detector, self.detector_config)
+        weights.write_detector(self.model, self.out / "model.safetensors", getattr(self.model, "config", self.detector_config))
         if rows := self.log.rows():
             plot_losses(rows, self.out / "loss.png")
         result = self.evaluate(report=True)
@@ -747,88 +681,33 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     return Trainer(config).run(resume=resume, progress=progress)
 
 
-# --- command line ----------------------------------------------------------------------------------------------
+# --- entry points ----------------------------------------------------------------------------------------------
 
 
-def _data_override(path: str) -> dict:
-    """``--data PATH``: a COCO JSON file or a VOC folder."""
-    return {"source": "coco" if path.endswith(".json") else "voc", "path": path}
+def data_config(path: str) -> DataConfig:
+    """A :class:`DataConfig` for a path given on the command line: a COCO JSON file or a VOC folder."""
+    return DataConfig(source="coco" if path.endswith(".json") else "voc", path=path)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """``detect train``: 0 when training (and evaluation) finished, 1 when training diverged, 2 on bad setup."""
-    overrides: dict[str, Any] = {}
-    if args.data:
-        overrides["data"] = _data_override(args.data)
-    if args.out:
-        overrides["out_dir"] = args.out
-    try:
-        config = load_recipe(args.recipe, overrides)
-        result = train(config, resume=args.resume)
-    except DetectError as err:
-        print(f"detect train: {err}", file=sys.stderr)
-        return 2
-    except FloatingPointError as err:
-        print(f"detect train: {err}", file=sys.stderr)
-        return 1
-    if result:
-        print(format_table(result))
-    print(f"wrote {Path(config.out_dir) / 'model.safetensors'}")
-    return 0
-
-
-def _eval_data(spec: str) -> DataConfig:
-    """``--data``: a recipe (its ``val_data``, else ``data``), a VOC folder or a COCO JSON."""
+def evaluation_data(spec: str) -> DataConfig:
+    """The data ``detect eval --data`` names: a recipe (its ``val_data``, else ``data``), a VOC folder or a COCO
+    JSON."""
     if spec.endswith((".yaml", ".yml")):
         recipe = load_recipe(spec)
         return recipe.val_data or recipe.data
-    return DataConfig(**_data_override(spec))
+    return data_config(spec)
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    """``detect eval``: writes ``report.json`` and PR plots into ``--out``; 0 done, 2 bad setup."""
-    try:
-        model, _ = load_model(args.weights)
-        data = _eval_data(args.data)
-        dataset = make_dataset(data)
-        proposals = None
-        if isinstance(model, RegionDetector):
-            cache = ProposalCache(Path(args.out) / "proposals", model.config.proposals)
-            proposals = lambda images, targets: cache(images, _cache_keys(data, targets))
-        result = evaluate_detector(model, dataset, args.batch_size, proposals)
-    except DetectError as err:
-        print(f"detect eval: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    write_report(result, out / "report.json")
-    plot_pr_curves(result, out / "pr_curves")
-    print(format_table(result))
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``train`` and ``eval`` on the ``detect`` command's subparsers (each sets ``func``)."""
-    train_parser = subparsers.add_parser("train", help="train a detector from a recipe file")
-    train_parser.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
-    train_parser.add_argument("--data", help="a VOC folder or COCO JSON to train on instead of the recipe's data")
-    train_parser.add_argument("--out", help="output folder (default: the recipe's out_dir)")
-    train_parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    train_parser.set_defaults(func=run_train)
-    eval_parser = subparsers.add_parser("eval", help="VOC mAP of trained weights on a data set")
-    eval_parser.add_argument("--weights", required=True, help="model.safetensors written by detect train")
-    eval_parser.add_argument("--data", required=True, help="a recipe (its val_data), a VOC folder or a COCO JSON")
-    eval_parser.add_argument("--out", default="runs/eval", help="folder for report.json and PR plots")
-    eval_parser.add_argument("--batch-size", type=int, default=4)
-    eval_parser.set_defaults(func=run_eval)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m detect.train {train,eval} ...`` (the same as ``detect train`` / ``detect eval``)."""
-    parser = argparse.ArgumentParser(prog="python -m detect.train")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def evaluate_weights(weights_name: str | Path, data: DataConfig, out: str | Path, batch_size: int = 4) -> dict:
+    """VOC mAP of trained weights (a file or a registered name) on ``data``; writes ``report.json`` and the PR
+    plots into ``out`` (region detectors' proposals are cached under ``out/proposals``)."""
+    model = weights.load_detector(weights_name)
+    dataset = make_dataset(data)
+    proposals = None
+    if isinstance(model, RegionDetector):
+        cache = ProposalCache(Path(out) / "proposals", model.config.proposals)
+        proposals = lambda images, targets: cache(images, _cache_keys(data, targets))  # noqa: E731
+    result = evaluate_detector(model, dataset, batch_size, proposals)
+    write_report(result, Path(out) / "report.json")
+    plot_pr_curves(result, Path(out) / "pr_curves")
+    return result

@@ -31,7 +31,6 @@ Decisions:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import fcntl
@@ -48,16 +47,15 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
-from torch import nn
+from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from detect import detectors
 from detect.backbones import fold_frozen_batchnorm, read_state_dict
-from detect.detectors import faster_rcnn
-from detect.detectors.faster_rcnn import FROZEN_BN_EPS_KEY, FasterRCNN, FasterRCNNConfig, check_state_dict
-from detect.detectors.rcnn import RCNN
-from detect.detectors.region import config_from_dict, config_to_json
-from detect.detectors.sppnet import SPPNet
+from detect.config import from_dict, to_json
+from detect.detectors.faster_rcnn import FasterRCNNConfig
 from detect.errors import ChecksumError, ConfigError, NoNetworkError, WeightsError
 from detect.io import atomic_write
 
@@ -79,9 +77,11 @@ __all__ = [
     "sha256_file",
     "load_detector",
     "save_detector",
+    "saved_architecture",
+    "version",
+    "write_detector",
     "import_torchvision_checkpoint",
     "pull",
-    "add_cli",
 ]
 
 ENV_VAR = "DETECT_WEIGHTS_DIR"
@@ -90,7 +90,7 @@ BUNDLED_DIR = Path(__file__).resolve().parent.parent / "weights"
 _FORMAT = 1
 _CHUNK = 1 << 20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_REGION_DETECTORS: dict[str, type] = {"rcnn": RCNN, "sppnet": SPPNet}
+FROZEN_BN_EPS_KEY = "frozen_bn_eps"  # safetensors metadata: the frozen-BN eps the weights were trained with
 
 
 
@@ -206,6 +206,15 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def version(name_or_path: str | os.PathLike) -> str:
+    """A model's version: the first 12 hex digits of its weights' SHA-256 (the manifest's for a registered name
+    or a listed file, else the file's own)."""
+    path = Path(name_or_path)
+    if path.is_file() and not any(e.file == path.name for e in load_manifest(path.parent).values()):
+        return sha256_file(path)[:12]
+    return resolve(name_or_path).sha256[:12]
+
+
 def verify(entry: WeightsEntry) -> None:
     """Raise :class:`WeightsError` when the file is missing, :class:`ChecksumError` when its hash differs."""
     if not entry.path.is_file():
@@ -226,56 +235,197 @@ def load_detector(
     dirs: Sequence[str | os.PathLike] | None = None,
     *,
     fold_batchnorm: bool = False,
+    class_names: Sequence[str] | None = None,
+    architecture: str | None = None,
+    config: Any = None,
+    frozen_bn_eps: float | None = None,
 ) -> nn.Module:
-    """A verified detector in eval mode on ``device``, rebuilt from its manifest entry (see the module docstring).
+    """A detector in eval mode on ``device``: the one way to load a detector from a file or a registered name.
 
-    ``fold_batchnorm``: fold frozen BatchNorm into the convolutions before it (:func:`fold_frozen_batchnorm`), for
-    inference only: faster, equal up to float rounding, but the state dict loses the BN keys. The CLI and the
-    service load this way.
+    ``name_or_path`` is, in the order tried:
+
+    1. a registered name, or a ``.safetensors`` file listed in the ``manifest.json`` beside it: rebuilt from the
+       manifest entry's architecture after its sha256 is verified;
+    2. a ``.safetensors`` file whose metadata names its detector (what :func:`write_detector` writes, e.g. a
+       ``detect train`` run's ``model.safetensors``): rebuilt from that metadata;
+    3. a torchvision Faster R-CNN checkpoint (``.pth`` read with ``weights_only=True``, or a bare ``.safetensors``
+       state dict): ``architecture`` (a Faster R-CNN name of :data:`detect.detectors.DETECTORS`) is inferred from
+       the keys when omitted, the class count from the classifier's shape, ``class_names`` default COCO's for 91
+       classes, else ``class_k``; ``config`` and ``frozen_bn_eps`` (default 0.0, as in torchvision's COCO
+       checkpoints) may be given.
+
+    Every key and shape is checked, and tensors that are not finite (NaN or infinite) are refused: both are
+    :class:`WeightsError`. ``fold_batchnorm`` folds frozen BatchNorm into the convolutions
+    (:func:`detect.backbones.fold_frozen_batchnorm`), for inference only: faster, equal up to float rounding, but
+    the state dict loses the BN keys. A device torch cannot use is a :class:`ConfigError`.
     """
-    entry = resolve(name_or_path, dirs)
-    verify(entry)
-    model = _build(entry)
-    state = read_state_dict(entry.path)
-    check_state_dict(model, state, entry.path)
-    model.load_state_dict(state, strict=True)
-    _set_frozen_bn_eps(model, entry.architecture.get("frozen_bn_eps"))
+    path = Path(name_or_path)
+    listed = path.is_file() and any(e.file == path.name for e in load_manifest(path.parent).values())
+    if listed or not path.is_file():
+        entry = resolve(name_or_path, dirs)
+        verify(entry)
+        model = _load_state(_build(entry), entry.path, entry.architecture.get("frozen_bn_eps"))
+    elif (metadata := _metadata(path)).get("detector"):
+        name, names, stored = saved_architecture(path)
+        model = _load_state(detectors.build(name, names, stored), path, _stored_eps(metadata, path))
+    else:
+        model = _torchvision_checkpoint(path, architecture, class_names, config, frozen_bn_eps)
     if fold_batchnorm:
         fold_frozen_batchnorm(model)
     try:
         return model.to(torch.device(device)).eval()
-    except (RuntimeError, AssertionError) as err:
+    except (RuntimeError, AssertionError) as err:  # e.g. "cuda" on a machine without CUDA
         raise ConfigError(f"cannot use device {device!r}: {str(err).splitlines()[0]}") from err
 
 
+def _load_state(model: nn.Module, path: Path, eps: float | None) -> nn.Module:
+    """``model`` with the tensors of ``path`` (every key and shape checked, all finite) and frozen-BN ``eps``."""
+    state = upgrade_legacy_keys(read_state_dict(path))
+    check_state_dict(model, state, path)
+    if bad := [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]:
+        raise WeightsError(f"{path}: tensors with NaN or infinite values ({', '.join(bad[:3])}): a broken file")
+    model.load_state_dict(state, strict=True)
+    if eps is not None:
+        for module in model.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                module.eps = float(eps)
+    return model
+
+
 def _build(entry: WeightsEntry) -> nn.Module:
-    """A randomly initialised detector of the entry's architecture."""
-    builder, config = entry.architecture["builder"], entry.architecture.get("config", {})
-    family = builder.split("_")[0]
+    """A randomly initialised detector of a manifest entry's architecture."""
+    builder = entry.architecture["builder"]
+    if builder not in detectors.DETECTORS:
+        raise WeightsError(f"{entry.directory / MANIFEST}: {entry.name!r}: unknown or inconsistent builder {builder!r}")
     try:
-        if builder in faster_rcnn.BUILDERS:
-            config = config_from_dict(FasterRCNNConfig, config)
-            num_classes = len(entry.class_names) + 1
-            return faster_rcnn.BUILDERS[builder](num_classes, class_names=entry.class_names, config=config)
-        if family in _REGION_DETECTORS:
-            detector_class = _REGION_DETECTORS[family]
-            model = detector_class.build(entry.class_names, config_from_dict(detector_class.config_class, config))
-            if model.name == builder:
-                return model
+        detector = detectors.entry(builder)
+        config = from_dict(type(detector.default_config), entry.architecture.get("config", {}))
+        return detector.build(entry.class_names, config)
     except (ConfigError, TypeError, ValueError) as err:
-        raise WeightsError(f"{entry.directory / MANIFEST}: {entry.name!r}: bad architecture config ({err})") from err
-    raise WeightsError(f"{entry.directory / MANIFEST}: {entry.name!r}: unknown or inconsistent builder {builder!r}")
+        raise WeightsError(f"{entry.directory / MANIFEST}: {entry.name!r}: bad architecture {builder!r} ({err})") from err
+
+
+def _torchvision_checkpoint(
+    path: Path, architecture: str | None, class_names: Sequence[str] | None, config: Any, eps: float | None
+) -> nn.Module:
+    """A Faster R-CNN from a torchvision checkpoint (see :func:`load_detector`, case 3)."""
+    state = upgrade_legacy_keys(read_state_dict(path))
+    architecture = architecture or infer_architecture(state, path)
+    known = [e.name for e in detectors.DETECTORS.values() if e.family == "faster_rcnn"]
+    if architecture not in known:
+        raise WeightsError(f"unknown Faster R-CNN architecture {architecture!r}; known: {sorted(known)}")
+    classifier = state.get("roi_heads.box_predictor.cls_score.weight")
+    if classifier is None or classifier.ndim != 2:
+        raise WeightsError(f"{path} has no 2-D roi_heads.box_predictor.cls_score.weight")
+    extra = {} if config is None else {"config": config}
+    model = detectors.DETECTORS[architecture](int(classifier.shape[0]), class_names=class_names, **extra)
+    return _load_state(model, path, eps if eps is not None else 0.0)
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """The safetensors metadata of ``path`` (empty for other files)."""
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (OSError, SafetensorError) as err:
+        raise WeightsError(f"cannot read weights from {path}: {err}") from err
+
+
+def _stored_eps(metadata: Mapping[str, str], path: Path) -> float | None:
+    value = metadata.get(FROZEN_BN_EPS_KEY)
+    try:
+        return None if value is None else float(value)
+    except ValueError as err:
+        raise WeightsError(f"{path}: metadata {FROZEN_BN_EPS_KEY}={value!r} is not a number") from err
+
+
+def saved_architecture(path: str | os.PathLike) -> tuple[str, list[str], Any]:
+    """``(detector name, class names, config)`` from the metadata of a :func:`write_detector` file."""
+    metadata = _metadata(Path(path))
+    try:
+        name = metadata["detector"]
+        config = from_dict(type(detectors.entry(name).default_config), json.loads(metadata["config"]))
+        return name, list(json.loads(metadata["class_names"])), config
+    except (KeyError, ValueError, TypeError, ConfigError) as err:
+        raise WeightsError(f"{path} lacks a valid detector name, class list or config in its metadata: {err}") from err
+
+
+def upgrade_legacy_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename the flat keys of old torchvision checkpoints to today's names, as torchvision's own load hooks do:
+    the RPN head's single conv (``rpn.head.conv.weight`` -> ``rpn.head.conv.0.0.weight``) and the FPN's blocks
+    (``backbone.fpn.inner_blocks.0.weight`` -> ``backbone.fpn.inner_blocks.0.0.weight``, ``layer_blocks`` too);
+    frozen BN's ``num_batches_tracked`` counters (meaningless when frozen) are dropped."""
+    renamed: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        parts = key.split(".")
+        if key.startswith("rpn.head.conv.") and len(parts) == 4:
+            key = f"rpn.head.conv.0.0.{parts[-1]}"
+        elif key.startswith(("backbone.fpn.inner_blocks.", "backbone.fpn.layer_blocks.")) and len(parts) == 5:
+            key = ".".join(parts[:4] + ["0", parts[4]])
+        renamed[key] = value
+    return renamed
+
+
+def infer_architecture(state: Mapping[str, Tensor], path: str | os.PathLike) -> str:
+    """The Faster R-CNN detector name whose model has ``state``'s telltale keys."""
+    if "backbone.fpn.inner_blocks.0.0.weight" in state and "backbone.body.layer1.0.conv3.weight" in state:
+        return "fasterrcnn_resnet50_fpn"
+    if "backbone.body.28.weight" in state and "roi_heads.box_head.fc6.weight" in state:
+        return "fasterrcnn_vgg16"
+    raise WeightsError(
+        f"cannot tell which Faster R-CNN {path} holds; pass architecture= fasterrcnn_resnet50_fpn or fasterrcnn_vgg16"
+    )
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """Raise :class:`WeightsError` listing missing and unexpected keys and wrong shapes, if any."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k}: {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    problems = [
+        f"{label} ({len(items)}): {', '.join(items[:5])}{', ...' if len(items) > 5 else ''}"
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+        if items
+    ]
+    if problems:
+        raise WeightsError(f"{path} does not fit {getattr(model, 'name', 'the model')}: " + "; ".join(problems))
 
 
 def _frozen_bn_eps(model: nn.Module) -> float | None:
     return next((float(m.eps) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)), None)
 
 
-def _set_frozen_bn_eps(model: nn.Module, eps: float | None) -> None:
-    if eps is not None:
-        for module in model.modules():
-            if isinstance(module, FrozenBatchNorm2d):
-                module.eps = float(eps)
+def _detector_file(detector: nn.Module, config: Any) -> tuple[bytes, dict[str, Any]]:
+    """The safetensors bytes of ``detector`` (metadata: detector name, class names, config, frozen-BN eps) and
+    its manifest architecture."""
+    config = config if config is not None else getattr(detector, "config", None)
+    if not dataclasses.is_dataclass(config):
+        raise ConfigError(f"{type(detector).__name__} keeps no config: pass config= (the one it was built with)")
+    architecture: dict[str, Any] = {"builder": detector.name, "config": json.loads(to_json(config))}
+    metadata = {"detector": detector.name, "class_names": json.dumps(list(detector.class_names)), "config": to_json(config)}
+    if (eps := _frozen_bn_eps(detector)) is not None:
+        architecture["frozen_bn_eps"] = eps
+        metadata[FROZEN_BN_EPS_KEY] = repr(eps)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in detector.state_dict().items()}
+    return safetensors_bytes(tensors, metadata=metadata), architecture
+
+
+def write_detector(detector: nn.Module, path: str | os.PathLike, config: Any = None) -> str:
+    """Write ``detector``'s state dict to ``path`` (``.safetensors``, atomically) with the metadata that
+    :func:`load_detector` rebuilds it from; no manifest entry (see :func:`save_detector`). ``config``: the frozen
+    config dataclass it was built with (default ``detector.config``). Returns the file's sha256."""
+    data, _ = _detector_file(detector, config)
+    atomic_write(Path(path), data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def save_detector(
@@ -289,29 +439,12 @@ def save_detector(
     training_time_s: float | None = None,
     source: str = "trained with detect",
 ) -> WeightsEntry:
-    """Write ``detector``'s state dict to ``path`` (``.safetensors``) and its entry into the manifest beside it.
-
-    ``config``: the detector's frozen config dataclass (default ``detector.config``; a :class:`FasterRCNN` keeps
-    none, so pass the one it was built with). An entry of the same name is replaced. Returns the new entry.
-    """
+    """Write ``detector`` to ``path`` (see :func:`write_detector`) and its entry into the manifest beside it,
+    replacing an entry of the same name. Returns the new entry."""
     path = Path(path)
     if path.suffix != ".safetensors" or not _NAME.match(name):
         raise ConfigError(f"save to a .safetensors path under a plain name, got {path} and {name!r}")
-    config = config if config is not None else getattr(detector, "config", None)
-    if not dataclasses.is_dataclass(config):
-        raise ConfigError(f"{type(detector).__name__} keeps no config: pass config= (the one it was built with)")
-    architecture: dict[str, Any] = {"builder": detector.name, "config": json.loads(config_to_json(config))}
-    eps = _frozen_bn_eps(detector)
-    metadata = {
-        "detector": detector.name,
-        "class_names": json.dumps(list(detector.class_names)),
-        "config": config_to_json(config),
-    }
-    if eps is not None:
-        architecture["frozen_bn_eps"] = eps
-        metadata[FROZEN_BN_EPS_KEY] = repr(eps)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in detector.state_dict().items()}
-    data = safetensors_bytes(tensors, metadata=metadata)
+    data, architecture = _detector_file(detector, config)
     atomic_write(path, data)
     entry = WeightsEntry(
         name=name,
@@ -362,7 +495,7 @@ def import_torchvision_checkpoint(
     defaults to the first ``DETECT_WEIGHTS_DIR`` folder, else the user folder.
     """
     path = Path(path)
-    model = FasterRCNN.from_weights(path, architecture="fasterrcnn_resnet50_fpn", class_names=class_names)
+    model = _torchvision_checkpoint(path, "fasterrcnn_resnet50_fpn", class_names, None, None)
     target = Path(directory) if directory is not None else weights_dirs()[0]
     return save_detector(
         model,
@@ -440,69 +573,3 @@ def _download(url: str, out: Any, timeout: float) -> str:
         reason = getattr(err, "reason", err)
         raise NoNetworkError(f"no network: cannot download {url} ({reason}); {hint}") from err
     return digest.hexdigest()
-
-
-# --- command line ------------------------------------------------------------------------------------------
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``detect weights list|import|pull`` (handlers return exit codes, raise :class:`WeightsError`)."""
-    weights = subparsers.add_parser("weights", help="list, import and download detector weights")
-    sub = weights.add_subparsers(dest="weights_command", required=True)
-    p = sub.add_parser("list", help="weights on the search path (DETECT_WEIGHTS_DIR, user folder, bundled)")
-    p.add_argument("--json", action="store_true", help="print the manifest entries as JSON")
-    p.set_defaults(func=_cmd_list)
-    p = sub.add_parser("import", help="register a torchvision Faster R-CNN ResNet-50-FPN checkpoint (.pth)")
-    p.add_argument("path", help="checkpoint file")
-    p.add_argument("--name", help="name to register (default: the file name without its hash suffix)")
-    p.add_argument("--dir", help="weights folder to write (default: first DETECT_WEIGHTS_DIR, else user folder)")
-    p.set_defaults(func=_cmd_import)
-    p = sub.add_parser("add", help="register a finished `detect train` run (e.g. into the bundled weights/ folder)")
-    p.add_argument("run", help="the run's folder (or its model.safetensors)")
-    p.add_argument("--name", required=True, help="name to register")
-    p.add_argument("--dir", help="weights folder to write (default: first DETECT_WEIGHTS_DIR, else user folder)")
-    p.add_argument("--recipe", help="the recipe the run was trained with, stored in the manifest entry")
-    p.set_defaults(func=_cmd_add)
-    p = sub.add_parser("pull", help="download an official checkpoint (needs internet) and register it")
-    p.add_argument("name", help=f"one of: {', '.join(sorted(OFFICIAL_CHECKPOINTS))}")
-    p.add_argument("--dir", help="weights folder to write (default: first DETECT_WEIGHTS_DIR, else user folder)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the network")
-    p.set_defaults(func=_cmd_pull)
-
-
-def _cmd_list(args: argparse.Namespace) -> int:
-    entries = list_weights()
-    if args.json:
-        print(json.dumps([{**e.to_json(), "path": str(e.path)} for e in entries], indent=2))
-        return 0
-    if not entries:
-        print(f"no weights found in {', '.join(str(d) for d in weights_dirs())}")
-    for entry in entries:
-        metrics = ", ".join(
-            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in entry.metrics.items()
-            if isinstance(v, (int, float, str))  # the rest (e.g. the evaluation data) is in --json
-        )
-        print(f"{entry.name}\t{entry.architecture['builder']}\t{len(entry.class_names)} classes\t"
-              f"{entry.size_bytes / 1e6:.1f} MB\t{metrics or '-'}\t{entry.path}")
-    return 0
-
-
-def _cmd_import(args: argparse.Namespace) -> int:
-    name = args.name or re.sub(r"-[0-9a-f]{8,64}$", "", Path(args.path).stem)
-    entry = import_torchvision_checkpoint(args.path, name, directory=args.dir)
-    print(f"registered {entry.name} -> {entry.path}")
-    return 0
-
-
-def _cmd_add(args: argparse.Namespace) -> int:
-    from detect.train import bundle_run  # training pulls in the data sets and recipes: only when asked
-
-    directory = Path(args.dir) if args.dir else weights_dirs()[0]
-    entry = bundle_run(args.run, args.name, directory, args.recipe)
-    print(f"registered {entry.name} -> {entry.path} (mAP {entry.metrics.get('voc_map50')})")
-    return 0
-
-
-def _cmd_pull(args: argparse.Namespace) -> int:
-    entry = pull(args.name, directory=args.dir, timeout=args.timeout)
-    print(f"registered {entry.name} -> {entry.path}")
-    return 0

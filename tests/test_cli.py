@@ -26,6 +26,6 @@ def test_usage_errors_exit_2(capsys) -> None:
 
 
 def test_default_proposal_workers_leave_small_machines_in_process() -> None:
-    from detect.cli import default_proposal_workers
+    from detect.engines.local import default_proposal_workers
 
     assert [default_proposal_workers(c) for c in (1, 2, 3, 4, 8, 16)] == [0, 0, 2, 3, 4, 4]

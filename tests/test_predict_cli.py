@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from detect import cli, predict
-from detect.predict import PredictOptions, Refinement, run
+from detect import cli
+from detect.cli import predict
+from detect.engines.local import PredictOptions, run
+from detect.inference import Refinement
 from tests.helpers import StubDetector, isolate_weights, png
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,7 +119,7 @@ def test_each_format_parses_back(tmp_path: Path) -> None:
 
 def test_cli_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     isolate_weights(monkeypatch, tmp_path)  # nothing registered: no default weights
-    monkeypatch.setattr(predict, "load_detector", lambda *a: StubDetector())
+    monkeypatch.setattr(predict, "load_model", lambda *a: StubDetector())
     write(tmp_path / "good" / "a.png", png(8, 8))
     write(tmp_path / "mixed" / "b.png", b"garbage")
     weights = ["--weights", "unused"]
@@ -139,7 +141,7 @@ def test_missing_weights_is_a_setup_error(tmp_path: Path, capsys: pytest.Capture
 _CHILD = """
 import sys
 from pathlib import Path
-from detect.predict import PredictOptions, run
+from detect.engines.local import PredictOptions, run
 from tests.helpers import StubDetector
 run(PredictOptions((sys.argv[1],), Path(sys.argv[2]), batch_size=1), StubDetector(delay=0.1))
 """
@@ -211,13 +213,13 @@ def test_default_weights_are_the_registered_shapes_model(
     folder = isolate_weights(monkeypatch, tmp_path)
     save_detector(rcnn_tiny(("circle", "square")).eval(), folder / "r.safetensors", name="rcnn_shapes")
     loaded = []
-    real_load = predict.load_detector
-    monkeypatch.setattr(predict, "load_detector", lambda *a: loaded.append(a) or real_load(*a))
+    real_load = predict.load_model
+    monkeypatch.setattr(predict, "load_model", lambda *a: loaded.append(a) or real_load(*a))
     image = write(tmp_path / "in" / "a.png", png(40, 30))
 
     out = tmp_path / "o1"
     assert cli.main(["predict", str(image), "--out", str(out), "--model", "rcnn", "--proposal-workers", "0"]) == 0
-    assert loaded == [("rcnn", "rcnn_shapes", "cpu")]
+    assert loaded == [("rcnn_shapes", "cpu", "rcnn")]
     assert json.loads((out / "a.png.json").read_text())["width"] == 40
 
     for family in ("faster_rcnn", "sppnet"):

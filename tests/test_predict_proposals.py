@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from detect.detectors.rcnn import rcnn_tiny
-from detect.predict import PredictOptions, run
+from detect.engines.local import PredictOptions, run
 from proposals.selective_search import SelectiveSearch
 
 

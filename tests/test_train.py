@@ -18,15 +18,15 @@ import pytest
 import torch
 import yaml
 
+from detect.cli import train as train_cli
 from detect.config import override
 from detect.errors import ConfigError
+from detect.weights import load_detector
 from detect.train import (
     ProposalCache,
     ScheduleConfig,
     TrainConfig,
     Trainer,
-    add_cli,
-    load_model,
     load_recipe,
     lr_factor,
 )
@@ -190,7 +190,7 @@ def test_resume_without_checkpoint_is_a_config_error(tmp_path: Path) -> None:
 
 def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
+    train_cli.add_parser(parser.add_subparsers(dest="command"))
     bad = _write(tmp_path / "bad.yaml", {"max_iterations": -1})
     args = parser.parse_args(["train", "--recipe", str(bad)])
     assert args.func(args) == 2
@@ -230,15 +230,14 @@ def test_train_kill_resume_eval_reaches_map(tmp_path: Path) -> None:
     killed_at = torch.load(checkpoint, weights_only=True)["iteration"]
     assert 0 < killed_at < 150
     parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
+    train_cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "--recipe", str(path), "--resume"])
     assert args.func(args) == 0
     rows = [json.loads(line) for line in (Path(recipe["out_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == list(range(1, 151))
     assert np.mean([r["loss"] for r in rows[-10:]]) < 0.5 * np.mean([r["loss"] for r in rows[:10]])
     weights = Path(recipe["out_dir"]) / "model.safetensors"
-    _, name = load_model(weights)
-    assert name == "sppnet_tiny"
+    assert load_detector(weights).name == "sppnet_tiny"
     out = tmp_path / "eval"
     args = parser.parse_args(["eval", "--weights", str(weights), "--data", str(path), "--out", str(out)])
     assert args.func(args) == 0
@@ -256,11 +255,10 @@ def test_trains_from_files_on_disk(tmp_path: Path, fmt: str) -> None:
     data = str(path if fmt == "coco" else tmp_path / "voc")
     recipe = _write(tmp_path / "r.yaml", {"detector": "fasterrcnn_tiny", "max_iterations": 2, "batch_size": 2})
     parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
+    train_cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "--recipe", str(recipe), "--data", data, "--out", str(tmp_path / "run")])
     assert args.func(args) == 0
-    _, name = load_model(tmp_path / "run" / "model.safetensors")
-    assert name == "fasterrcnn_tiny"
+    assert load_detector(tmp_path / "run" / "model.safetensors").name == "fasterrcnn_tiny"
 
 
 def test_bundles_a_finished_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -285,7 +283,7 @@ def test_bundles_a_finished_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setenv(weights.ENV_VAR, str(bundle))
     bundled = weights.load_detector("shapes_test")
-    trained, _ = load_model(Path(recipe["out_dir"]) / "model.safetensors")
+    trained = weights.load_detector(Path(recipe["out_dir"]) / "model.safetensors")
     from detect.data.shapes import ShapesConfig, ShapesDataset
 
     image, _ = ShapesDataset(ShapesConfig(**{**TINY_SHAPES, "seed": 5}))[0]
@@ -301,16 +299,16 @@ def test_init_backbone_copies_the_donor_body_into_any_detector(tmp_path: Path) -
     """A Faster R-CNN's backbone body lands in R-CNN's ``features.body`` and SPP-Net's ``backbone.body`` unchanged;
     the heads keep their own initialisation; a donor whose body does not fit is refused."""
     from detect.detectors.faster_rcnn import TINY_CONFIG, fasterrcnn_tiny
-    from detect.train import init_backbone, save_model
+    from detect.detectors import build
+    from detect.train import init_backbone
+    from detect.weights import write_detector
 
     torch.manual_seed(1)
     donor = fasterrcnn_tiny(class_names=("a", "b"))
-    save_model(donor, tmp_path / "donor.safetensors", "fasterrcnn_tiny", TINY_CONFIG)
+    write_detector(donor, tmp_path / "donor.safetensors", TINY_CONFIG)
     body = {k: v for k, v in donor.state_dict().items() if k.startswith("backbone.body.")}
     for name, prefix in (("rcnn_tiny", "features."), ("sppnet_tiny", "")):
-        from detect.train import DETECTORS, build_detector
-
-        model = build_detector(name, ("x", "y", "z"), DETECTORS[name][1])
+        model = build(name, ("x", "y", "z"))
         heads_before = {k: v.clone() for k, v in model.state_dict().items() if ".body." not in f".{k}"}
         assert init_backbone(model, tmp_path / "donor.safetensors") == len(body)
         state = model.state_dict()
@@ -321,6 +319,6 @@ def test_init_backbone_copies_the_donor_body_into_any_detector(tmp_path: Path) -
 
     from detect.detectors.rcnn import RCNNConfig
 
-    alexnet_rcnn = build_detector("rcnn_alexnet", ("x",), RCNNConfig())
+    alexnet_rcnn = build("rcnn_alexnet", ("x",), RCNNConfig())
     with pytest.raises(ConfigError, match="does not fit"):
         init_backbone(alexnet_rcnn, tmp_path / "donor.safetensors")

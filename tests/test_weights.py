@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import http.server
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import torch
 from torchvision.ops import FrozenBatchNorm2d
 
 from detect import weights
-from detect.detectors.faster_rcnn import COCO_CLASS_NAMES, FasterRCNN, fasterrcnn_resnet50_fpn
+from detect.cli import weights as weights_cli
+from detect.detectors.faster_rcnn import COCO_CLASS_NAMES, fasterrcnn_resnet50_fpn
 from detect.detectors.rcnn import RCNN, RCNNConfig, rcnn_alexnet
 from detect.errors import ConfigError, WeightsError
 from detect.weights import (
@@ -71,8 +73,9 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
         expected = model.state_dict()
         assert loaded.state_dict().keys() == expected.keys()
         assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
-    # the file also stands alone: the detector's own loader reads the same metadata
-    assert RCNN.from_weights(tmp_path / "w" / "tiny.safetensors").config == model.config
+    # the file also stands alone: away from its manifest it loads from its own metadata
+    shutil.copy(tmp_path / "w" / "tiny.safetensors", tmp_path / "alone.safetensors")
+    assert load_detector(tmp_path / "alone.safetensors").config == model.config
 
 
 def test_load_on_device(tmp_path: Path, device: torch.device) -> None:
@@ -201,7 +204,8 @@ def test_import_torchvision_checkpoint(tmp_path: Path) -> None:
     assert unfolded_maps["0"].abs().max() > 0
     for key, value in unfolded_maps.items():  # torchvision's random init: BN with eps 0 is a plain affine map
         torch.testing.assert_close(folded_maps[key], value, rtol=1e-4, atol=1e-4)
-    alone = FasterRCNN.from_weights(entry.path)  # the safetensors file also loads without the manifest
+    shutil.copy(entry.path, tmp_path / "alone.safetensors")
+    alone = load_detector(tmp_path / "alone.safetensors")  # the safetensors file also loads without the manifest
     assert alone.class_names == COCO_CLASS_NAMES and torch.equal(alone.state_dict()["rpn.head.conv.0.0.weight"],
                                                                   state["rpn.head.conv.0.0.weight"])
 
@@ -288,7 +292,7 @@ def test_pull_checks_the_published_hash(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
-    weights.add_cli(parser.add_subparsers(dest="command", required=True))
+    weights_cli.add_parser(parser.add_subparsers(dest="command", required=True))
     save_detector(_small_rcnn(), tmp_path / "w" / "tiny.safetensors", name="tiny", metrics={"voc_map50": 0.8125})
     monkeypatch.setenv(weights.ENV_VAR, str(tmp_path / "w"))
     args = parser.parse_args(["weights", "list"])

@@ -182,12 +182,12 @@ def test_round_trip_with_write_coco(tmp_path: Path) -> None:
 def test_data_shapes_command_writes_loadable_splits(tmp_path: Path) -> None:
     import argparse
 
-    from detect.data.cli import add_cli
+    from detect.cli.data import add_parser
     from detect.data.voc import VocDataset
     from detect.errors import ConfigError
 
     parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command", required=True))
+    add_parser(parser.add_subparsers(dest="command", required=True))
     common = ["--num-images", "5", "--image-size", "48", "--seed", "2", "--split", "train=3", "--split", "test=2"]
     for fmt in ("coco", "voc"):
         args = parser.parse_args(["data", "shapes", "--out", str(tmp_path / fmt), "--format", fmt, *common])

@@ -44,6 +44,7 @@ from detect.roi_heads import (
     load_fc67,
 )
 from detect.testing import CLS_SCALE, randomise_frozen_bn
+from detect.weights import load_detector
 from detect.transform import RCNNTransform, TransformConfig
 
 # Fewer proposals and sampled RoIs than the defaults keep the box head's CPU time down; same in both models.
@@ -312,7 +313,7 @@ def test_checkpoints_load_or_fail_clearly(models: tuple[TVFasterRCNN, FasterRCNN
     legacy = old_style(state)
     assert "rpn.head.conv.weight" in legacy and "backbone.fpn.inner_blocks.0.weight" in legacy
     torch.save({"model": legacy}, tmp_path / "old.pth")
-    loaded = FasterRCNN.from_weights(tmp_path / "old.pth")
+    loaded = load_detector(tmp_path / "old.pth")
     assert not loaded.training and loaded.class_names == COCO_CLASS_NAMES
     ours = loaded.state_dict()
     assert all(torch.equal(ours[k], v) for k, v in state.items())
@@ -320,20 +321,20 @@ def test_checkpoints_load_or_fail_clearly(models: tuple[TVFasterRCNN, FasterRCNN
 
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     save_file(state, str(tmp_path / "ours.safetensors"), metadata={"frozen_bn_eps": "1e-05"})
-    loaded = FasterRCNN.from_weights(tmp_path / "ours.safetensors", class_names=[f"c{i}" for i in range(90)])
+    loaded = load_detector(tmp_path / "ours.safetensors", class_names=[f"c{i}" for i in range(90)])
     assert loaded.class_names[0] == "c0"
     assert all(m.eps == 1e-5 for m in loaded.modules() if isinstance(m, FrozenBatchNorm2d))
     state["roi_heads.box_head.fc7.weight"] = torch.zeros(1024, 1000)
     save_file(state, str(tmp_path / "wrong.safetensors"))
     with pytest.raises(WeightsError, match=r"wrong shapes.*fc7\.weight: \(1024, 1000\)"):
-        FasterRCNN.from_weights(tmp_path / "wrong.safetensors")
+        load_detector(tmp_path / "wrong.safetensors")
     del state["roi_heads.box_head.fc7.weight"]
     save_file(state, str(tmp_path / "missing.safetensors"))
     with pytest.raises(WeightsError, match=r"missing keys \(1\): roi_heads.box_head.fc7.weight"):
-        FasterRCNN.from_weights(tmp_path / "missing.safetensors")
+        load_detector(tmp_path / "missing.safetensors")
     save_file({"something.else": torch.zeros(2)}, str(tmp_path / "alien.safetensors"))
     with pytest.raises(WeightsError, match="architecture"):
-        FasterRCNN.from_weights(tmp_path / "alien.safetensors")
+        load_detector(tmp_path / "alien.safetensors")
 
 
 def test_fc67_come_from_an_imagenet_classifier() -> None:

@@ -17,12 +17,12 @@ from pathlib import Path
 from detect.data.shapes import ShapesConfig, ShapesDataset, write_coco, write_voc
 from detect.errors import ConfigError
 
-__all__ = ["add_cli", "split_ranges"]
+__all__ = ["add_parser", "split_ranges"]
 
 _SPLIT = re.compile(r"^([A-Za-z0-9_\-]+)=(\d+)$")
 
 
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``detect data shapes`` (the handler returns an exit code, raises :class:`ConfigError`)."""
     data = subparsers.add_parser("data", help="data set tools")
     sub = data.add_subparsers(dest="data_command", required=True)
