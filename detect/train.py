@@ -29,7 +29,7 @@ Decisions:
 - Proposals for R-CNN/SPP-Net: selective search runs once per original image and is cached as ``.npy`` under
   ``<cache>/<hash of the search config>/<hash of the data config>-<image id>.npy`` (default cache: the out dir's
   ``proposals/``), reused across iterations, epochs and runs; augmentation then transforms the cached boxes with
-  the image (:mod:`detect.data.transforms`).
+  the image (:mod:`detect.data.augment`).
 - After fine-tuning, R-CNN/SPP-Net fit their box regressors (and optionally SVMs) in closed form on features of
   ``region_fit_images`` training images (:meth:`RegionDetector.collect_regions`), as in the papers.
 - Mixed precision (fp16 autocast + grad scaler) only when the device is CUDA; it is ignored on CPU.
@@ -67,7 +67,7 @@ from detect import weights
 from detect.config import override
 from detect.data.coco import CocoDataset
 from detect.data.shapes import ShapesConfig, ShapesDataset
-from detect.data.transforms import Augment, AugmentConfig
+from detect.data.augment import Augment, AugmentConfig
 from detect.data.voc import VocDataset
 from detect import detectors
 from detect.detectors.region import RegionDetector, RegionFeatures

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from detect.data.transforms import Augment, AugmentConfig, hflip, rescale
+from detect.data.augment import Augment, AugmentConfig, hflip, rescale
 from detect.errors import ConfigError
 
 
