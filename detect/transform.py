@@ -17,6 +17,14 @@ Decisions:
 - Multi-scale training: ``min_size`` may list several short sides; in training mode each image draws one with
   ``torch.empty(1).uniform_`` on the CPU generator, exactly as torchvision does, so a seed draws the same sizes
   AND leaves the generator in the same state for the samplers that follow. In eval mode the last entry is used.
+- Batch invariance: ``forward`` pads the whole batch to its largest size, as torchvision does (its parity tests
+  and checkpoints rely on it), but the detectors call :meth:`RCNNTransform.grouped` instead, which pads every
+  image only to its own size rounded up to ``size_divisible`` and batches together the images whose padded size
+  is the same. Padding is not neutral for a CNN: GroupNorm's statistics include the padded zeros, a stride-2 conv
+  writes non-zero activations one cell into the padded zone (its window still touches the image's last row), and
+  any norm or bias makes the whole zone non-zero for the next layer, whose windows then read it instead of the
+  zeros of the conv's own padding; the RPN also scores anchors over the padded zone. With ``grouped`` an image is
+  computed on exactly the pixels it would be alone, whatever its batchmates.
 """
 
 from __future__ import annotations
@@ -63,6 +71,16 @@ class ImageBatch:
     tensors: Tensor
     image_sizes: list[tuple[int, int]]
     original_sizes: list[tuple[int, int]]
+
+
+@dataclass
+class PaddedGroup:
+    """The images of a batch that share one padded size (see :meth:`RCNNTransform.grouped`): their positions
+    ``indices`` in the batch, in order, their :class:`ImageBatch` and their targets (``None`` without targets)."""
+
+    indices: list[int]
+    batch: ImageBatch
+    targets: list[dict[str, Tensor]] | None
 
 
 def as_image_tensor(image: ImageInput, device: torch.device | str | None = None) -> Tensor:
@@ -137,6 +155,7 @@ class RCNNTransform(nn.Module):
     ``forward(images, targets=None, device=None)`` returns ``(ImageBatch, targets)``: the targets are new dicts
     with the boxes rescaled to the resized images, array entries as tensors on the images' device. The module has no
     parameters or buffers; images are moved to ``device`` when given (the detector passes its own).
+    ``grouped(...)`` takes the same arguments and returns the batch cut into :class:`PaddedGroup` s by padded size.
     """
 
     def __init__(self, config: TransformConfig = TransformConfig()) -> None:
@@ -169,23 +188,37 @@ class RCNNTransform(nn.Module):
                 out[i] = image
         return out
 
-    def pad(self, images: Sequence[Tensor]) -> Tensor:
-        """Zero-pad ``(3, h_i, w_i)`` images at the bottom and right into ``(B, 3, H, W)``, ``H, W`` the largest
-        sides rounded up to ``size_divisible``."""
+    def padded_size(self, size: Sequence[int]) -> tuple[int, int]:
+        """``(h, w)`` rounded up to multiples of ``size_divisible``: the size an image is padded to alone."""
         step = self.config.size_divisible
-        height = -(-max(img.shape[1] for img in images) // step) * step
-        width = -(-max(img.shape[2] for img in images) // step) * step
-        batch = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+        return -(-int(size[0]) // step) * step, -(-int(size[1]) // step) * step
+
+    def pad(self, images: Sequence[Tensor], size: tuple[int, int] | None = None) -> Tensor:
+        """Zero-pad ``(3, h_i, w_i)`` images at the bottom and right into ``(B, 3, H, W)``; ``(H, W)`` is ``size``
+        when given (at least every image's), else the largest sides rounded up to ``size_divisible``."""
+        if size is None:
+            size = self.padded_size((max(img.shape[1] for img in images), max(img.shape[2] for img in images)))
+        batch = images[0].new_zeros((len(images), images[0].shape[0], *size))
         for i, image in enumerate(images):  # B copies into the padded tensor
             batch[i, :, : image.shape[1], : image.shape[2]].copy_(image)
         return batch
 
-    def forward(
+    def padded_groups(self, images: Sequence[Tensor]) -> list[tuple[tuple[int, int], list[int]]]:
+        """``(padded size, positions)`` of the images ``(3, h_i, w_i)`` that share a :meth:`padded_size`, in
+        order of first appearance."""
+        members: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, image in enumerate(images):
+            members[self.padded_size(image.shape[1:])].append(index)
+        return list(members.items())
+
+    def resize(
         self,
         images: Sequence[ImageInput] | ImageInput,
         targets: Sequence[Mapping[str, Tensor]] | None = None,
         device: torch.device | str | None = None,
-    ) -> tuple[ImageBatch, list[dict[str, Tensor]] | None]:
+    ) -> tuple[list[Tensor], list[tuple[int, int]], list[tuple[int, int]], list[dict[str, Tensor]] | None]:
+        """Normalised and resized images ``(3, h_i, w_i)``, their resized and original sizes, and the targets
+        with boxes in resized pixels (``None`` without targets): everything but the padding."""
         images = as_image_list(images)
         if targets is not None and len(targets) != len(images):
             raise ValueError(f"{len(targets)} targets for {len(images)} images")
@@ -193,12 +226,45 @@ class RCNNTransform(nn.Module):
         original = [(int(t.shape[1]), int(t.shape[2])) for t in tensors]
         sides = self.target_short_sides(len(tensors))
         sizes = [resized_size(size, side, self.config.max_size) for size, side in zip(original, sides)]
-        batch = ImageBatch(self.pad(self.normalize_and_resize(tensors, sizes)), sizes, original)
+        resized = self.normalize_and_resize(tensors, sizes)
         if targets is None:
-            return batch, None
+            return resized, sizes, original, None
         moved = [as_target(t, tensors[0].device) for t in targets]
         boxes = rescale_boxes([t["boxes"] for t in moved], original, sizes)
-        return batch, [{**t, "boxes": b} for t, b in zip(moved, boxes)]
+        return resized, sizes, original, [{**t, "boxes": b} for t, b in zip(moved, boxes)]
+
+    def forward(
+        self,
+        images: Sequence[ImageInput] | ImageInput,
+        targets: Sequence[Mapping[str, Tensor]] | None = None,
+        device: torch.device | str | None = None,
+    ) -> tuple[ImageBatch, list[dict[str, Tensor]] | None]:
+        """torchvision's transform: the whole batch padded to its largest size (see :meth:`grouped`)."""
+        resized, sizes, original, targets = self.resize(images, targets, device)
+        return ImageBatch(self.pad(resized), sizes, original), targets
+
+    def grouped(
+        self,
+        images: Sequence[ImageInput] | ImageInput,
+        targets: Sequence[Mapping[str, Tensor]] | None = None,
+        device: torch.device | str | None = None,
+    ) -> list[PaddedGroup]:
+        """Like :meth:`forward`, but each image is padded only to its own :meth:`padded_size` and the images that
+        share one form a batch: one :class:`PaddedGroup` per padded size, in order of first appearance. A batch
+        of same-size images is one group, the same tensors as :meth:`forward`'s."""
+        resized, sizes, original, targets = self.resize(images, targets, device)
+        return [
+            PaddedGroup(
+                indices,
+                ImageBatch(
+                    self.pad([resized[i] for i in indices], size),
+                    [sizes[i] for i in indices],
+                    [original[i] for i in indices],
+                ),
+                None if targets is None else [targets[i] for i in indices],
+            )
+            for size, indices in self.padded_groups(resized)
+        ]
 
     def postprocess(self, boxes: Sequence[Tensor], batch: ImageBatch) -> list[Tensor]:
         """Map each image's ``(N_i, 4)`` boxes from resized to original pixels (one multiplication)."""

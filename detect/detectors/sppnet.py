@@ -114,10 +114,21 @@ class SPPNetConfig:
 
 @dataclass
 class ScaleFeatures:
-    """The conv map of the batch at one scale and each image's resized ``(h, w)``."""
+    """The conv maps of the batch at one scale: one ``(B_g, C, H_g, W_g)`` map per group of images of the same
+    resized size (``groups[g]`` their positions in the batch), and each image's resized ``(h, w)``."""
 
-    features: Tensor  # (B, C, H, W)
+    maps: list[Tensor]
+    groups: list[list[int]]
     sizes: list[tuple[int, int]]
+
+    @property
+    def features(self) -> list[Tensor]:
+        """Each image's ``(C, H_i, W_i)`` map, in batch order (views into :attr:`maps`)."""
+        out: list[Tensor] = [None] * len(self.sizes)  # type: ignore[list-item]
+        for group_map, members in zip(self.maps, self.groups):
+            for index, image_map in zip(members, group_map):
+                out[index] = image_map
+        return out
 
 
 @dataclass
@@ -180,19 +191,25 @@ class SPPNet(RegionDetector):
         return BUILDERS[config.backbone](class_names, config=config)
 
     def prepare(self, images: list[Tensor], with_grad: bool) -> SPPFeatures:
-        """The conv maps of the batch at every scale (autograd only when a loss will need it)."""
+        """The conv maps of the batch at every scale (autograd only when a loss will need it). The images of one
+        resized size form a batch of their own, so no image is padded and none depends on its batchmates."""
         original = [(int(t.shape[1]), int(t.shape[2])) for t in images]
         scales = []
         with torch.set_grad_enabled(torch.is_grad_enabled() and with_grad):
             for side in self.config.scales:
                 sizes = [resized_size(size, side, self.config.max_size) for size in original]
-                batch = self.transform.pad(self.transform.normalize_and_resize(images, sizes))  # (B, 3, H, W)
-                scales.append(ScaleFeatures(self.backbone(batch), sizes))
+                resized = self.transform.normalize_and_resize(images, sizes)
+                groups = self.transform.padded_groups(resized)
+                maps = [
+                    self.backbone(self.transform.pad([resized[i] for i in members], size))  # (B_g, C, H_g, W_g)
+                    for size, members in groups
+                ]
+                scales.append(ScaleFeatures(maps, [members for _, members in groups], sizes))
         return SPPFeatures(scales, original)
 
     def pool(self, prepared: SPPFeatures, boxes: Sequence[Tensor]) -> Tensor:
         counts = [len(b) for b in boxes]
-        device = prepared.scales[0].features.device
+        device = prepared.scales[0].maps[0].device
         image = torch.arange(len(boxes), device=device).repeat_interleave(
             torch.tensor(counts, device=device), output_size=sum(counts)
         )  # (K,)
@@ -200,24 +217,31 @@ class SPPNet(RegionDetector):
         scaled = [torch.cat(rescale_boxes(boxes, original, s.sizes)) for s in prepared.scales]  # S x (K, 4)
         areas = torch.stack([box_area(b) for b in scaled])  # (S, K)
         choice = (areas - float(self.config.target_box_side**2)).abs().argmin(dim=0)  # (K,)
-        pooled = prepared.scales[0].features.new_empty((sum(counts), self.heads.in_features))  # (K, C * bins)
+        pooled = prepared.scales[0].maps[0].new_empty((sum(counts), self.heads.in_features))  # (K, C * bins)
         for index, (level, level_boxes) in enumerate(zip(prepared.scales, scaled)):
-            rows = torch.nonzero(choice == index).squeeze(1)  # (K_s,)
-            if len(rows) == 0:
-                continue
-            cells = project_boxes(level_boxes[rows], self.stride, self.offset, self._last_cells(level)[image[rows]])
-            rois = torch.cat([image[rows, None].to(cells), cells], dim=1)  # (K_s, 5)
-            pooled.index_copy_(0, rows, spatial_pyramid_pool(level.features, rois, self.config.pyramid_levels))
+            last_cells = self._last_cells(level)  # (B, 2)
+            for group_map, members in zip(level.maps, level.groups):
+                slot = torch.full((len(boxes),), -1, dtype=torch.int64, device=device)  # (B,) place in the group
+                slot[members] = torch.arange(len(members), device=device)
+                rows = torch.nonzero((choice == index) & (slot[image] >= 0)).squeeze(1)  # (K_sg,)
+                if len(rows) == 0:
+                    continue
+                cells = project_boxes(level_boxes[rows], self.stride, self.offset, last_cells[image[rows]])
+                rois = torch.cat([slot[image[rows], None].to(cells), cells], dim=1)  # (K_sg, 5)
+                pooled.index_copy_(0, rows, spatial_pyramid_pool(group_map, rois, self.config.pyramid_levels))
         return pooled
 
     def _last_cells(self, level: ScaleFeatures) -> Tensor:
         """``(B, 2)`` the last ``(x, y)`` cell of each image: the last whose centre lies inside the resized image,
-        at most the map's last."""
-        height, width = level.features.shape[2:]
-        device = level.features.device
+        at most its map's last."""
+        device = level.maps[0].device
         extent = torch.tensor([(w, h) for h, w in level.sizes], dtype=torch.float32, device=device)  # (B, 2)
         inside = (torch.ceil((extent - self.offset) / self.stride) - 1).clamp(min=0)
-        return torch.minimum(inside, torch.tensor([width - 1.0, height - 1.0], device=device))
+        map_last = [(0.0, 0.0)] * len(level.sizes)
+        for group_map, members in zip(level.maps, level.groups):
+            for index in members:
+                map_last[index] = (group_map.shape[3] - 1.0, group_map.shape[2] - 1.0)
+        return torch.minimum(inside, torch.tensor(map_last, device=device))
 
 
 def _sppnet(backbone: Backbone, class_names: Sequence[str], config: SPPNetConfig, weights: str | Path | None) -> SPPNet:
