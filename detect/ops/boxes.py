@@ -91,6 +91,9 @@ def clip_boxes(boxes: Tensor, image_size: tuple[int, int] | Tensor) -> Tensor:
     the middle dimensions. The result is bitwise equal to ``torchvision.ops.clip_boxes_to_image`` (clamping rounds
     nothing); NaN coordinates stay NaN.
     """
+    fused = _clip_fused(boxes, image_size)
+    if fused is not None:
+        return fused
     if not isinstance(image_size, Tensor):
         height, width = image_size
         return torch.stack((boxes[..., 0::2].clamp(0, width), boxes[..., 1::2].clamp(0, height)), dim=-1).flatten(-2)
@@ -100,6 +103,35 @@ def clip_boxes(boxes: Tensor, image_size: tuple[int, int] | Tensor) -> Tensor:
     if size.dim() == 2:
         upper = upper.view(size.shape[0], *[1] * (boxes.dim() - 2), 4)  # (B, 1, ..., 1, 4)
     return torch.minimum(boxes.clamp(min=0), upper)
+
+
+def _clip_fused(boxes: Tensor, image_size: tuple[int, int] | Tensor) -> Tensor | None:
+    """:func:`clip_boxes` as one fused loop over the rows (numba on the CPU, Triton on CUDA), or None where the
+    reference runs instead (other dtypes, autograd, empty input, sizes that are neither one pair nor one per
+    leading index)."""
+    needs_grad = torch.is_grad_enabled() and boxes.requires_grad
+    backend = dispatch.choose("clip_boxes", boxes.device, boxes.dtype, needs_grad=needs_grad)
+    if backend == "torch" or boxes.numel() == 0 or boxes.shape[-1] != 4:
+        return None
+    if isinstance(image_size, Tensor):
+        sizes = image_size.to(device=boxes.device, dtype=boxes.dtype)
+        if sizes.dim() == 2 and (boxes.dim() < 2 or sizes.shape[0] != boxes.shape[0]):
+            return None  # broadcasting the sizes over a unit leading dimension: leave it to the reference
+        sizes = sizes.reshape(-1, 2)  # (S, 2) as (H, W)
+    else:
+        sizes = torch.tensor([list(image_size)], dtype=boxes.dtype, device=boxes.device)  # (1, 2)
+    if sizes.shape[1] != 2:
+        return None
+    rows = boxes.numel() // 4
+    flat = boxes.contiguous().view(rows, 4)
+    out = torch.empty_like(flat)
+    if backend == "triton":
+        dispatch.gpu().clip(out, flat, sizes.contiguous(), rows // sizes.shape[0])
+        return out.view(boxes.shape)
+    kind = np.dtype(str(boxes.dtype).removeprefix("torch.")).type
+    args = (out.numpy(), flat.numpy(), sizes.contiguous().numpy(), rows // sizes.shape[0], kind(0))
+    dispatch.run_cpu(dispatch.cpu().clip, rows, rows, *args)
+    return out.view(boxes.shape)
 
 
 def clip_boxes_list(boxes_list: Sequence[Tensor], sizes: Sequence[tuple[int, int]] | Tensor) -> list[Tensor]:

@@ -27,6 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+import numpy as np
+
+from detect.ops import dispatch
 from detect.ops.boxes import compute_dtype
 
 
@@ -72,6 +75,9 @@ class BoxCoder:
         """Regression targets: ``gt_boxes (..., 4)`` relative to ``proposals (..., 4)`` (broadcastable) ->
         deltas ``(..., 4)`` as ``(tx, ty, tw, th)``."""
         dtype = compute_dtype(gt_boxes, proposals)
+        backend = dispatch.choose("box_encode", proposals.device, dtype, needs_grad=_needs_grad(gt_boxes, proposals))
+        if backend != "torch" and gt_boxes.numel() and proposals.numel():
+            return _encode_fused(self, gt_boxes.to(dtype), proposals.to(dtype), backend)
         ex_w, ex_h, ex_x, ex_y = _size_and_centre(proposals.to(dtype))  # 4 x (...)
         gt_w, gt_h, gt_x, gt_y = _size_and_centre(gt_boxes.to(dtype))  # 4 x (...)
         wx, wy, ww, wh = self.weights
@@ -84,6 +90,11 @@ class BoxCoder:
     def decode(self, deltas: Tensor, boxes: Tensor) -> Tensor:
         """Apply ``deltas (..., 4)`` to reference ``boxes (..., 4)`` (broadcastable) -> xyxy boxes ``(..., 4)``."""
         dtype = compute_dtype(deltas, boxes)
+        backend = dispatch.choose("box_decode", deltas.device, dtype, needs_grad=_needs_grad(deltas, boxes))
+        if backend != "torch":
+            fused = _decode_fused(self, deltas.to(dtype), boxes.to(dtype), backend)
+            if fused is not None:
+                return fused
         deltas = deltas.to(dtype)
         widths, heights, ctr_x, ctr_y = _size_and_centre(boxes.to(dtype))  # 4 x (...)
         wx, wy, ww, wh = self.weights
@@ -107,3 +118,98 @@ class BoxCoder:
             raise ValueError(f"class-specific deltas need a multiple of 4 columns, got {tuple(deltas.shape)}")
         per_class = deltas.unflatten(-1, (deltas.shape[-1] // 4, 4))  # (..., C*4) -> (..., C, 4)
         return self.decode(per_class, boxes.unsqueeze(-2))  # (..., C, 4)
+
+
+# --- fused paths (see detect.ops.dispatch) --------------------------------------------------------------------
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _scalar(dtype: torch.dtype):
+    """The numpy scalar type of ``dtype`` (constants enter the numba loops in the arrays' own precision)."""
+    return np.dtype(str(dtype).removeprefix("torch.")).type
+
+
+def _collapse(sizes: tuple[int, ...], strides: tuple[int, ...]) -> list[tuple[int, int]] | None:
+    """Leading dimensions ``(size, stride)`` with unit sizes dropped and mergeable neighbours merged; None if
+    more than two remain."""
+    dims: list[tuple[int, int]] = []
+    for size, stride in zip(sizes, strides):
+        if size == 1:
+            continue
+        if dims and dims[-1][1] == stride * size:
+            dims[-1] = (dims[-1][0] * size, stride)
+        else:
+            dims.append((size, stride))
+    return dims if len(dims) <= 2 else None
+
+
+def _decode_fused(coder: BoxCoder, deltas: Tensor, boxes: Tensor, backend: str) -> Tensor | None:
+    """:meth:`BoxCoder.decode` in two fused passes around torch's own exp, or None where the deltas are
+    broadcast (their shape is not the result's) or the boxes' broadcast does not collapse to two dimensions.
+
+    Pass one writes ``dw, dh`` (scaled, clamped) as two contiguous arrays of the deltas' leading shape, exactly the
+    tensors the reference exponentiates; ``torch.exp`` runs on them in place, so the exponentials are the
+    reference's bit for bit (see :mod:`detect.ops._cpu`); pass two writes the corners. Working memory: those two
+    arrays, half the size of the output.
+    """
+    shape = torch.broadcast_shapes(deltas.shape, boxes.shape)
+    if tuple(deltas.shape) != tuple(shape) or deltas.numel() == 0:
+        return None
+    boxes = boxes.contiguous()
+    lead = _collapse(tuple(shape[:-1]), tuple(s // 4 for s in boxes.expand(shape).stride()[:-1]))
+    if lead is None:
+        return None
+    (outer, outer_stride), (inner, inner_stride) = ([(1, 0)] * (2 - len(lead)) + lead)[-2:]
+    rows = deltas.numel() // 4
+    flat_deltas = deltas.contiguous().view(rows, 4)
+    flat_boxes = boxes.view(-1, 4)
+    scaled = deltas.new_empty((2, rows))  # (2, R): dw, dh, then their exponentials
+    out = deltas.new_empty(shape)
+    wx, wy, ww, wh = coder.weights
+    kind = _scalar(deltas.dtype)
+    if backend == "triton":
+        gpu = dispatch.gpu()
+        gpu.decode_prepare(flat_deltas, scaled, ww, wh, coder.bbox_xform_clip)
+        torch.exp(scaled[0], out=scaled[0])
+        torch.exp(scaled[1], out=scaled[1])
+        gpu.decode_finish(out.view(rows, 4), flat_deltas, scaled, flat_boxes, outer_stride, inner, inner_stride, wx, wy)
+        return out
+    cpu = dispatch.cpu()
+    d = flat_deltas.numpy()
+    dispatch.run_cpu(cpu.decode_prepare, rows, rows, d, scaled.numpy(), kind(ww), kind(wh), kind(coder.bbox_xform_clip))
+    torch.exp(scaled[0], out=scaled[0])
+    torch.exp(scaled[1], out=scaled[1])
+    args = (out.view(rows, 4).numpy(), d, scaled.numpy(), flat_boxes.numpy(), outer_stride, inner, inner_stride)
+    dispatch.run_cpu(cpu.decode_finish, outer, rows, *args, kind(wx), kind(wy), kind(0.5))
+    return out
+
+
+def _encode_fused(coder: BoxCoder, gt_boxes: Tensor, proposals: Tensor, backend: str) -> Tensor:
+    """:meth:`BoxCoder.encode` in two fused passes around torch's own log (as :func:`_decode_fused` does for
+    exp): the size ratios ``gt_w / ex_w`` and ``gt_h / ex_h`` are written as contiguous arrays of the broadcast
+    leading shape, the tensors the reference takes the log of."""
+    shape = torch.broadcast_shapes(gt_boxes.shape, proposals.shape)
+    rows = math.prod(shape[:-1])
+    gt = gt_boxes.expand(shape).contiguous().view(rows, 4)
+    ex = proposals.expand(shape).contiguous().view(rows, 4)
+    out = gt.new_empty((rows, 4))
+    ratios = gt.new_empty((2, rows))  # (2, R): gt_w / ex_w, gt_h / ex_h, then their logs
+    wx, wy, ww, wh = coder.weights
+    if backend == "triton":
+        gpu = dispatch.gpu()
+        gpu.encode_prepare(out, gt, ex, ratios, wx, wy)
+        torch.log(ratios[0], out=ratios[0])
+        torch.log(ratios[1], out=ratios[1])
+        gpu.encode_finish(out, ratios, ww, wh)
+        return out.view(shape)
+    kind = _scalar(gt.dtype)
+    cpu = dispatch.cpu()
+    o, r = out.numpy(), ratios.numpy()
+    dispatch.run_cpu(cpu.encode_prepare, rows, rows, o, gt.numpy(), ex.numpy(), r, kind(wx), kind(wy), kind(0.5))
+    torch.log(ratios[0], out=ratios[0])
+    torch.log(ratios[1], out=ratios[1])
+    dispatch.run_cpu(cpu.encode_finish, rows, rows, o, r, kind(ww), kind(wh))
+    return out.view(shape)

@@ -5,7 +5,8 @@ Every public kernel of :mod:`detect.ops` (``box_iou``/``batched_box_iou``, the s
 which implementation to run, and gets one of
 
 - ``"numba"``: the fused loops of :mod:`detect.ops._cpu` (CPU tensors, float32/float64 arithmetic);
-- ``"triton"``: the fused kernels of :mod:`detect.ops._gpu` (CUDA tensors, Triton importable);
+- ``"triton"``: the fused kernels of :mod:`detect.ops._gpu` (CUDA tensors computed in float32, Triton
+  importable; float64 on CUDA stays on the reference);
 - ``"torch"``: the composed torch-op implementation, which every fast path is tested against and which runs
   everywhere else (other devices, other dtypes, autograd).
 
@@ -102,10 +103,10 @@ def choose(kernel: str, device: torch.device, dtype: torch.dtype, *, needs_grad:
     if forced == "torch" or needs_grad or dtype not in _FAST_DTYPES:
         return "torch"
     if device.type == "cpu":
-        if forced == "triton" and _triton_interpreted() and gpu() is not None:
+        if forced == "triton" and dtype == torch.float32 and _triton_interpreted() and gpu() is not None:
             return "triton"  # the Triton interpreter runs on CPU tensors: correctness tests only
         return "numba"
-    if device.type == "cuda" and forced in ("auto", "triton") and gpu() is not None:
+    if device.type == "cuda" and dtype == torch.float32 and forced in ("auto", "triton") and gpu() is not None:
         return "triton"
     return "torch"
 
