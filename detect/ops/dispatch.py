@@ -140,39 +140,42 @@ def run_cpu(kernel: Callable, tasks: int, work: int, *args) -> None:
 
 
 def warmup(devices: tuple[str, ...] | None = None) -> dict[str, float]:
-    """Load (or compile, on a cold cache) every fused kernel for float32 and float64, so no request pays it.
+    """Load (or compile, on a cold cache) every fused kernel, so that no request pays for it.
 
-    Runs each public kernel once on tiny inputs of every device in ``devices`` (default: the CPU, and CUDA when
-    available), both the serial and the parallel numba variants. Returns seconds spent per device, e.g.
-    ``{"cpu": 0.4}``; call it once at service start-up (it is idempotent and cheap when already warm).
+    Runs each public kernel on tiny float32 and float64 inputs on every device in ``devices`` (default: the CPU,
+    and CUDA when available), once in the calling thread and once split over the worker threads. Returns the
+    seconds spent per device, e.g. ``{"cpu": 0.4}`` with a warm numba cache (several seconds on a cold one).
+    Idempotent and cheap once warm; a service calls it at start-up, before it reports ready.
     """
     from detect.ops.boxes import batched_box_iou, clip_boxes
     from detect.ops.coder import BoxCoder
-    from detect.ops.nms import grouped_nms
+    from detect.ops.nms import grouped_nms, multiclass_nms
 
     if devices is None:
         devices = ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
     spent = {}
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
     for name in devices:
         device = torch.device(name)
         start = time.perf_counter()
-        for dtype in _FAST_DTYPES:
-            for n in (4, 256):  # 4: serial loops; 256 boxes: above PARALLEL_WORK where it applies
-                xy = torch.rand(1, n, 2, device=device, dtype=dtype) * 100
-                boxes = torch.cat((xy, xy + 1 + torch.rand(1, n, 2, device=device, dtype=dtype) * 50), -1)
-                batched_box_iou(boxes, boxes)
-                flat = boxes[0]
-                zeros = torch.zeros(n, dtype=torch.int64, device=device)
-                grouped_nms(flat, flat[:, 0], zeros, zeros, 1, 0.5, None)
-                grouped_nms(flat.repeat(64, 1), flat[:, 0].repeat(64), zeros.repeat(64), zeros.repeat(64), 1, 0.5, 10)
-                coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
-                big = flat.repeat(PARALLEL_WORK // n + 1, 1)
-                for b in (flat, big):
-                    deltas = coder.encode(b + 1, b)
-                    coder.decode(deltas, b)
-                    coder.decode_per_class(deltas.repeat(1, 3), b)
-                    clip_boxes(b, (50, 60))
-                    clip_boxes(b[None], torch.tensor([[50, 60]], device=device))
+        with torch.no_grad():
+            for dtype in _FAST_DTYPES:
+                for n in (4, PARALLEL_WORK // 4 + 1):  # one range in this thread; split over the workers
+                    g = torch.Generator().manual_seed(0)
+                    xy = torch.rand(n, 2, generator=g, dtype=dtype) * 100
+                    boxes = torch.cat((xy, xy + 1 + torch.rand(n, 2, generator=g, dtype=dtype) * 50), -1).to(device)
+                    scores = torch.rand(n, generator=g, dtype=dtype).to(device)
+                    small = boxes[:64]
+                    batched_box_iou(small[None], boxes[None, : max(1, PARALLEL_WORK // 64 + 1)] if n > 4 else small[None])
+                    zeros = torch.zeros(n, dtype=torch.int64, device=device)
+                    grouped_nms(boxes, scores, zeros, zeros.remainder(2), 2, 0.5, 10)
+                    classes = torch.rand(n // 2 + 1, 3, generator=g, dtype=dtype).to(device)
+                    multiclass_nms([boxes[: n // 2 + 1], boxes[: n // 2 + 1]], [classes, classes], iou_threshold=0.5)
+                    deltas = coder.encode(boxes + 1, boxes)
+                    coder.decode(deltas, boxes)
+                    coder.decode_per_class(deltas.repeat(1, 2), boxes)
+                    clip_boxes(boxes, (50, 60))
+                    clip_boxes(boxes[None], torch.tensor([[50, 60]], device=device))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         spent[name] = time.perf_counter() - start
