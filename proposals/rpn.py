@@ -19,13 +19,16 @@ Decisions:
   torchvision's ``BalancedPositiveNegativeSampler`` does, so the same seed draws the same anchors.
 - Losses are computed whenever targets are given, in training or evaluation mode (validation loss), as the
   detectors' ``(detections, losses)`` convention asks; ``training`` only picks the top-k sizes.
+- Settings are one frozen :class:`RPNConfig` (torchvision's defaults, its ``rpn_*`` argument names with the
+  train/test top-k split into two fields each), the project's config convention; a detector config nests it.
+  The minimum proposal side, :data:`MIN_SIZE`, is torchvision's fixed 1e-3 and not a setting.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from types import MappingProxyType
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -38,8 +41,32 @@ from detect.ops.nms import grouped_nms
 from detect.ops.sampling import pad_boxes, sample_balanced
 from proposals.anchors import AnchorGenerator, ImageBatch
 
-PRE_NMS_TOP_N: Mapping[str, int] = MappingProxyType({"training": 2000, "testing": 1000})
-POST_NMS_TOP_N: Mapping[str, int] = MappingProxyType({"training": 2000, "testing": 1000})
+MIN_SIZE = 1e-3  # proposals with a side below this many pixels are dropped (torchvision's value)
+
+
+@dataclass(frozen=True)
+class RPNConfig:
+    """Region Proposal Network settings; defaults are torchvision's ``fasterrcnn_resnet50_fpn``. An anchor is
+    positive at IoU ``>= fg_iou_thresh`` with a ground-truth box (or as its best anchor), negative below
+    ``bg_iou_thresh``; ``batch_size_per_image`` anchors are sampled per image, at most ``positive_fraction``
+    positive. The proposal layer keeps the ``pre_nms_top_n_*`` best logits per level, drops scores below
+    ``score_thresh``, suppresses at IoU ``nms_thresh`` and keeps ``post_nms_top_n_*`` per image (``_train`` in
+    training mode, ``_test`` otherwise)."""
+
+    pre_nms_top_n_train: int = 2000
+    pre_nms_top_n_test: int = 1000
+    post_nms_top_n_train: int = 2000
+    post_nms_top_n_test: int = 1000
+    nms_thresh: float = 0.7
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    score_thresh: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.bg_iou_thresh > self.fg_iou_thresh:
+            raise ValueError(f"bg_iou_thresh {self.bg_iou_thresh} is above fg_iou_thresh {self.fg_iou_thresh}")
 
 
 class RPNHead(nn.Module):
@@ -142,43 +169,21 @@ class RegionProposalNetwork(nn.Module):
 
     Returns ``(proposals, losses)``: ``proposals`` one detached ``(P_i, 4)`` tensor per image, sorted by
     objectness; ``losses`` ``{"loss_objectness", "loss_rpn_box_reg"}`` when targets are given, else empty.
+    Settings (thresholds, sampling, top-k sizes) are ``config``, an :class:`RPNConfig`.
     """
 
-    def __init__(
-        self,
-        anchor_generator: AnchorGenerator,
-        head: nn.Module,
-        fg_iou_thresh: float = 0.7,
-        bg_iou_thresh: float = 0.3,
-        batch_size_per_image: int = 256,
-        positive_fraction: float = 0.5,
-        pre_nms_top_n: Mapping[str, int] = PRE_NMS_TOP_N,
-        post_nms_top_n: Mapping[str, int] = POST_NMS_TOP_N,
-        nms_thresh: float = 0.7,
-        score_thresh: float = 0.0,
-        min_size: float = 1e-3,
-    ) -> None:
+    def __init__(self, anchor_generator: AnchorGenerator, head: nn.Module, config: RPNConfig = RPNConfig()) -> None:
         super().__init__()
-        if bg_iou_thresh > fg_iou_thresh:
-            raise ValueError(f"bg_iou_thresh {bg_iou_thresh} is above fg_iou_thresh {fg_iou_thresh}")
         self.anchor_generator = anchor_generator
         self.head = head
+        self.config = config
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0), bbox_xform_clip=math.log(1000.0 / 16))
-        self.fg_iou_thresh = fg_iou_thresh
-        self.bg_iou_thresh = bg_iou_thresh
-        self.batch_size_per_image = batch_size_per_image
-        self.positive_fraction = positive_fraction
-        self._pre_nms_top_n = dict(pre_nms_top_n)
-        self._post_nms_top_n = dict(post_nms_top_n)
-        self.nms_thresh = nms_thresh
-        self.score_thresh = score_thresh
-        self.min_size = min_size
 
     def pre_nms_top_n(self) -> int:
-        return self._pre_nms_top_n["training" if self.training else "testing"]
+        return self.config.pre_nms_top_n_train if self.training else self.config.pre_nms_top_n_test
 
     def post_nms_top_n(self) -> int:
-        return self._post_nms_top_n["training" if self.training else "testing"]
+        return self.config.post_nms_top_n_train if self.training else self.config.post_nms_top_n_test
 
     def forward(
         self,
@@ -223,11 +228,11 @@ class RegionProposalNetwork(nn.Module):
         boxes = self.box_coder.decode(deltas[rows, top], anchors[top])  # (B, K, 4)
         boxes = clip_boxes(boxes, image_sizes)  # (B, K, 4)
         scores = torch.sigmoid(objectness[rows, top])  # (B, K)
-        keep = min_size_mask(boxes, self.min_size) & (scores >= self.score_thresh)  # (B, K) big enough, confident
+        keep = min_size_mask(boxes, MIN_SIZE) & (scores >= self.config.score_thresh)  # (B, K) big enough, confident
         image_of, column = keep.nonzero(as_tuple=True)  # (M,) each
         boxes, scores = boxes[keep], scores[keep]  # (M, 4), (M,)
         kept = grouped_nms(
-            boxes, scores, levels[column], image_of, batch, self.nms_thresh, max_per_image=self.post_nms_top_n()
+            boxes, scores, levels[column], image_of, batch, self.config.nms_thresh, max_per_image=self.post_nms_top_n()
         )
         order = torch.cat(kept)  # (sum P_i,)
         sizes = [len(k) for k in kept]
@@ -240,8 +245,9 @@ class RegionProposalNetwork(nn.Module):
         normalised by the number of sampled anchors (the box loss as a sum over positives / that number)."""
         if len(gt_boxes) != objectness.shape[0]:
             raise ValueError(f"{len(gt_boxes)} targets for a batch of {objectness.shape[0]} images")
-        labels, matched = match_anchors(anchors, gt_boxes, self.fg_iou_thresh, self.bg_iou_thresh)  # (B, N), (B, N, 4)
-        positive, negative = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction)
+        cfg = self.config
+        labels, matched = match_anchors(anchors, gt_boxes, cfg.fg_iou_thresh, cfg.bg_iou_thresh)  # (B, N), (B, N, 4)
+        positive, negative = sample_balanced(labels, cfg.batch_size_per_image, cfg.positive_fraction)
         sampled = positive | negative  # (B, N)
         targets = self.box_coder.encode(matched[positive], anchors.expand_as(matched)[positive])  # (P, 4)
         num_sampled = sampled.sum()

@@ -52,7 +52,7 @@ from detect.roi_heads import (
 from detect.structures import Detections
 from detect.transform import ImageInput, RCNNTransform, TransformConfig, as_target
 from proposals.anchors import AnchorGenerator
-from proposals.rpn import RegionProposalNetwork, RPNHead
+from proposals.rpn import RegionProposalNetwork, RPNConfig, RPNHead
 
 # COCO category ids 1..90 that name a class; the ten ids COCO left unused are "N/A" in torchvision's label space.
 _COCO_NAMES_BY_ID: dict[int, str] = {
@@ -72,22 +72,6 @@ _COCO_NAMES_BY_ID: dict[int, str] = {
 FROZEN_BN_EPS_KEY = "frozen_bn_eps"  # safetensors metadata entry read by FasterRCNN.from_weights
 COCO_CLASS_NAMES: tuple[str, ...] = tuple(_COCO_NAMES_BY_ID.get(i, "N/A") for i in range(1, 91))
 """The 90 foreground names of torchvision's COCO label space (label ``k`` is ``COCO_CLASS_NAMES[k-1]``)."""
-
-
-@dataclass(frozen=True)
-class RPNConfig:
-    """Region Proposal Network settings; defaults are torchvision's ``fasterrcnn_resnet50_fpn``."""
-
-    pre_nms_top_n_train: int = 2000
-    pre_nms_top_n_test: int = 1000
-    post_nms_top_n_train: int = 2000
-    post_nms_top_n_test: int = 1000
-    nms_thresh: float = 0.7
-    fg_iou_thresh: float = 0.7
-    bg_iou_thresh: float = 0.3
-    batch_size_per_image: int = 256
-    positive_fraction: float = 0.5
-    score_thresh: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -291,21 +275,6 @@ def _class_names(num_classes: int | None, class_names: Sequence[str] | None) -> 
     return num_classes, tuple(f"class_{k}" for k in range(1, num_classes))
 
 
-def _rpn(anchor_generator: AnchorGenerator, in_channels: int, config: RPNConfig) -> RegionProposalNetwork:
-    return RegionProposalNetwork(
-        anchor_generator,
-        RPNHead(in_channels, anchor_generator.num_anchors_per_location()[0]),
-        fg_iou_thresh=config.fg_iou_thresh,
-        bg_iou_thresh=config.bg_iou_thresh,
-        batch_size_per_image=config.batch_size_per_image,
-        positive_fraction=config.positive_fraction,
-        pre_nms_top_n={"training": config.pre_nms_top_n_train, "testing": config.pre_nms_top_n_test},
-        post_nms_top_n={"training": config.post_nms_top_n_train, "testing": config.post_nms_top_n_test},
-        nms_thresh=config.nms_thresh,
-        score_thresh=config.score_thresh,
-    )
-
-
 def fasterrcnn_resnet50_fpn(
     num_classes: int | None = None,
     *,
@@ -320,7 +289,9 @@ def fasterrcnn_resnet50_fpn(
     ``resnet50`` checkpoint; ``trainable_layers`` ResNet stages train (with ``frozen_bn``, BN never does)."""
     num_classes, names = _class_names(num_classes, class_names)
     backbone = resnet(50, fpn=True, frozen_bn=frozen_bn, trainable_layers=trainable_layers, weights=backbone_weights)
-    rpn = _rpn(AnchorGenerator(), backbone.out_channels, config.rpn)
+    anchors = AnchorGenerator()
+    rpn_head = RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0])
+    rpn = RegionProposalNetwork(anchors, rpn_head, config.rpn)
     roi_pool = ThreadedRoIPool(MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2))
     box_head = TwoMLPHead(backbone.out_channels * 7 * 7, 1024)
     roi_heads = RoIHeads(roi_pool, box_head, FastRCNNPredictor(1024, num_classes), config.roi_heads)
@@ -342,7 +313,8 @@ def fasterrcnn_vgg16(
     ImageNet ``vgg16`` checkpoint, which initialises conv1_1-conv5_3 and, as in the paper, fc6 and fc7."""
     num_classes, names = _class_names(num_classes, class_names)
     backbone = vgg16(trainable_layers=trainable_layers)
-    rpn = _rpn(AnchorGenerator.single_level((128, 256, 512), (0.5, 1.0, 2.0), backbone.stride), 512, config.rpn)
+    anchors = AnchorGenerator.single_level((128, 256, 512), (0.5, 1.0, 2.0), backbone.stride)
+    rpn = RegionProposalNetwork(anchors, RPNHead(512, anchors.num_anchors_per_location()[0]), config.rpn)
     box_head = TwoMLPHead(512 * 7 * 7, 4096, dropout=0.5)
     if backbone_weights is not None:
         imagenet = load_imagenet_weights(backbone.body, backbone_weights, prefix="features.")
@@ -385,7 +357,8 @@ def fasterrcnn_tiny(
     num_classes, names = _class_names(num_classes, class_names)
     backbone = tiny()
     anchors = AnchorGenerator.single_level(*TINY_ANCHORS, stride=backbone.stride)
-    rpn = _rpn(anchors, backbone.out_channels, config.rpn)
+    rpn_head = RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0])
+    rpn = RegionProposalNetwork(anchors, rpn_head, config.rpn)
     roi_pool = ThreadedRoIPool(SingleLevelRoIPool(7, 1.0 / backbone.stride, method="align"))
     head = TwoMLPHead(backbone.out_channels * 7 * 7, TINY_REPRESENTATION)
     roi_heads = RoIHeads(roi_pool, head, FastRCNNPredictor(TINY_REPRESENTATION, num_classes), config.roi_heads)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections import OrderedDict
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torchvision.models.detection import FasterRCNN as TVFasterRCNN
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.image_list import ImageList
@@ -16,7 +19,7 @@ from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 from torchvision.ops import box_iou
 
 from proposals.anchors import AnchorGenerator
-from proposals.rpn import RegionProposalNetwork, RPNHead, match_anchors
+from proposals.rpn import RegionProposalNetwork, RPNConfig, RPNHead, match_anchors
 
 CHANNELS = 64
 FPN = (((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
@@ -25,6 +28,19 @@ PADDED = (224, 320)
 IMAGE_SIZES = [(224, 300), (200, 320)]  # two images of different sizes in one padded batch
 FPN_GRIDS = [(56, 80), (28, 40), (14, 20), (7, 10), (4, 5)]
 SINGLE_GRIDS = [(14, 20)]  # stride 16
+
+
+def rpn_config(settings: dict) -> RPNConfig:
+    """torchvision's RPN arguments as an :class:`RPNConfig` (its top-k dicts split into train and test fields)."""
+    pre, post = settings["pre_nms_top_n"], settings["post_nms_top_n"]
+    flat = {k: v for k, v in settings.items() if k not in ("pre_nms_top_n", "post_nms_top_n")}
+    return RPNConfig(
+        pre_nms_top_n_train=pre["training"],
+        pre_nms_top_n_test=pre["testing"],
+        post_nms_top_n_train=post["training"],
+        post_nms_top_n_test=post["testing"],
+        **flat,
+    )
 
 
 def paired_rpns(anchor_config, device: torch.device, conv_depth: int = 1, **settings):
@@ -47,7 +63,9 @@ def paired_rpns(anchor_config, device: torch.device, conv_depth: int = 1, **sett
     )
     config.update(settings)
     reference = TVRegionProposalNetwork(TVAnchorGenerator(*anchor_config), head, **config)
-    ours = RegionProposalNetwork(AnchorGenerator(*anchor_config), RPNHead(CHANNELS, num_anchors, conv_depth), **config)
+    ours = RegionProposalNetwork(
+        AnchorGenerator(*anchor_config), RPNHead(CHANNELS, num_anchors, conv_depth), rpn_config(config)
+    )
     ours.load_state_dict(reference.state_dict(), strict=True)
     return reference.to(device), ours.to(device)
 
@@ -253,3 +271,19 @@ def test_match_anchors_equals_torchvision_matcher(anchors, gt_a, gt_b) -> None:
         assert torch.equal(labels[image], expected)
         positive = matches >= 0
         assert torch.equal(matched[image][positive], gt[matches[positive]])
+
+
+def test_config_fields_and_defaults_are_torchvisions() -> None:
+    """RPNConfig's fields are torchvision's ``FasterRCNN(rpn_*=...)`` settings (all but the two modules, the
+    anchor generator and the head), with their defaults."""
+    theirs = {
+        name.removeprefix("rpn_"): parameter.default
+        for name, parameter in inspect.signature(TVFasterRCNN.__init__).parameters.items()
+        if name.startswith("rpn_") and name not in ("rpn_anchor_generator", "rpn_head")
+    }
+    assert dataclasses.asdict(RPNConfig()) == theirs
+
+
+def test_background_threshold_above_foreground_is_rejected() -> None:
+    with pytest.raises(ValueError, match="bg_iou_thresh 0.5 is above fg_iou_thresh 0.4"):
+        RPNConfig(fg_iou_thresh=0.4, bg_iou_thresh=0.5)
