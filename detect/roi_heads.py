@@ -18,9 +18,11 @@ Decisions:
   class-specific deltas and their targets, summed and divided by the number of sampled RoIs. Deltas are encoded
   with weights ``(10, 10, 5, 5)``.
 - Post-processing is ONE :func:`detect.ops.nms.multiclass_nms` call for the whole batch: softmax, drop the
-  background column, class-specific decode of the others, clip to each image, zero the scores of boxes with a side below
-  ``min_box_size`` (``1e-2``), then per-class NMS keeping scores above ``score_thresh`` and the best
-  ``detections_per_img`` per image.
+  background column, class-specific decode of the others, then :func:`postprocess_detections`: clip to each image,
+  drop boxes with a side below ``min_box_size`` (``1e-2``; their scores become ``-inf``, which no threshold
+  passes, as torchvision removes them), per-class NMS keeping scores above ``score_thresh`` and the best
+  ``detections_per_img`` per image. The region detectors (R-CNN, SPP-Net) finish the same way with the same
+  :class:`PostprocessConfig` fields, so that logic and its settings are written once, here.
 - The box pooling of the builders is wrapped in :class:`ThreadedRoIPool`, which spreads torchvision's
   single-core CPU RoI kernels over all intra-op threads (same output, no parameters).
 - Losses are computed whenever targets are given. In training the detections come from the same forward pass
@@ -52,18 +54,57 @@ Features = Mapping[str, Tensor] | Tensor
 
 
 @dataclass(frozen=True)
-class RoIHeadsConfig:
-    """Training and inference settings of the box head; defaults are torchvision's ``fasterrcnn_resnet50_fpn``."""
+class PostprocessConfig:
+    """From class-specific boxes and scores to detections (:func:`postprocess_detections`): boxes with a side below
+    ``min_box_size`` pixels are dropped, candidates need a score above ``score_thresh``, per-class NMS suppresses
+    at IoU ``nms_thresh``, and at most ``detections_per_img`` remain per image. Defaults: torchvision's
+    ``fasterrcnn_resnet50_fpn``."""
+
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    min_box_size: float = 1e-2
+
+
+@dataclass(frozen=True)
+class RoIHeadsConfig(PostprocessConfig):
+    """Training and inference settings of the box head; defaults are torchvision's ``fasterrcnn_resnet50_fpn``.
+    The post-processing fields are :class:`PostprocessConfig`'s, inherited so that they stay flat (as in
+    torchvision's arguments and the weights manifests)."""
 
     fg_iou_thresh: float = 0.5
     bg_iou_thresh: float = 0.5
     batch_size_per_image: int = 512
     positive_fraction: float = 0.25
     bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
-    min_box_size: float = 1e-2
+
+
+def postprocess_detections(
+    boxes: Tensor,
+    scores: Tensor,
+    counts: Sequence[int],
+    image_sizes: Sequence[tuple[int, int]],
+    config: PostprocessConfig,
+    score_thresh: float | None = None,
+) -> list[Detections]:
+    """Per-image detections from the class-specific boxes ``(K, C, 4)`` and scores ``(K, C)`` (foreground
+    classes only, label ``c`` is column ``c - 1``) of ``K = sum(counts)`` regions, image-major: clip each box to
+    its image's ``(h, w)``, drop the too small, then one :func:`detect.ops.nms.multiclass_nms` call for the batch.
+    ``score_thresh`` replaces ``config.score_thresh`` for scores on another scale (SVM margins)."""
+    sizes = torch.as_tensor(image_sizes, device=boxes.device)  # (B, 2)
+    per_box = sizes.repeat_interleave(torch.tensor(counts, device=boxes.device), dim=0, output_size=len(boxes))
+    boxes = clip_boxes(boxes.float(), per_box)  # (K, C, 4), each row clipped to its image's (K, 2) size
+    scores = scores.float().masked_fill(~min_size_mask(boxes, config.min_box_size), float("-inf"))  # too small
+    results = multiclass_nms(
+        list(boxes.split(counts)),
+        list(scores.split(counts)),
+        iou_threshold=config.nms_thresh,
+        score_threshold=config.score_thresh if score_thresh is None else score_thresh,
+        max_per_image=config.detections_per_img,
+    )
+    return [
+        Detections(r.boxes, r.scores, r.labels + 1, (int(h), int(w))) for r, (h, w) in zip(results, image_sizes)
+    ]
 
 
 class SingleLevelRoIPool(nn.Module):
@@ -298,20 +339,6 @@ class RoIHeads(nn.Module):
         self, logits: Tensor, deltas: Tensor, proposals: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]]
     ) -> list[Detections]:
         """Per-class boxes and scores of every proposal -> detections per image, one NMS call for the batch."""
-        counts = [len(p) for p in proposals]
         boxes = self.box_coder.decode_per_class(deltas[:, 4:], torch.cat(list(proposals)))  # (K, C-1, 4), no bg
-        sizes = torch.as_tensor(image_sizes, device=boxes.device)  # (B, 2)
-        per_box_size = sizes.repeat_interleave(torch.tensor(counts, device=boxes.device), dim=0, output_size=len(boxes))
-        boxes = clip_boxes(boxes, per_box_size)  # (K, C-1, 4), each row clipped to its image's (K, 2) size
         scores = F.softmax(logits, dim=-1)[:, 1:]  # (K, C) -> (K, C-1) without background
-        scores = scores.masked_fill(~min_size_mask(boxes, self.config.min_box_size), 0.0)  # too small: 0
-        results = multiclass_nms(
-            list(boxes.split(counts)),
-            list(scores.split(counts)),
-            iou_threshold=self.config.nms_thresh,
-            score_threshold=self.config.score_thresh,
-            max_per_image=self.config.detections_per_img,
-        )
-        return [
-            Detections(r.boxes, r.scores, r.labels + 1, (int(h), int(w))) for r, (h, w) in zip(results, image_sizes)
-        ]
+        return postprocess_detections(boxes, scores, [len(p) for p in proposals], image_sizes, self.config)

@@ -34,9 +34,9 @@ from detect.backbones import Backbone, alexnet, load_imagenet_weights, tiny, vgg
 from detect.detectors.region import (
     SCORINGS,
     BoxRegressionConfig,
-    PostprocessConfig,
     RegionDetector,
     RegionHeads,
+    RegionPostprocessConfig,
     SamplingConfig,
     SVMConfig,
 )
@@ -72,7 +72,7 @@ class RCNNConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     svm: SVMConfig = field(default_factory=SVMConfig)
     box_regression: BoxRegressionConfig = field(default_factory=BoxRegressionConfig)
-    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    postprocess: RegionPostprocessConfig = field(default_factory=RegionPostprocessConfig)
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:

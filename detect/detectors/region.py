@@ -33,9 +33,10 @@ Decisions:
   of the proposals whose IoU with their best ground-truth box exceeds 0.6; the intercept is not regularised.
   Closed-form solve in float64 (:func:`detect.detectors.solvers.fit_ridge`). Until fitted, the regressors output
   zero deltas (the proposal itself).
-- Post-processing: scores (softmax probabilities or SVM margins), class-specific decoding of every proposal,
-  clipping to the image, then ONE :func:`detect.ops.nms.multiclass_nms` call for the batch with per-class NMS at
-  IoU 0.3 (R-CNN's) and at most 100 detections per image. Regression is applied to every proposal before NMS.
+- Post-processing: scores (softmax probabilities or SVM margins) and class-specific decoding of every proposal,
+  then the Fast R-CNN head's :func:`detect.roi_heads.postprocess_detections` (clipping, minimum size, ONE
+  :func:`detect.ops.nms.multiclass_nms` call for the batch) with per-class NMS at IoU 0.3 (R-CNN's) and at most
+  100 detections per image. Regression is applied to every proposal before NMS.
 - ``forward(images, targets=None, proposals=None)`` returns ``(detections, losses)``. In training the detections
   come from the sampled regions (cheap, for monitoring); otherwise from all proposals, computed without autograd.
 - Weights: ``save_weights`` writes a ``.safetensors`` state dict whose metadata holds the detector's name, class
@@ -62,11 +63,10 @@ from detect.config import from_dict, to_json
 from detect.detectors.faster_rcnn import check_state_dict, check_targets
 from detect.detectors.solvers import fit_ridge, train_linear_svms
 from detect.errors import ConfigError, WeightsError
-from detect.ops.boxes import batched_box_iou, clip_boxes, clip_boxes_list, pairwise_box_iou, min_size_mask
+from detect.ops.boxes import batched_box_iou, clip_boxes_list, pairwise_box_iou
 from detect.ops.coder import BoxCoder
-from detect.ops.nms import multiclass_nms
 from detect.ops.sampling import pad_boxes, sample_balanced
-from detect.roi_heads import TwoMLPHead
+from detect.roi_heads import PostprocessConfig, TwoMLPHead, postprocess_detections
 from detect.structures import Detections
 from detect.transform import ImageInput, as_image_list, as_image_tensor
 from proposals.selective_search import SelectiveSearch
@@ -76,7 +76,7 @@ __all__ = [
     "SamplingConfig",
     "SVMConfig",
     "BoxRegressionConfig",
-    "PostprocessConfig",
+    "RegionPostprocessConfig",
     "RegionMatch",
     "RegionSample",
     "RegionFeatures",
@@ -145,16 +145,13 @@ class BoxRegressionConfig:
 
 
 @dataclass(frozen=True)
-class PostprocessConfig:
-    """Detections: per-class NMS at ``nms_thresh`` (R-CNN's 0.3), candidates scoring above ``score_thresh``
-    (softmax probabilities) or ``svm_score_thresh`` (SVM margins), at most ``detections_per_img`` per image; boxes
-    with a side below ``min_box_size`` pixels after decoding are dropped."""
+class RegionPostprocessConfig(PostprocessConfig):
+    """Detections as the Fast R-CNN head makes them (:class:`detect.roi_heads.PostprocessConfig`), with per-class
+    NMS at R-CNN's ``nms_thresh`` 0.3, and ``svm_score_thresh`` in place of ``score_thresh`` when the SVMs score
+    (their margins are not probabilities)."""
 
     nms_thresh: float = 0.3
-    score_thresh: float = 0.05
     svm_score_thresh: float = -1.0
-    detections_per_img: int = 100
-    min_box_size: float = 1e-2
 
 
 # --- matching and sampling regions -----------------------------------------------------------------------------
@@ -404,22 +401,10 @@ class RegionDetector(nn.Module, metaclass=abc.ABCMeta):
         self, outputs: RegionOutputs, boxes: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]]
     ) -> list[Detections]:
         """Decode, clip, score and suppress: per-image detections in the boxes' (original) pixels, one NMS call."""
-        post = self.config.postprocess
-        counts = [len(b) for b in boxes]
         decoded = self.box_coder.decode_per_class(outputs.deltas, torch.cat(list(boxes)))  # (K, C, 4)
-        sizes = torch.as_tensor(image_sizes, device=decoded.device)  # (B, 2)
-        per_box = sizes.repeat_interleave(torch.tensor(counts, device=decoded.device), dim=0, output_size=len(decoded))
-        decoded = clip_boxes(decoded.float(), per_box)  # (K, C, 4)
         scores, threshold = self.class_scores(outputs)  # (K, C)
-        scores = scores.float().masked_fill(~min_size_mask(decoded, post.min_box_size), float("-inf"))
-        results = multiclass_nms(
-            list(decoded.split(counts)),
-            list(scores.split(counts)),
-            iou_threshold=post.nms_thresh,
-            score_threshold=threshold,
-            max_per_image=post.detections_per_img,
-        )
-        return [Detections(r.boxes, r.scores, r.labels + 1, size) for r, size in zip(results, image_sizes)]
+        counts = [len(b) for b in boxes]
+        return postprocess_detections(decoded, scores, counts, image_sizes, self.config.postprocess, threshold)
 
     # --- fitting the SVMs and box regressors ---------------------------------------------------------------
 

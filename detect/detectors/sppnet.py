@@ -47,9 +47,9 @@ from torch import Tensor, nn
 from detect.backbones import TINY_LAYERS, Backbone, alexnet, load_imagenet_weights, tiny, vgg16
 from detect.detectors.region import (
     BoxRegressionConfig,
-    PostprocessConfig,
     RegionDetector,
     RegionHeads,
+    RegionPostprocessConfig,
     SamplingConfig,
     SVMConfig,
     SCORINGS,
@@ -96,7 +96,7 @@ class SPPNetConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(bg_iou_low=0.1, per_image=True))
     svm: SVMConfig = field(default_factory=SVMConfig)
     box_regression: BoxRegressionConfig = field(default_factory=BoxRegressionConfig)
-    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    postprocess: RegionPostprocessConfig = field(default_factory=RegionPostprocessConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.scales, int):

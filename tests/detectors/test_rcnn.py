@@ -25,7 +25,13 @@ from torch import nn
 
 from detect.data.shapes import SHAPES_CLASSES, ShapesConfig, ShapesDataset
 from detect.detectors.rcnn import RCNN, RCNNConfig, rcnn_alexnet
-from detect.detectors.region import PostprocessConfig, SamplingConfig, SVMConfig, match_regions, sample_regions
+from detect.detectors.region import (
+    RegionPostprocessConfig,
+    SamplingConfig,
+    SVMConfig,
+    match_regions,
+    sample_regions,
+)
 from detect.detectors.solvers import fit_ridge, train_linear_svms
 from detect.errors import WeightsError
 from detect.transform import IMAGENET_MEAN, IMAGENET_STD
@@ -219,7 +225,7 @@ def test_class_specific_decoding(device):
 
 
 def test_svm_scoring_uses_margins_and_their_threshold(device):
-    model = tiny_rcnn(postprocess=PostprocessConfig(svm_score_thresh=0.0, nms_thresh=0.3), scoring="svm")
+    model = tiny_rcnn(postprocess=RegionPostprocessConfig(svm_score_thresh=0.0, nms_thresh=0.3), scoring="svm")
     model = model.to(device).eval()
     _fixed_heads(model, favourite=3, deltas=(0.0, 0.0, 0.0, 0.0))
     with torch.no_grad():
