@@ -30,7 +30,7 @@ import numpy as np
 from detect.data import OnError, ProblemLog, copy_target, read_image
 from detect.errors import DatasetError
 
-__all__ = ["CocoDataset", "EDGE_TOLERANCE"]
+__all__ = ["CocoDataset", "EDGE_TOLERANCE", "first_file_name"]
 
 EDGE_TOLERANCE = 0.01
 """Pixels a box may overshoot its image before it is an error (it is clipped instead)."""
@@ -80,6 +80,17 @@ class CocoDataset:
     def annotation(self, i: int) -> dict:
         """The target of image ``i`` without decoding the image (a fresh copy the caller may modify)."""
         return copy_target(self._targets[i])
+
+
+def first_file_name(path: str | os.PathLike) -> str | None:
+    """The ``file_name`` of the first image entry of a COCO JSON, ``None`` when it cannot be read (the data set
+    then reports why)."""
+    try:
+        entry = _read_json(Path(path))["images"][0]
+    except (DatasetError, IndexError):
+        return None
+    name = entry.get("file_name") if isinstance(entry, dict) else None
+    return name if isinstance(name, str) and _is_relative(name) else None
 
 
 def _read_json(path: Path) -> dict:

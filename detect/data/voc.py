@@ -18,10 +18,14 @@ Decisions:
 - :class:`VocDataset` parses every annotation when it is built (errors surface at once, the class list can be taken
   from the data) but decodes an image only when it is asked for one, so evaluation code can read ground truth
   through :meth:`VocDataset.annotation` without any image on disk.
+- ``on_error="skip"`` (see :mod:`detect.data`) lists every problem instead of stopping at the first: a file that
+  cannot be parsed drops its image, a bad object (empty box, box outside the image, unknown class) only itself, and
+  an image file that is not there drops its image (checked when the set is built, in this mode only).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -31,6 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
+from detect.data import OnError, ProblemLog
 from detect.errors import DatasetError, ImageError
 from detect.io import decode_image
 
@@ -64,11 +69,12 @@ class VocAnnotation:
 
 
 # --- reading -----------------------------------------------------------------------------------------------
-def parse_voc_xml(source: str | os.PathLike | bytes) -> VocAnnotation:
+def parse_voc_xml(source: str | os.PathLike | bytes, problems: list[str] | None = None) -> VocAnnotation:
     """Parse one VOC annotation from a path or from the XML bytes themselves.
 
-    Raises :class:`DatasetError` for unreadable, oversized, malformed or unsafe XML, missing fields, non-numeric
-    values, and boxes that are empty or not inside the image.
+    Raises :class:`DatasetError` for unreadable, empty, oversized, malformed or unsafe XML, missing fields,
+    non-numeric values, and boxes that are empty or not inside the image. With a ``problems`` list, an object at
+    fault is left out and its message appended there instead (the file's own faults still raise).
     """
     if isinstance(source, bytes):
         data, where = source, "<bytes>"
@@ -79,6 +85,8 @@ def parse_voc_xml(source: str | os.PathLike | bytes) -> VocAnnotation:
                 data = f.read(_MAX_XML_BYTES + 1)
         except OSError as e:
             raise DatasetError(f"{where}: cannot read annotation ({e.strerror or e})", path=where) from e
+    if not data.strip():
+        raise DatasetError(f"{where}: malformed XML: the file is empty, expected a VOC <annotation>", path=where)
     if len(data) > _MAX_XML_BYTES:
         raise DatasetError(f"{where}: annotation larger than {_MAX_XML_BYTES} bytes", path=where)
     if _DECLARATION.search(data):
@@ -95,10 +103,15 @@ def parse_voc_xml(source: str | os.PathLike | bytes) -> VocAnnotation:
     height = _integer(_text(size, "height", where), "size/height", where)
     if width <= 0 or height <= 0:
         raise DatasetError(f"{where}: image size {width}x{height} is not positive", path=where)
-    objects = tuple(
-        _parse_object(node, j, width, height, where) for j, node in enumerate(root.findall("object"))
-    )
-    return VocAnnotation(_text(root, "filename", where), width, height, objects, where)
+    objects = []
+    for j, node in enumerate(root.findall("object")):
+        try:
+            objects.append(_parse_object(node, j, width, height, where))
+        except DatasetError as e:
+            if problems is None:
+                raise
+            problems.append(e.message)
+    return VocAnnotation(_text(root, "filename", where), width, height, tuple(objects), where)
 
 
 def _parse_object(node: ET.Element, j: int, width: int, height: int, where: str) -> VocObject:
@@ -203,7 +216,8 @@ class VocDataset:
     - a pair ``(images_dir, annotations_dir)`` (``split`` must be ``None``).
 
     ``class_names`` fixes the label order (label ``k`` is ``class_names[k-1]``); an object of any other class is an
-    error. Without it the classes are the sorted unique names found in the selected annotations.
+    error. Without it the classes are the sorted unique names found in the selected annotations. ``on_error``:
+    see the module docstring; ``problems`` lists what ``"skip"`` dropped.
 
     ``dataset[i]`` is ``(image, target)``: ``image`` RGB ``uint8`` ``HxWx3``; ``target`` a dict with ``boxes``
     float32 ``(N, 4)`` xyxy, ``labels`` int64 ``(N,)`` (1-based), ``difficult`` bool ``(N,)`` and ``image_id``
@@ -216,24 +230,42 @@ class VocDataset:
         root: str | os.PathLike | tuple[str | os.PathLike, str | os.PathLike],
         split: str | None = None,
         class_names: Sequence[str] | None = None,
+        on_error: OnError = "raise",
     ) -> None:
-        self.images_dir, self.annotations_dir, self.image_ids = _layout(root, split)
-        self.records: tuple[VocAnnotation, ...] = tuple(
-            parse_voc_xml(self.annotations_dir / f"{image_id}.xml") for image_id in self.image_ids
-        )
+        self.images_dir, self.annotations_dir, image_ids = _layout(root, split)
+        log = ProblemLog(on_error)
+        records, kept = _parse_all(self.annotations_dir, image_ids, log)
         if class_names is None:
-            class_names = sorted({obj.name for record in self.records for obj in record.objects})
+            class_names = sorted({obj.name for record in records for obj in record.objects})
         elif len(set(class_names)) != len(class_names) or not all(class_names):
             raise DatasetError(f"class_names must be unique and non-empty, got {list(class_names)}")
         self.class_names: tuple[str, ...] = tuple(class_names)
+        if on_error == "skip":
+            records = [_known_objects(record, self.class_names, log) for record in records]
+        self.records: tuple[VocAnnotation, ...] = tuple(records)
+        self.image_ids: tuple[str, ...] = tuple(kept)
+        if on_error == "skip":
+            self._drop_missing_images(log)
         index = {name: k + 1 for k, name in enumerate(self.class_names)}
         self._targets = [_target(record, image_id, index) for record, image_id in zip(self.records, self.image_ids)]
+        self.problems = tuple(log.problems)
+
+    def _drop_missing_images(self, log: ProblemLog) -> None:
+        present = []
+        for i in range(len(self.image_ids)):
+            try:
+                self.image_path(i)
+                present.append(i)
+            except DatasetError as e:
+                log.report(self.records[i].source, e.message)
+        self.records = tuple(self.records[i] for i in present)
+        self.image_ids = tuple(self.image_ids[i] for i in present)
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, dict]:
-        target, record, path = self.annotation(i), self.records[i], self._image_path(i)
+        target, record, path = self.annotation(i), self.records[i], self.image_path(i)
         image = _read_rgb(path, record.source)
         if image.shape[:2] != (record.height, record.width):
             raise DatasetError(
@@ -247,7 +279,8 @@ class VocDataset:
         """The target of image ``i`` without decoding the image (a fresh copy the caller may modify)."""
         return {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in self._targets[i].items()}
 
-    def _image_path(self, i: int) -> Path:
+    def image_path(self, i: int) -> Path:
+        """The image file of image ``i``; :class:`DatasetError` naming the annotation when there is none."""
         filename = self.records[i].filename
         candidates = [self.images_dir / filename] if Path(filename).name == filename else []
         candidates += [self.images_dir / f"{self.image_ids[i]}{suffix}" for suffix in _IMAGE_SUFFIXES]
@@ -257,6 +290,38 @@ class VocDataset:
         raise DatasetError(
             f"{self.records[i].source}: image {filename!r} not found in {self.images_dir}", path=self.records[i].source
         )
+
+
+def _parse_all(folder: Path, image_ids: Sequence[str], log: ProblemLog) -> tuple[list[VocAnnotation], list[str]]:
+    """Every annotation of ``image_ids`` and the ids kept; per ``log``, a faulty file or object raises or is
+    reported and dropped."""
+    records, kept = [], []
+    for image_id in image_ids:
+        object_problems: list[str] | None = [] if log.on_error == "skip" else None
+        try:
+            record = parse_voc_xml(folder / f"{image_id}.xml", object_problems)
+        except DatasetError as e:
+            log.report(str(folder / f"{image_id}.xml"), e.message)
+            continue
+        for message in object_problems or ():
+            log.report(record.source, message)
+        records.append(record)
+        kept.append(image_id)
+    return records, kept
+
+
+def _known_objects(record: VocAnnotation, class_names: Sequence[str], log: ProblemLog) -> VocAnnotation:
+    """``record`` without the objects whose class is not in ``class_names`` (each reported)."""
+    kept = []
+    for obj in record.objects:
+        if obj.name in class_names:
+            kept.append(obj)
+        else:
+            x1, y1, x2, y2 = obj.box.tolist()
+            box = f"xmin={x1 + 1:g}, ymin={y1 + 1:g}, xmax={x2:g}, ymax={y2:g}"
+            message = f"{record.source}: object ({box}) has class {obj.name!r}, not one of {list(class_names)}"
+            log.report(record.source, message)
+    return dataclasses.replace(record, objects=tuple(kept))
 
 
 def _target(record: VocAnnotation, image_id: str, index: dict[str, int]) -> dict:

@@ -33,7 +33,7 @@ from detect.data import OnError, ProblemLog, read_image
 from detect.errors import DatasetError, ImageError
 from detect.io import probe_image
 
-__all__ = ["YoloDataset", "read_class_names"]
+__all__ = ["YoloDataset", "read_class_names", "list_images", "ultralytics_label_path"]
 
 _IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 _TOLERANCE = 1e-4  # of the image side
@@ -55,18 +55,43 @@ class YoloDataset:
         class_names: Sequence[str] | None = None,
         on_error: OnError = "raise",
     ) -> None:
-        self.images_dir, self.labels_dir = _layout(Path(root), split)
-        self.class_names = tuple(class_names) if class_names is not None else read_class_names(Path(root))
+        images_dir, labels_dir = _layout(Path(root), split)
+        class_names = tuple(class_names) if class_names is not None else read_class_names(Path(root))
+        self._load(list_images(images_dir), images_dir, labels_dir, class_names, on_error)
+
+    @classmethod
+    def from_files(
+        cls,
+        files: Sequence[str | os.PathLike],
+        class_names: Sequence[str],
+        labels_dir: str | os.PathLike | None = None,
+        on_error: OnError = "raise",
+    ) -> "YoloDataset":
+        """A set over a list of image files (a ``data.yaml`` entry): each one's labels are ``labels_dir/<stem>.txt``,
+        or without ``labels_dir`` at the Ultralytics place, the image path with its last ``images`` folder replaced
+        by ``labels`` and the suffix by ``.txt``. ``image_id`` is the path relative to the files' common folder."""
+        dataset = cls.__new__(cls)
+        paths = [Path(f) for f in files]
+        if not paths:
+            raise DatasetError("no image files given")
+        base = Path(os.path.commonpath([p.parent for p in paths]))
+        dataset._load(paths, base, None if labels_dir is None else Path(labels_dir), tuple(class_names), on_error)
+        return dataset
+
+    def _load(
+        self, images: list[Path], images_dir: Path, labels_dir: Path | None, class_names: tuple, on_error: OnError
+    ) -> None:
+        self.images_dir, self.labels_dir, self.class_names = images_dir, labels_dir, class_names
         if len(set(self.class_names)) != len(self.class_names) or not all(self.class_names):
             raise DatasetError(f"class_names must be unique and non-empty, got {list(self.class_names)}")
         log = ProblemLog(on_error)
-        images = sorted(p for p in self.images_dir.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
         if not images:
             raise DatasetError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {self.images_dir}")
-        stems = {p.stem for p in images}
-        for label_file in sorted(self.labels_dir.glob("*.txt")):
-            if label_file.stem not in stems and label_file.name != "classes.txt":
-                log.report(str(label_file), f"{label_file}: no image {label_file.stem}.* in {self.images_dir}")
+        if labels_dir is not None:
+            stems = {p.stem for p in images}
+            for label_file in sorted(labels_dir.glob("*.txt")):
+                if label_file.stem not in stems and label_file.name != "classes.txt":
+                    log.report(str(label_file), f"{label_file}: no image {label_file.stem}.* in {self.images_dir}")
         self.files: list[Path] = []
         self.sizes: list[tuple[int, int]] = []  # (H, W) from the header
         self._normalised: list[np.ndarray] = []  # (N, 4) float64 cx cy w h
@@ -75,7 +100,7 @@ class YoloDataset:
             size = _header_size(path, log)
             if size is None:
                 continue
-            label_file = self.labels_dir / f"{path.stem}.txt"
+            label_file = self.label_path(path)
             boxes, labels = _read_labels(label_file, size, len(self.class_names), log)
             self.files.append(path)
             self.sizes.append(size)
@@ -87,8 +112,14 @@ class YoloDataset:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, dict]:
-        image = read_image(self.files[i], str(self.labels_dir / f"{self.files[i].stem}.txt"))
+        image = read_image(self.files[i], str(self.label_path(self.files[i])))
         return image, self._target(i, image.shape[:2])
+
+    def label_path(self, image: Path) -> Path:
+        """Where the labels of ``image`` are (the file need not exist: no file, no objects)."""
+        if self.labels_dir is not None:
+            return self.labels_dir / f"{image.stem}.txt"
+        return ultralytics_label_path(image)
 
     def annotation(self, i: int) -> dict:
         """The target of image ``i`` from its header size, without decoding the image."""
@@ -104,7 +135,7 @@ class YoloDataset:
             "boxes": boxes.astype(np.float32),
             "labels": self._labels[i].copy(),
             "difficult": np.zeros(len(boxes), dtype=bool),
-            "image_id": self.files[i].stem,
+            "image_id": self.files[i].relative_to(self.images_dir).with_suffix("").as_posix(),
         }
 
 
@@ -126,6 +157,22 @@ def read_class_names(root: Path) -> tuple[str, ...]:
         message = f"{data_yaml}: 'names' must be a list of names or a mapping 0..K-1 -> name"
         raise DatasetError(message, path=str(data_yaml))
     return tuple(names)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files directly in ``folder`` (by suffix), sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+
+
+def ultralytics_label_path(image: Path) -> Path:
+    """Ultralytics' rule: ``.../images/x/a.jpg`` -> ``.../labels/x/a.txt`` (the last ``images`` folder of the
+    path); an image under no ``images`` folder has its labels beside it."""
+    parts = list(image.parts)
+    for k in range(len(parts) - 2, -1, -1):
+        if parts[k] == "images":
+            parts[k] = "labels"
+            break
+    return Path(*parts).with_suffix(".txt")
 
 
 def _layout(root: Path, split: str | None) -> tuple[Path, Path]:
