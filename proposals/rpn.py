@@ -7,7 +7,7 @@ Decisions:
   ``rpn.``, loads unchanged; the head's old flat ``conv.weight``/``conv.bias`` keys are renamed on load.
 - Numbers follow torchvision so that its checkpoints give the same proposals and a seed gives the same losses:
   per-level pre-NMS top-k on the logits, sigmoid scores, clipping to each image's own size, boxes with a side
-  below ``min_size`` and scores below ``score_thresh`` dropped, NMS per feature level, post-NMS top-k. Anchors
+  below :data:`MIN_SIZE` and scores below ``score_thresh`` dropped, NMS per feature level, post-NMS top-k. Anchors
   crossing the image border are kept during training (the paper ignores them; torchvision and its checkpoints
   do not).
 - The proposal layer is batched: top-k over ``(B, A_l)`` per level, one decode, masks instead of per-image
@@ -19,9 +19,9 @@ Decisions:
   torchvision's ``BalancedPositiveNegativeSampler`` does, so the same seed draws the same anchors.
 - Losses are computed whenever targets are given, in training or evaluation mode (validation loss), as the
   detectors' ``(detections, losses)`` convention asks; ``training`` only picks the top-k sizes.
-- Settings are one frozen :class:`RPNConfig` (torchvision's defaults, its ``rpn_*`` argument names with the
-  train/test top-k split into two fields each), the project's config convention; a detector config nests it.
-  The minimum proposal side, :data:`MIN_SIZE`, is torchvision's fixed 1e-3 and not a setting.
+- Settings are one frozen :class:`RPNConfig`, the project's config convention, nested in a detector's config:
+  its fields and defaults are torchvision's ``FasterRCNN(rpn_*=...)`` arguments without the prefix. The minimum
+  proposal side, :data:`MIN_SIZE`, is torchvision's fixed 1e-3 and not a setting.
 """
 
 from __future__ import annotations
