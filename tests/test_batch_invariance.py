@@ -91,6 +91,20 @@ def test_the_pool_mixes_padded_sizes() -> None:
     assert len(set(padded)) >= 5
 
 
+def test_grouped_pads_each_image_as_it_would_be_padded_alone() -> None:
+    transform = model("fasterrcnn_tiny", "cpu").transform
+    images = list(pool())
+    groups = transform.grouped(images)
+    assert sorted(index for group in groups for index in group.indices) == list(range(len(images)))
+    assert len(groups) < len(images)  # images of one padded size share a batch
+    for group in groups:
+        for row, index in enumerate(group.indices):
+            alone, _ = transform([images[index]])
+            assert torch.equal(group.batch.tensors[row], alone.tensors[0])
+            assert group.batch.image_sizes[row] == alone.image_sizes[0]
+            assert group.batch.original_sizes[row] == alone.original_sizes[0] == images[index].shape[:2]
+
+
 @pytest.mark.parametrize("name", RANDOM)
 @property_settings
 @given(indices=batches)
