@@ -11,6 +11,8 @@ Decisions for the batch run (:func:`run`):
   ``<rel>.txt`` beside it, ``--save-images`` ``<rel>.annotated.png``. The aggregate formats (``jsonl``,
   ``coco``, ``csv``) are rebuilt at the end of every run from the per-image JSON of all inputs done so far,
   so a resumed run still produces complete files.
+* **One writer.** Output folder, per-image files, manifest and aggregates are written by
+  :mod:`detect.engines.outputs`, the code the Ray engine's driver writes with too.
 * **Nothing lost.** Every file is written atomically (:func:`detect.io.atomic_write`); temporary files a killed
   run left are deleted when the next run starts. ``DIR/manifest.jsonl``
   gets one line per input, ``done`` or ``failed`` with the error code and reason, appended and flushed after the
@@ -37,36 +39,38 @@ Decisions for the batch run (:func:`run`):
 
 from __future__ import annotations
 
-import csv
 import glob
-import io
-import json
 import multiprocessing
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
 import numpy as np
 import torch
 
-from detect.errors import ConfigError, DetectError, OutputError, ProposalError, UnreadableFileError
+from detect.engines.outputs import (
+    Input,
+    Manifest,
+    Summary,
+    format_summary,
+    prepare_output_dir,
+    remove_stale_temporaries,
+    write_aggregates,
+    write_image_outputs,
+)
+from detect.errors import ConfigError, DetectError, ProposalError, UnreadableFileError
 from detect.inference import Refinement, annotate, encode_png, forward_batch
-from detect.io import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, atomic_write, decode_image
+from detect.io import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, decode_image
 from detect.structures import Detections
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
-FORMATS = ("jsonl", "coco", "yolo", "csv")
-MANIFEST = "manifest.jsonl"
-AGGREGATE_FILES = {"jsonl": "predictions.jsonl", "coco": "coco_results.json", "csv": "detections.csv"}
-CSV_COLUMNS = ("file", "width", "height", "x1", "y1", "x2", "y2", "score", "class_id", "class_name")
 _GLOB_MAGIC = re.compile(r"[*?\[]")
 
 
@@ -79,14 +83,6 @@ def default_proposal_workers(cpus: int | None = None) -> int:
 
 
 # --- inputs --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Input:
-    """One image to process: its absolute path (links not resolved) and its path relative to the output root."""
-
-    path: str
-    rel: str
-
-
 @dataclass
 class Collected:
     inputs: list[Input]
@@ -151,7 +147,7 @@ def _walk(root: str, recursive: bool, failures: list[tuple[str, DetectError]]) -
                 yield os.path.join(folder, name)
 
 
-# --- outputs -------------------------------------------------------------------------------------------------
+# --- options -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PredictOptions:
     sources: tuple[str, ...]
@@ -166,115 +162,6 @@ class PredictOptions:
     proposal_workers: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_side: int = DEFAULT_MAX_SIDE
-
-
-@dataclass
-class Summary:
-    images: int = 0
-    skipped: int = 0
-    detections: int = 0
-    failed: int = 0
-    seconds: float = 0.0
-    failures: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
-
-    @property
-    def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
-
-
-def yolo_lines(result: dict) -> str:
-    """YOLO text: ``class cx cy w h score`` per detection, centre and size normalised by the image size,
-    ``class`` the 0-based index into the model's class list (``class_id - 1``)."""
-    w, h = result["width"], result["height"]
-    lines = []
-    for d in result["detections"]:
-        x1, y1, x2, y2 = d["box"]
-        lines.append(
-            f"{d['class_id'] - 1} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
-            f"{(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f} {d['score']:.5f}"
-        )
-    return "".join(line + "\n" for line in lines)
-
-
-def coco_image_id(rel: str, index: int) -> int:
-    """COCO's ``image_id``: the number in a COCO-style name (``000000397133.jpg`` -> 397133), else ``index``."""
-    stem = Path(rel).stem
-    return int(stem) if stem.isdigit() else index
-
-
-def write_aggregates(out_dir: Path, done: Sequence[str], formats: Sequence[str]) -> None:
-    """Rebuild the aggregate files from the per-image JSON of the ``done`` relative paths (sorted)."""
-    wanted = [f for f in formats if f in AGGREGATE_FILES]
-    if not wanted:
-        return
-    results = [(rel, json.loads((out_dir / f"{rel}.json").read_text())) for rel in sorted(done)]
-    if "jsonl" in wanted:
-        text = "".join(json.dumps({"file": rel, **r}) + "\n" for rel, r in results)
-        atomic_write(out_dir / AGGREGATE_FILES["jsonl"], text.encode())
-    if "coco" in wanted:
-        coco = [
-            {
-                "image_id": coco_image_id(rel, i),
-                "file_name": rel,
-                "category_id": d["class_id"],
-                "bbox": [d["box"][0], d["box"][1], d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]],
-                "score": d["score"],
-            }
-            for i, (rel, r) in enumerate(results)
-            for d in r["detections"]
-        ]
-        atomic_write(out_dir / AGGREGATE_FILES["coco"], json.dumps(coco).encode())
-    if "csv" in wanted:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
-        for rel, r in results:
-            for d in r["detections"]:
-                writer.writerow([rel, r["width"], r["height"], *d["box"], d["score"], d["class_id"], d["class_name"]])
-        # file names are str with surrogate escapes for bytes that are not UTF-8: written back as those bytes
-        atomic_write(out_dir / AGGREGATE_FILES["csv"], buffer.getvalue().encode("utf-8", "surrogateescape"))
-
-
-class Manifest:
-    """``DIR/manifest.jsonl``: one ``{"input", "output", "status", "code"?, "reason"?}`` record per input."""
-
-    def __init__(self, out_dir: Path, resume: bool) -> None:
-        self.path = out_dir / MANIFEST
-        self.done: dict[str, str] = {}  # input path -> rel, last status done
-        if resume and self.path.is_file():
-            for record in self._records():
-                if record.get("status") == "done":
-                    self.done[record["input"]] = record["output"].removesuffix(".json")
-                else:
-                    self.done.pop(record.get("input", ""), None)
-        elif self.path.exists():
-            self.path.unlink()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self._file: TextIO = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (closed by close())
-
-    def _records(self) -> Iterator[dict]:
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line torn by a kill
-                continue
-            if isinstance(record, dict) and "input" in record and "output" in record:
-                yield record
-
-    def record(self, item: Input, error: DetectError | None = None) -> None:
-        entry: dict[str, Any] = {"input": item.path, "output": f"{item.rel}.json", "status": "done"}
-        if error is None:
-            self.done[item.path] = item.rel
-        else:
-            entry.update(status="failed", code=error.code, reason=error.message)
-        self._file.write(json.dumps(entry) + "\n")
-
-    def flush(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._file.close()
 
 
 # --- the run -------------------------------------------------------------------------------------------------
@@ -312,29 +199,6 @@ def run(
     if progress is not None:
         progress.write("\n" + format_summary(summary) + "\n")
     return summary
-
-
-def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
-    """The absolute output folder, created if needed and proved writable by writing a probe file in it; an
-    existing file, a read-only folder or mount, or a missing permission is an :class:`OutputError` (exit 2)
-    before any input is read."""
-    path = Path(out_dir).resolve()
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"--out {str(out_dir)!r} exists and is not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        raise OutputError(f"cannot write to --out {str(out_dir)!r}: {err.strerror or err}") from None
-    return path
-
-
-def remove_stale_temporaries(out_dir: Path) -> None:
-    """Delete the temporary files (``.<name>.<random>.tmp``) that :func:`atomic_write` leaves when a run is killed."""
-    for path in out_dir.rglob(".*.tmp"):
-        if path.is_file() and not path.is_symlink():
-            path.unlink(missing_ok=True)
 
 
 def _batches(items: Sequence[Input], size: int) -> Iterator[Sequence[Input]]:
@@ -475,12 +339,8 @@ def _process(
 def _write_outputs(
     out_dir: Path, item: Input, image: np.ndarray, detections: Detections, class_names: Sequence[str], options: PredictOptions
 ) -> None:
-    result = detections.to_json(class_names)
-    if "yolo" in options.formats:
-        atomic_write(out_dir / f"{item.rel}.txt", yolo_lines(result).encode())
-    if options.save_images:
-        atomic_write(out_dir / f"{item.rel}.annotated.png", encode_png(annotate(image, detections, class_names)))
-    atomic_write(out_dir / f"{item.rel}.json", json.dumps(result).encode())  # last: it marks the input complete
+    annotated = encode_png(annotate(image, detections, class_names)) if options.save_images else None
+    write_image_outputs(out_dir, item.rel, detections.to_json(class_names), options.formats, annotated)
 
 
 def _fail(manifest: Manifest, summary: Summary, item: Input, error: DetectError) -> None:
@@ -498,12 +358,3 @@ def _progress(stream: TextIO | None, summary: Summary, total: int, seconds: floa
     filled = int(width * done / total) if total else width
     stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} images, {rate:.1f} img/s")
     stream.flush()
-
-
-def format_summary(summary: Summary) -> str:
-    lines = [
-        f"{summary.images} images, {summary.detections} detections, {summary.failed} failed, "
-        f"{summary.skipped} skipped (already done), {summary.images_per_second:.2f} images/s"
-    ]
-    lines += [f"failed: {path}: {reason}" for path, reason in summary.failures]
-    return "\n".join(lines)

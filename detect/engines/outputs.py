@@ -1,0 +1,272 @@
+"""What every batch engine writes, and how: the output folder, per-image files, ``manifest.jsonl`` and the
+aggregates. :mod:`detect.engines.local` and :mod:`detect.engines.ray` both write through this module, in the
+process that runs the job (the driver, for Ray), so their outputs are the same bytes and ``--resume`` works
+across engines.
+
+Decisions:
+
+* **One writer per run.** Workers (threads, Ray actors) compute results; only the process holding the
+  :class:`Manifest` writes files. A result that arrives twice (a Ray task retried after its actor died) is
+  written once: the engine checks :meth:`Manifest.has_result` first.
+* **Per-image files are the truth.** ``<rel>.json`` is written last, after ``<rel>.txt`` (YOLO) and
+  ``<rel>.annotated.png``, and its manifest record after it, so ``done`` implies complete outputs. Aggregates are
+  rebuilt from the per-image JSON at the end of every run (a resumed run included), sorted by relative path, so
+  they do not depend on the order results arrived in.
+* **Parquet** (``--format parquet``, ``predictions.parquet``) has one row per image: ``file``, ``width``,
+  ``height`` and ``detections``, a list of ``{box: float64[4], score, class_id, class_name}``. One row per image
+  keeps the images without detections, and is what ``ray.data.read_parquet``/``pandas`` users expect. It needs
+  ``pyarrow`` (in the ``[ray]`` extra); :func:`check_formats` says so before any work starts. File names that
+  are not UTF-8 (surrogate escapes) are stored with backslash escapes, as Arrow strings must be UTF-8.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from detect.errors import ConfigError, DetectError, OutputError
+from detect.io import atomic_write
+
+FORMATS = ("jsonl", "coco", "yolo", "csv", "parquet")
+MANIFEST = "manifest.jsonl"
+AGGREGATE_FILES = {
+    "jsonl": "predictions.jsonl",
+    "coco": "coco_results.json",
+    "csv": "detections.csv",
+    "parquet": "predictions.parquet",
+}
+CSV_COLUMNS = ("file", "width", "height", "x1", "y1", "x2", "y2", "score", "class_id", "class_name")
+
+
+@dataclass(frozen=True)
+class Input:
+    """One image to process: its absolute path or URL (links not resolved) and its path relative to the output
+    root."""
+
+    path: str
+    rel: str
+
+
+@dataclass
+class Summary:
+    images: int = 0
+    skipped: int = 0
+    detections: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def format_summary(summary: Summary) -> str:
+    lines = [
+        f"{summary.images} images, {summary.detections} detections, {summary.failed} failed, "
+        f"{summary.skipped} skipped (already done), {summary.images_per_second:.2f} images/s"
+    ]
+    lines += [f"failed: {path}: {reason}" for path, reason in summary.failures]
+    return "\n".join(lines)
+
+
+def check_formats(formats: Sequence[str]) -> None:
+    """Refuse unknown formats, and ``parquet`` without ``pyarrow`` (:class:`ConfigError`, exit 2)."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ConfigError(f"unknown output format {unknown[0]!r}; known: {', '.join(FORMATS)}")
+    if "parquet" in formats and importlib.util.find_spec("pyarrow") is None:
+        raise ConfigError("--format parquet needs pyarrow: pip install 'detect[ray]' (or pyarrow)")
+
+
+# --- the output folder ---------------------------------------------------------------------------------------
+def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
+    """The absolute output folder, created if needed and proved writable by writing a probe file in it; an
+    existing file, a read-only folder or mount, or a missing permission is an :class:`OutputError` (exit 2)
+    before any input is read."""
+    path = Path(out_dir).resolve()
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--out {str(out_dir)!r} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise OutputError(f"cannot write to --out {str(out_dir)!r}: {err.strerror or err}") from None
+    return path
+
+
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Delete the temporary files (``.<name>.<random>.tmp``) that :func:`atomic_write` leaves when a run is killed."""
+    for path in out_dir.rglob(".*.tmp"):
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+
+
+# --- per-image files -----------------------------------------------------------------------------------------
+def yolo_lines(result: dict) -> str:
+    """YOLO text: ``class cx cy w h score`` per detection, centre and size normalised by the image size,
+    ``class`` the 0-based index into the model's class list (``class_id - 1``)."""
+    w, h = result["width"], result["height"]
+    lines = []
+    for d in result["detections"]:
+        x1, y1, x2, y2 = d["box"]
+        lines.append(
+            f"{d['class_id'] - 1} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} "
+            f"{(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f} {d['score']:.5f}"
+        )
+    return "".join(line + "\n" for line in lines)
+
+
+def write_image_outputs(
+    out_dir: Path, rel: str, result: dict, formats: Sequence[str], annotated_png: bytes | None = None
+) -> None:
+    """The files of one input: ``<rel>.txt`` (YOLO), ``<rel>.annotated.png`` when given, then ``<rel>.json``
+    (``result`` as ``json.dumps`` writes it), last, as it marks the input complete."""
+    if "yolo" in formats:
+        atomic_write(out_dir / f"{rel}.txt", yolo_lines(result).encode())
+    if annotated_png is not None:
+        atomic_write(out_dir / f"{rel}.annotated.png", annotated_png)
+    atomic_write(out_dir / f"{rel}.json", json.dumps(result).encode())
+
+
+# --- aggregates ----------------------------------------------------------------------------------------------
+def coco_image_id(rel: str, index: int) -> int:
+    """COCO's ``image_id``: the number in a COCO-style name (``000000397133.jpg`` -> 397133), else ``index``."""
+    stem = Path(rel).stem
+    return int(stem) if stem.isdigit() else index
+
+
+def write_aggregates(out_dir: Path, done: Sequence[str], formats: Sequence[str]) -> None:
+    """Rebuild the aggregate files from the per-image JSON of the ``done`` relative paths (sorted)."""
+    wanted = [f for f in formats if f in AGGREGATE_FILES]
+    if not wanted:
+        return
+    results = [(rel, json.loads((out_dir / f"{rel}.json").read_text())) for rel in sorted(done)]
+    writers = {"jsonl": _jsonl, "coco": _coco, "csv": _csv, "parquet": _parquet}
+    for name in wanted:
+        atomic_write(out_dir / AGGREGATE_FILES[name], writers[name](results))
+
+
+def _jsonl(results: list[tuple[str, dict]]) -> bytes:
+    return "".join(json.dumps({"file": rel, **r}) + "\n" for rel, r in results).encode()
+
+
+def _coco(results: list[tuple[str, dict]]) -> bytes:
+    coco = [
+        {
+            "image_id": coco_image_id(rel, i),
+            "file_name": rel,
+            "category_id": d["class_id"],
+            "bbox": [d["box"][0], d["box"][1], d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]],
+            "score": d["score"],
+        }
+        for i, (rel, r) in enumerate(results)
+        for d in r["detections"]
+    ]
+    return json.dumps(coco).encode()
+
+
+def _csv(results: list[tuple[str, dict]]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for rel, r in results:
+        for d in r["detections"]:
+            writer.writerow([rel, r["width"], r["height"], *d["box"], d["score"], d["class_id"], d["class_name"]])
+    # file names are str with surrogate escapes for bytes that are not UTF-8: written back as those bytes
+    return buffer.getvalue().encode("utf-8", "surrogateescape")
+
+
+def parquet_schema() -> Any:
+    import pyarrow as pa
+
+    detection = pa.struct(
+        [("box", pa.list_(pa.float64(), 4)), ("score", pa.float64()), ("class_id", pa.int64()), ("class_name", pa.string())]
+    )
+    return pa.schema([("file", pa.string()), ("width", pa.int64()), ("height", pa.int64()), ("detections", pa.list_(detection))])
+
+
+def _parquet(results: list[tuple[str, dict]]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {
+            "file": rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"),
+            "width": r["width"],
+            "height": r["height"],
+            "detections": [{k: d[k] for k in ("box", "score", "class_id", "class_name")} for d in r["detections"]],
+        }
+        for rel, r in results
+    ]
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=parquet_schema()), buffer)
+    return buffer.getvalue()
+
+
+# --- the manifest --------------------------------------------------------------------------------------------
+class Manifest:
+    """``DIR/manifest.jsonl``: one ``{"input", "output", "status", "code"?, "reason"?}`` record per input."""
+
+    def __init__(self, out_dir: Path, resume: bool) -> None:
+        self.path = out_dir / MANIFEST
+        self.done: dict[str, str] = {}  # input path -> rel, last status done
+        self.recorded: set[str] = set()  # inputs given a record by this run
+        if resume and self.path.is_file():
+            for record in self._records():
+                if record.get("status") == "done":
+                    self.done[record["input"]] = record["output"].removesuffix(".json")
+                else:
+                    self.done.pop(record.get("input", ""), None)
+        elif self.path.exists():
+            self.path.unlink()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._file: TextIO = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (closed by close())
+
+    def _records(self) -> Iterator[dict]:
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line torn by a kill
+                continue
+            if isinstance(record, dict) and "input" in record and "output" in record:
+                yield record
+
+    def has_result(self, item: Input) -> bool:
+        """Whether this run already recorded ``item`` (a duplicate result, e.g. from a retried Ray task)."""
+        return item.path in self.recorded
+
+    def record(self, item: Input, error: DetectError | None = None) -> None:
+        if error is None:
+            self._write(item, None, None)
+        else:
+            self._write(item, error.code, error.message)
+
+    def record_failure(self, item: Input, code: str, reason: str) -> None:
+        """A failure known by its machine code and message (as it comes back from another process)."""
+        self._write(item, code, reason)
+
+    def _write(self, item: Input, code: str | None, reason: str | None) -> None:
+        entry: dict[str, Any] = {"input": item.path, "output": f"{item.rel}.json", "status": "done"}
+        if code is None:
+            self.done[item.path] = item.rel
+        else:
+            entry.update(status="failed", code=code, reason=reason)
+        self.recorded.add(item.path)
+        self._file.write(json.dumps(entry) + "\n")
+
+    def flush(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
