@@ -1,4 +1,6 @@
-"""``detect data shapes``: write the synthetic shapes set to disk in VOC or COCO layout.
+"""``detect data shapes``: write the synthetic shapes set to disk in VOC or COCO layout. ``detect data check``:
+what a data set on disk holds and every annotation problem in it (:mod:`detect.data.check`); exit 0 clean, 1 with
+problems, 2 when the layout is not recognised or the set cannot be read.
 
 Splits are consecutive index ranges in the order given (``--split train=800 --split test=200``: images 0-799, then
 800-999), so a split is the same images for the same seed on every machine. VOC gets one
@@ -9,13 +11,14 @@ Splits are consecutive index ranges in the order given (``--split train=800 --sp
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
 from pathlib import Path
 
 from detect.data.shapes import ShapesConfig, ShapesDataset, write_coco, write_voc
-from detect.errors import ConfigError
+from detect.errors import ConfigError, DatasetError
 
 __all__ = ["add_parser", "split_ranges"]
 
@@ -37,6 +40,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="a split of COUNT consecutive images (repeatable, in order; e.g. --split train=800 --split test=200)",
     )
     p.set_defaults(func=_cmd_shapes)
+    p = sub.add_parser("check", help="report a data set's layout, classes, sizes and annotation problems")
+    p.add_argument("path", nargs="?", help="a data folder, COCO .json or YOLO data.yaml")
+    p.add_argument("--images", help="the image folder (with --annotations, instead of PATH)")
+    p.add_argument("--annotations", help="the annotation folder or COCO .json (with --images)")
+    p.add_argument("--split", help="a named split (VOC image set, data.yaml key, COCO file)")
+    p.add_argument("--classes", help="comma-separated class list: any other label is a problem")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_check)
 
 
 def _split(text: str) -> tuple[str, int]:
@@ -76,3 +87,16 @@ def _cmd_shapes(args: argparse.Namespace) -> int:
     count = len(dataset) if indices is None else len(indices)
     print(f"wrote {count} images ({args.format}) to {out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from detect.data.check import check_dataset, format_check
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    try:
+        report = check_dataset(args.path, args.images, args.annotations, args.split, classes)
+    except DatasetError as err:
+        print(f"detect data check: {err.message}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else format_check(report))
+    return 1 if report["problems"] else 0
