@@ -12,7 +12,14 @@ import torch
 from detect.backbones import Backbone, tiny
 from detect.detectors import DETECTORS
 from detect.errors import ConfigError
-from detect.pretrain import PretrainConfig, crop_batch, find_backbone, pretrain_backbone
+from detect.pretrain import (
+    PretrainConfig,
+    background_boxes,
+    crop_batch,
+    find_backbone,
+    heldout_split,
+    pretrain_backbone,
+)
 from detect.train import TrainConfig, Trainer, override
 from tests.helpers import tiny_recipe
 
@@ -157,3 +164,69 @@ def test_train_runs_the_stage_once_and_resume_skips_it(tmp_path: Path) -> None:
     plain = override(TrainConfig(), tiny_recipe(tmp_path / "c", val_data=None))
     Trainer(plain).run(progress=False)
     assert Trainer(plain).log.rows()[0]["loss"] != expected[0]["loss"]  # the stage changed the starting point
+
+
+# --- background crops and held-out accuracy (issue 13) ------------------------------------------------------------
+
+
+class _RedSquares(_ColourBoxes):
+    """One class: a red square (or two) on noisy grey."""
+
+    class_names = ("red",)
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng(1000 + index)
+        image = rng.integers(60, 190, (48, 48, 3)).astype(np.uint8)
+        boxes = []
+        for _ in range(int(rng.integers(1, 3))):
+            size = int(rng.integers(10, 18))
+            x, y = rng.integers(0, 48 - size, 2)
+            image[y : y + size, x : x + size] = RED
+            boxes.append([x, y, x + size, y + size])
+        return image, _target(boxes, [1] * len(boxes))
+
+
+def test_background_windows_avoid_every_object() -> None:
+    """Every window lies inside the image and overlaps each object (difficult ones too) by IoU < background_iou,
+    checked with torchvision's box_iou in float64."""
+    import torchvision
+
+    boxes = np.array([[10, 10, 30, 30], [25, 5, 60, 40], [0, 50, 20, 64]], np.float64)
+    config = PretrainConfig(background_iou=0.2)
+    windows = background_boxes(boxes, (64, 80), 50, config, np.random.default_rng(0))
+    assert 10 <= len(windows) <= 50
+    assert (windows[:, :2] >= 0).all() and (windows[:, 2] <= 80).all() and (windows[:, 3] <= 64).all()
+    iou = torchvision.ops.box_iou(torch.from_numpy(windows), torch.from_numpy(boxes))
+    assert float(iou.max()) < 0.2
+
+
+def test_one_class_set_learns_with_background_and_reports_heldout_accuracy() -> None:
+    """One class alone is a degenerate task (warned about); with background crops (the default for one class)
+    the held-out crops, from images no step drew, are classified well above chance."""
+    import warnings
+
+    dataset = _RedSquares(30)
+    drawn: set[int] = set()
+    steps_done = []
+
+    class Recording(_RedSquares):
+        def __getitem__(self, index: int):
+            if len(steps_done) < 40:
+                drawn.add(index)
+            return dataset[index]
+
+    torch.manual_seed(0)
+    config = PretrainConfig(iterations=40, images_per_batch=8, crop_size=32, optimizer="adamw", lr=0.002,
+                            warmup_iterations=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither degenerate nor at chance: no warning at all
+        result = pretrain_backbone(tiny(width=8), Recording(30), config, seed=0, on_step=steps_done.append)
+    training, heldout = heldout_split(30, config, 0)
+    assert len(heldout) == 3 and set(training) | set(heldout) == set(range(30)) and not set(training) & set(heldout)
+    assert drawn <= set(training.tolist())  # the steps never saw a held-out image
+    assert result["heldout_crops"] >= 6
+    assert result["heldout_chance"] == pytest.approx(0.5)  # one background crop per object crop
+    assert result["heldout_accuracy"] >= 0.8 > result["heldout_chance"]
+
+    with pytest.warns(UserWarning, match="one class and no background"):
+        pretrain_backbone(tiny(width=8), dataset, override(config, {"iterations": 1, "background_ratio": 0.0}))
