@@ -108,3 +108,94 @@ def test_proposals_move_with_the_boxes() -> None:
     np.testing.assert_array_equal(flipped["proposals"], [[5, 2, 10, 6]])
     _, scaled = rescale(np.zeros((8, 10, 3), np.uint8), target, 2.0)
     np.testing.assert_array_equal(scaled["proposals"], [[0, 4, 10, 12]])
+
+
+# --- transforms.v2: crop, photometric jitter, multi-scale (issue 13) ---------------------------------------------
+
+
+def test_crop_keeps_objects_whose_centre_is_inside_and_clips_them() -> None:
+    """Window (top 5, left 10, 20 x 30): box A (centre inside) is clipped, box B (centre outside) is dropped with
+    its label, difficult flag and area; pixels and boxes agree (hand-computed)."""
+    from detect.data.augment import crop
+
+    image = _box_image(40, 60, (5, 8, 20, 16))  # box A, partly left of the window
+    target = {
+        "boxes": np.array([[5, 8, 20, 16], [45, 30, 58, 38]], np.float32),
+        "labels": np.array([1, 2]),
+        "difficult": np.array([False, True]),
+        "area": np.array([120.0, 104.0], np.float32),
+        "proposals": np.array([[0, 0, 8, 4], [12, 6, 50, 40]], np.float32),
+        "image_id": 3,
+    }
+    out_image, out = crop(image, target, (5, 10, 20, 30))
+    assert out_image.shape == (20, 30, 3)
+    np.testing.assert_array_equal(out["boxes"], [[0, 3, 10, 11]])  # (5-10, 8-5, 20-10, 16-5), x1 clipped to 0
+    assert _extent(out_image) == (0, 3, 10, 11)
+    assert out["labels"].tolist() == [1] and out["difficult"].tolist() == [False] and out["image_id"] == 3
+    np.testing.assert_allclose(out["area"], [120.0 * (10 * 8) / (15 * 8)])  # the visible share of the box
+    np.testing.assert_array_equal(out["proposals"], [[2, 1, 30, 20]])  # the first one fell outside: dropped
+
+
+@given(seed=st.integers(0, 10_000))
+def test_crop_window_honours_the_iou_constraint(seed: int) -> None:
+    """Any window :func:`crop_window` returns has the configured scale and aspect bounds, and some object whose
+    centre lies in it overlaps it by at least one of the allowed minimum IoUs (float64 reference)."""
+    from detect.data.augment import crop_window
+
+    rng = np.random.default_rng(seed)
+    corners = rng.uniform(0, 60, (3, 2))
+    boxes = np.concatenate([corners, corners + rng.uniform(5, 40, (3, 2))], 1).astype(np.float32)
+    config = AugmentConfig(crop_prob=1.0, crop_min_ious=(0.5,), crop_scale=(0.3, 1.0), crop_aspect=(0.5, 2.0))
+    window = crop_window(boxes, (100, 120), config, np.random.default_rng(seed))
+    if window is None:
+        return
+    top, left, height, width = window
+    assert 0 <= top and top + height <= 100 and 0 <= left and left + width <= 120
+    assert 0.3 * 120 - 1 <= width and 0.3 * 100 - 1 <= height and 0.5 <= width / height <= 2.0
+    b = boxes.astype(np.float64)
+    centre = (b[:, :2] + b[:, 2:]) / 2
+    inside = (centre[:, 0] > left) & (centre[:, 0] < left + width) & (centre[:, 1] > top) & (centre[:, 1] < top + height)
+    ix = np.clip(np.minimum(b[:, 2], left + width) - np.maximum(b[:, 0], left), 0, None)
+    iy = np.clip(np.minimum(b[:, 3], top + height) - np.maximum(b[:, 1], top), 0, None)
+    iou = ix * iy / ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) + width * height - ix * iy)
+    assert inside.any() and iou[inside].max() >= 0.5 - 1e-6
+
+
+def test_brightness_jitter_scales_pixels_and_leaves_boxes() -> None:
+    """Brightness alone multiplies every channel by one factor in [0.5, 1.5] (uint8, within rounding); the boxes
+    do not move; the same generator seed gives the same image."""
+    image = np.random.default_rng(0).integers(0, 160, (12, 16, 3)).astype(np.uint8)
+    target = {"boxes": np.array([[1, 2, 9, 10]], np.float32)}
+    augment = Augment(AugmentConfig(flip_prob=0.0, brightness=0.5))
+    out, out_target = augment(image, target, np.random.default_rng(7))
+    factor = (out.astype(np.float64) / np.maximum(image, 1)).ravel()[image.ravel() > 40]
+    assert 0.5 <= np.median(factor) <= 1.5 and np.ptp(factor) < 0.1  # one factor for all pixels
+    np.testing.assert_array_equal(out_target["boxes"], target["boxes"])
+    np.testing.assert_array_equal(out, augment(image, target, np.random.default_rng(7))[0])
+
+
+def test_photometric_jitter_is_deterministic_and_varies() -> None:
+    image = np.random.default_rng(1).integers(0, 255, (10, 10, 3)).astype(np.uint8)
+    augment = Augment(AugmentConfig(flip_prob=0.0, brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05))
+    target = {"boxes": np.zeros((0, 4), np.float32)}
+    a = [augment(image, target, np.random.default_rng(s))[0] for s in (1, 1, 2)]
+    np.testing.assert_array_equal(a[0], a[1])
+    assert not np.array_equal(a[0], a[2]) and not np.array_equal(a[0], image)
+
+
+def test_short_side_is_drawn_from_the_list_per_generator() -> None:
+    augment = Augment(AugmentConfig(short_sides=(128, 160, 192)))
+    sides = [augment.short_side(np.random.default_rng([0, i])) for i in range(40)]
+    assert set(sides) == {128, 160, 192}
+    assert sides == [augment.short_side(np.random.default_rng([0, i])) for i in range(40)]
+    assert Augment(AugmentConfig()).short_side(np.random.default_rng(0)) is None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"short_sides": (0,)}, {"brightness": -1}, {"hue": 0.6}, {"crop_prob": 2}, {"crop_scale": (0.0, 1.0)},
+     {"crop_min_ious": ()}, {"crop_trials": 0}],
+)
+def test_invalid_new_augment_values(kwargs: dict) -> None:
+    with pytest.raises(ConfigError):
+        AugmentConfig(**kwargs)
