@@ -319,6 +319,8 @@ def _torchvision_checkpoint(
         raise WeightsError(f"{path} has no 2-D roi_heads.box_predictor.cls_score.weight")
     extra = {} if config is None else {"config": config}
     model = detectors.DETECTORS[architecture](int(classifier.shape[0]), class_names=class_names, **extra)
+    if eps is None:  # a safetensors file may say which eps it was trained with; torchvision's COCO files use 0
+        eps = _stored_eps(_metadata(path), path)
     return _load_state(model, path, eps if eps is not None else 0.0)
 
 

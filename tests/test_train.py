@@ -217,7 +217,7 @@ def test_train_kill_resume_eval_reaches_map(tmp_path: Path) -> None:
     )
     path = _write(tmp_path / "recipe.yaml", recipe)
     checkpoint = Path(recipe["out_dir"]) / "checkpoint.pt"
-    command = [sys.executable, "-m", "detect.train", "train", "--recipe", str(path)]
+    command = [sys.executable, "-m", "detect", "train", "--recipe", str(path)]
     child = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
