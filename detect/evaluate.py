@@ -31,6 +31,16 @@ become ``iscrowd=1``: the only "ignore" pycocotools honours (it overwrites an ``
 A detection on such a gt is then neither true nor false positive, as in VOC, but its overlap with it is measured as
 intersection over the *detection's* area, so that rule is a little more lenient than VOC's.
 
+Confusion matrix (:meth:`DetectionEvaluator.confusion_matrix`): rows are the ground-truth classes plus
+``background``, columns the predicted classes plus ``missed``. Per image, the detections scoring at least the score
+threshold are taken best first; each claims the free gt of highest IoU, whatever its class, when that IoU is at
+least the IoU threshold (0.5): cell (gt class, predicted class), so a correct detection lands on the diagonal and a
+right box with the wrong name off it. A detection that claims nothing is a false positive (row ``background``); a
+gt that nobody claimed is ``missed``. Difficult gts are neither counted nor missed, and a detection that claims one
+is not counted either (as in VOC AP).
+
+:meth:`DetectionEvaluator.report` gathers it all (VOC AP, COCO metrics, confusion matrix) for ``detect eval``.
+
 Proposal quality (:func:`proposal_recall`): recall at IoU thresholds and MABO (mean best overlap), see there.
 """
 
@@ -63,7 +73,9 @@ __all__ = [
     "proposal_recall",
     "write_report",
     "format_table",
+    "format_summary",
     "plot_pr_curves",
+    "plot_confusion_matrix",
 ]
 
 AP_METHODS = ("auc", "voc07", "coco101")
@@ -383,6 +395,49 @@ class DetectionEvaluator:
         return result
 
 
+    # --- confusion matrix ----------------------------------------------------------------------------------
+    def confusion_matrix(self, iou_threshold: float = 0.5, score_threshold: float = 0.5) -> dict:
+        """Counts of (ground-truth class or background) x (predicted class or missed); see the module docstring.
+
+        Returns ``rows`` (class names + ``"background"``), ``columns`` (class names + ``"missed"``), ``matrix``
+        (``(K + 1, K + 1)`` ints as nested lists; the background/missed corner is always 0), ``iou_threshold`` and
+        ``score_threshold``."""
+        num_classes = len(self.class_names)
+        matrix = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)  # (K+1, K+1)
+        for image in self._images.values():
+            keep = np.flatnonzero(image.det_scores >= score_threshold)
+            keep = keep[np.argsort(-image.det_scores[keep], kind="stable")]  # (D,) best first
+            boxes = torch.from_numpy(np.ascontiguousarray(image.det_boxes[keep]))  # (D, 4)
+            ious = box_iou(boxes, torch.from_numpy(image.gt_boxes)).numpy()  # (D, G)
+            taken = np.zeros(len(image.gt_labels), dtype=bool)  # (G,)
+            for d, label in enumerate(image.det_labels[keep]):
+                free = np.where(~taken & (ious[d] >= iou_threshold), ious[d], -1.0)  # (G,)
+                if free.size == 0 or free.max() < 0:
+                    matrix[num_classes, label - 1] += 1  # a false positive on background
+                    continue
+                g = int(free.argmax())
+                taken[g] = True
+                if not image.gt_difficult[g]:
+                    matrix[image.gt_labels[g] - 1, label - 1] += 1
+            for g in np.flatnonzero(~taken & ~image.gt_difficult):
+                matrix[image.gt_labels[g] - 1, num_classes] += 1
+        return {
+            "rows": [*self.class_names, "background"],
+            "columns": [*self.class_names, "missed"],
+            "matrix": matrix.tolist(),
+            "iou_threshold": float(iou_threshold),
+            "score_threshold": float(score_threshold),
+        }
+
+    def report(self, score_threshold: float = 0.5) -> dict:
+        """:meth:`compute` (VOC AP) with ``coco`` (:meth:`compute_coco`, when there are images) and
+        ``confusion_matrix`` (at IoU 0.5 and ``score_threshold``) added: what ``detect eval`` prints and writes."""
+        result = self.compute()
+        result["coco"] = self.compute_coco() if len(self) else None
+        result["confusion_matrix"] = self.confusion_matrix(0.5, score_threshold)
+        return result
+
+
 def _coco_box(box: np.ndarray) -> dict:
     x1, y1, x2, y2 = (float(v) for v in box)
     return {"bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)}
@@ -479,22 +534,69 @@ def write_report(result: Mapping[str, Any], path: str | os.PathLike, *, include_
 
 def format_table(result: Mapping[str, Any]) -> str:
     """The per-class table of a :meth:`DetectionEvaluator.compute` result: gts, difficult, detections and AP at
-    each threshold (``-`` where undefined), then the mAP row."""
+    each threshold (``-`` where undefined), then the mAP row; with a ``coco`` entry (:meth:`~DetectionEvaluator.
+    report`) also each class's COCO AP (IoU 0.5:0.95) and the overall one."""
     keys = [_key(t) for t in result["iou_thresholds"]]
+    coco = result.get("coco")
     width = max(8, *(len(name) for name in result["ap"]))
     header = f"{'class':<{width}} {'gt':>6} {'diff':>6} {'dets':>7}" + "".join(f" {'AP@' + k:>8}" for k in keys)
+    header += f" {'AP50:95':>8}" if coco else ""
     lines = [header, "-" * len(header)]
     for name in result["ap"]:
         cells = "".join(f" {_cell(result[f'ap@{k}'][name])}" for k in keys)
+        cells += f" {_cell(coco['ap'][name])}" if coco else ""
         counts = f"{result['num_gt'][name]:>6} {result['num_difficult'][name]:>6} {result['num_detections'][name]:>7}"
         lines.append(f"{name:<{width}} {counts}{cells}")
     lines.append("-" * len(header))
-    lines.append(f"{'mAP':<{width}} {'':>6} {'':>6} {'':>7}" + "".join(f" {_cell(result[f'mAP@{k}'])}" for k in keys))
+    total = "".join(f" {_cell(result[f'mAP@{k}'])}" for k in keys) + (f" {_cell(coco['AP'])}" if coco else "")
+    lines.append(f"{'mAP':<{width}} {'':>6} {'':>6} {'':>7}" + total)
+    return "\n".join(lines)
+
+
+def format_summary(result: Mapping[str, Any]) -> str:
+    """The headline numbers of a :meth:`DetectionEvaluator.report` result: COCO AP, AP50, AP75, AP_S/M/L and the
+    VOC mAP, one line each kind (``-`` where undefined, e.g. no small objects)."""
+    lines = []
+    if result.get("coco"):
+        names = (("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("APs", "AP_S"), ("APm", "AP_M"), ("APl", "AP_L"))
+        lines.append("COCO  " + "  ".join(f"{label} {_cell(result['coco'][key]).strip()}" for key, label in names))
+    keys = [_key(t) for t in result["iou_thresholds"]]
+    lines.append("VOC   " + "  ".join(f"mAP@{k} {_cell(result[f'mAP@{k}']).strip()}" for k in keys))
     return "\n".join(lines)
 
 
 def _cell(value: float) -> str:
     return f"{value:>8.4f}" if math.isfinite(value) else f"{'-':>8}"
+
+
+def plot_confusion_matrix(matrix: Mapping[str, Any], path: str | os.PathLike) -> Path | None:
+    """A :meth:`DetectionEvaluator.confusion_matrix` as a PNG heat map with the counts written in (rows normalised
+    for the colour, so rare classes show too). ``None`` (and a warning) without matplotlib. Written atomically."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        _log.warning("matplotlib is not installed: no confusion matrix plot (pip install matplotlib)")
+        return None
+    counts = np.array(matrix["matrix"], dtype=np.float64)  # (K+1, K+1)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = 2.5 + 0.55 * len(matrix["columns"])
+    figure = Figure(figsize=(side + 1, side), dpi=100)
+    axes = figure.add_subplot()
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (r, c), value in np.ndenumerate(counts):
+        if value:
+            axes.text(c, r, f"{int(value)}", ha="center", va="center", color="white" if shares[r, c] > 0.5 else "black")
+    axes.set_xticks(range(len(matrix["columns"])), matrix["columns"], rotation=45, ha="right")
+    axes.set_yticks(range(len(matrix["rows"])), matrix["rows"])
+    axes.set(xlabel="predicted", ylabel="ground truth")
+    axes.set_title(f"IoU >= {matrix['iou_threshold']:g}, score >= {matrix['score_threshold']:g}")
+    figure.colorbar(image, ax=axes, fraction=0.046, label="share of the row")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    path = Path(path)
+    atomic_write(path, buffer.getvalue())
+    return path
 
 
 def plot_pr_curves(result: Mapping[str, Any], directory: str | os.PathLike) -> list[Path]:

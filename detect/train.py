@@ -14,6 +14,10 @@ Decisions:
   CPU cores.
 - ``init_backbone`` starts a detector's backbone from trained weights (a ``detect train`` file or a registered
   name): the bundled region detectors start from the bundled Faster R-CNN's, where the papers start from ImageNet.
+- ``init`` (``detect train --init``) starts the whole detector from another (a registered name, a ``detect train``
+  file or a torchvision checkpoint): every tensor that fits is copied, the class layers are rebuilt for the new
+  classes, keeping the rows of classes the source has (:mod:`detect.finetune`); the report is printed.
+  ``trainable_backbone_layers`` (torchvision's meaning) then freezes the lower backbone stages.
 - ``pretrain`` (off unless ``pretrain.iterations`` > 0) first trains the backbone to classify crops of the
   training set's ground-truth boxes (:mod:`detect.pretrain`), the stand-in for ImageNet pre-training when nothing
   can be downloaded; its time counts in ``train_seconds`` and a checkpoint follows it, so a resume skips it.
@@ -21,9 +25,20 @@ Decisions:
   weight decay or AdamW; gradient-norm clipping; linear warm-up then step or cosine decay. The learning rate is a
   pure function of the iteration (:func:`lr_factor`), so the iteration *is* the scheduler's state.
 - Determinism and exact resume: the images of iteration ``i`` are a pure function of ``(seed, i)`` (one
-  permutation per epoch from ``default_rng([seed, epoch])``, augmentation from ``default_rng([seed, i, slot])``),
-  and the checkpoint holds the model, optimizer, grad scaler, torch RNG states and iteration. So a run killed and
-  resumed from its last checkpoint computes the same losses as an uninterrupted run (same device and threads).
+  permutation per epoch from ``default_rng([seed, epoch])``, augmentation from ``default_rng([seed, i, slot])``,
+  the multi-scale short side from ``default_rng([seed, i, SHORT_SIDE_SLOT])``), and the checkpoint holds the
+  model, optimizer, grad scaler, torch RNG states and iteration. So a run killed and resumed from its last
+  checkpoint computes the same losses as an uninterrupted run (same device and threads).
+- Data loading: :class:`TrainBatches` is a ``torch.utils.data.Dataset`` indexed by the iteration, read by a
+  ``DataLoader`` (``batch_size=None``) whose sampler is ``range(first iteration, max_iterations)``: with
+  ``workers`` > 0, worker processes decode and augment ahead of the step, and the batch of iteration ``i`` stays
+  the same whichever worker builds it. The loader draws its base seed from a generator of its own, so starting it
+  leaves torch's global generator (the model's samplers) alone. Images travel as ``uint8`` ``HxWx3`` tensors
+  (pinned on CUDA, copied without blocking) and become the model's float form on the device, the very arithmetic
+  of :func:`detect.transform.as_image_tensor`.
+- Multi-scale training: the batch's short side (``augment.short_sides``) becomes the detector's resize target for
+  that step (Faster R-CNN's ``transform.config.min_size``, SPP-Net's ``config.scales``), restored afterwards, so
+  evaluation and the saved model keep their own.
 - Checkpoints (``checkpoint.pt``, every ``checkpoint_every`` iterations and at the end) are written atomically
   (temporary file + rename): a kill never leaves a half-written file. Read back with ``weights_only=True``.
 - Proposals for R-CNN/SPP-Net: selective search runs once per original image and is cached as ``.npy`` under
@@ -38,8 +53,10 @@ Decisions:
   ``log_every`` iterations), ``evaluations.jsonl`` (one row per evaluation), ``loss.png``, and with validation data
   ``report.json`` and per-class precision-recall plots, and ``summary.json`` (iterations, optimisation seconds
   carried across resumes, thread count, final mAP and the data it was measured on), which
-  :func:`bundle_run` (``detect weights add``) copies into a weights manifest. A progress line (losses, s/it, ETA)
-  goes to stderr.
+  :func:`bundle_run` (``detect weights add``) copies into a weights manifest. Progress goes to stderr
+  (:mod:`detect.progress`: a tqdm bar on a terminal, a plain line every ``progress_seconds`` otherwise). With
+  ``tensorboard: true`` the same rows (and validation mAP, pre-training figures) also go to a TensorBoard event
+  file in ``tensorboard/`` (the optional ``tensorboard`` package: ``pip install 'detect[tensorboard]'``).
 """
 
 from __future__ import annotations
@@ -53,7 +70,8 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,16 +83,17 @@ from torch import Tensor, nn
 
 from detect import weights
 from detect.config import override
-from detect.data.coco import CocoDataset
 from detect.data.shapes import ShapesConfig, ShapesDataset
 from detect.data.augment import Augment, AugmentConfig
-from detect.data.voc import VocDataset
+from detect.data.layouts import Layout, Subset, detect_layout, holdout, open_dataset
 from detect import detectors
 from detect.detectors.region import RegionDetector, RegionFeatures
 from detect.errors import ConfigError, WeightsError
-from detect.evaluate import DetectionEvaluator, plot_pr_curves, write_report
+from detect.evaluate import DetectionEvaluator, plot_confusion_matrix, plot_pr_curves, write_report
 from detect.io import atomic_write
+from detect.finetune import InitReport, freeze_backbone, init_detector
 from detect.pretrain import PretrainConfig, find_backbone, pretrain_backbone
+from detect.progress import Progress
 from proposals.selective_search import SelectiveSearch, SelectiveSearchConfig
 
 __all__ = [
@@ -82,6 +101,7 @@ __all__ = [
     "OptimizerConfig",
     "ProposalCache",
     "ScheduleConfig",
+    "TrainBatches",
     "TrainConfig",
     "Trainer",
     "evaluate_detector",
@@ -102,25 +122,42 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where images come from: ``source`` ``"shapes"`` (the built-in synthetic set, ``shapes`` its config),
-    ``"voc"`` (``path`` a VOC folder, ``split`` an ImageSets list) or ``"coco"`` (``path`` the JSON, ``images_dir``
-    its images, default as :class:`~detect.data.coco.CocoDataset` says). ``class_names`` fixes the label order."""
+    """Where images come from: ``source`` ``"shapes"`` (the built-in synthetic set, ``shapes`` its config), or data
+    on disk at ``path`` in any layout :func:`detect.data.layouts.detect_layout` recognises: ``"auto"`` takes what
+    it finds, ``"voc"``/``"coco"``/``"yolo"``/``"labelme"`` also insist on that annotation format. ``images_dir``
+    with ``annotations_dir`` name an image + annotation folder pair (``path`` may then be left out); alone, it is a
+    COCO JSON's image folder. ``split`` picks a split the data ships (VOC image set, ``data.yaml`` key, COCO file).
+    ``class_names`` fixes the label order; ``on_error`` ``"skip"`` trains on the valid rest of a set with bad
+    annotations (each listed), ``"raise"`` refuses it.
+
+    ``part`` ``"train"``/``"val"`` is one side of the seeded hold-out split (:func:`detect.data.layouts.holdout`,
+    ``val_fraction`` of the images by ``split_seed``); :func:`data_splits` sets it when a run has no validation
+    data. ``split_seed`` is apart from the training seed, so runs with other seeds validate on the same images."""
 
     source: str = "shapes"
     path: str | None = None
     split: str | None = None
     images_dir: str | None = None
+    annotations_dir: str | None = None
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     class_names: tuple[str, ...] | None = None
+    on_error: str = "raise"
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    part: str = "all"
 
     def __post_init__(self) -> None:
         if self.source not in DATA_SOURCES:
             raise ConfigError(f"data source must be one of {DATA_SOURCES}, got {self.source!r}")
-        if self.source != "shapes" and not self.path:
-            raise ConfigError(f"data source {self.source!r} needs a path")
+        if self.source != "shapes" and not (self.path or (self.images_dir and self.annotations_dir)):
+            raise ConfigError(f"data source {self.source!r} needs a path (or images_dir and annotations_dir)")
+        if self.on_error not in ("raise", "skip") or self.part not in ("all", "train", "val"):
+            raise ConfigError(f"data on_error must be 'raise' or 'skip', part 'all', 'train' or 'val': {self}")
+        if not 0 <= self.val_fraction < 1 or self.split_seed < 0:
+            raise ConfigError(f"data val_fraction must be in [0, 1) and split_seed >= 0, got {self}")
 
 
-DATA_SOURCES = ("shapes", "voc", "coco")
+DATA_SOURCES = ("shapes", "auto", "voc", "coco", "yolo", "labelme")
 
 
 @dataclass(frozen=True)
@@ -165,7 +202,10 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """A training run (see the module docstring). ``eval_every`` 0 evaluates only at the end (when ``val_data``
-    is set); ``device`` ``"auto"`` takes CUDA when present."""
+    is set); ``device`` ``"auto"`` takes CUDA when present. ``init`` starts the whole detector from another,
+    ``init_backbone`` only its backbone (one or the other); ``trainable_backbone_layers`` ``None`` keeps the
+    builder's freezing. ``workers`` loader processes (0: the training process itself); ``progress_seconds``
+    between plain progress lines when stderr is not a terminal; ``tensorboard`` also writes TensorBoard events."""
 
     detector: str = "fasterrcnn_tiny"
     detector_config: Mapping[str, Any] = field(default_factory=dict)
@@ -186,6 +226,11 @@ class TrainConfig:
     device: str = "auto"
     proposal_cache: str | None = None
     init_backbone: str | None = None
+    init: str | None = None
+    trainable_backbone_layers: int | None = None
+    workers: int = 0
+    progress_seconds: float = 30.0
+    tensorboard: bool = False
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     fit_box_regressor: bool = True
     fit_svms: bool = False
@@ -205,6 +250,10 @@ class TrainConfig:
             raise ConfigError(f"{', '.join(bad)} must be positive")
         if self.eval_every < 0 or self.seed < 0 or self.region_fit_images < 0:
             raise ConfigError("eval_every, seed and region_fit_images must be >= 0")
+        if self.workers < 0 or self.progress_seconds <= 0 or (self.trainable_backbone_layers or 0) < 0:
+            raise ConfigError("workers and trainable_backbone_layers must be >= 0, progress_seconds positive")
+        if self.init and self.init_backbone:
+            raise ConfigError("give init (the whole detector) or init_backbone (its backbone), not both")
 
 
 def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
@@ -288,13 +337,56 @@ def init_backbone(model: nn.Module, source: str | Path) -> int:
     return len(own)
 
 
+def data_layout(config: DataConfig) -> Layout:
+    """The layout of a :class:`DataConfig` on disk; :class:`ConfigError` when it is not the ``source`` asked for."""
+    if config.annotations_dir:
+        layout = detect_layout(config.path, config.images_dir, config.annotations_dir)
+    else:
+        layout = detect_layout(config.path)
+        if config.images_dir and layout.format == "coco":
+            layout = dataclasses.replace(layout, images=Path(config.images_dir))
+    if config.source not in ("auto", layout.format):
+        raise ConfigError(f"data source is {config.source!r} but {config.path} holds {layout.describe()}")
+    return layout
+
+
 def make_dataset(config: DataConfig) -> Any:
-    """The data set a :class:`DataConfig` describes (index-addressable ``(image, target)`` with ``class_names``)."""
+    """The data set a :class:`DataConfig` describes (index-addressable ``(image, target)`` with ``class_names``),
+    restricted to its ``part`` of the hold-out split."""
     if config.source == "shapes":
-        return ShapesDataset(config.shapes)
-    if config.source == "coco":
-        return CocoDataset(config.path, config.images_dir, config.class_names)
-    return VocDataset(config.path, config.split, config.class_names)
+        dataset = ShapesDataset(config.shapes)
+    else:
+        dataset = open_dataset(data_layout(config), config.split, config.class_names, config.on_error)
+    if config.part == "all":
+        return dataset
+    train_indices, val_indices = holdout(dataset, config.val_fraction, config.split_seed)
+    return Subset(dataset, train_indices if config.part == "train" else val_indices)
+
+
+def data_splits(config: TrainConfig) -> tuple[DataConfig, DataConfig | None]:
+    """The training and validation data of a run. ``val_data`` when the recipe names it; else a split the data
+    ships (``train`` and ``val``: a ``data.yaml``, VOC image sets, COCO files), training on ``train`` by default;
+    else, for data on disk, the seeded hold-out split of ``data`` (none with ``val_fraction`` 0). The shapes set
+    without ``val_data`` has none: its recipes name another seed."""
+    data = config.data
+    if config.val_data is not None or data.source == "shapes":
+        return data, config.val_data
+    splits = data_layout(data).splits
+    split = data.split if data.split is not None else _shipped(splits, "train")
+    if split is not None and _shipped(splits, "val") not in (None, split):
+        return dataclasses.replace(data, split=split), dataclasses.replace(data, split=_shipped(splits, "val"))
+    data = dataclasses.replace(data, split=split)
+    if data.val_fraction == 0:
+        return data, None
+    return dataclasses.replace(data, part="train"), dataclasses.replace(data, part="val")
+
+
+def _shipped(splits: Sequence[str], name: str) -> str | None:
+    """The split called ``name``, or the only one whose name contains it (``instances_val2017``)."""
+    if name in splits:
+        return name
+    named = [s for s in splits if name in s]
+    return named[0] if len(named) == 1 else None
 
 
 def _digest(text: str) -> str:
@@ -380,28 +472,6 @@ class MetricsLog:
             writer.writerow(row)
 
 
-class Progress:
-    """A one-line progress bar on stderr, redrawn with ``\\r`` at most every ``interval`` seconds."""
-
-    def __init__(self, total: int, start: int, interval: float = 0.5) -> None:
-        self.total, self.start, self.interval = total, start, interval
-        self.began = self.last = time.perf_counter()
-
-    def update(self, iteration: int, losses: Mapping[str, float]) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.interval and iteration < self.total:
-            return
-        self.last = now
-        per_it = (now - self.began) / max(iteration - self.start, 1)
-        eta = time.strftime("%H:%M:%S", time.gmtime(per_it * (self.total - iteration)))
-        parts = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in losses.items())
-        sys.stderr.write(f"\r{iteration}/{self.total} {parts} | {per_it:.2f} s/it ETA {eta}  ")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        sys.stderr.write("\n")
-
-
 def plot_losses(rows: Sequence[Mapping[str, float]], path: Path) -> Path:
     """Each loss column against the iteration, as a PNG."""
     import matplotlib
@@ -433,10 +503,16 @@ def _device(name: str) -> torch.device:
 @torch.no_grad()
 @torch.no_grad()
 def evaluate_detector(
-    model: nn.Module, dataset: Any, batch_size: int = 4, proposals: Callable[..., list[np.ndarray]] | None = None
+    model: nn.Module,
+    dataset: Any,
+    batch_size: int = 4,
+    proposals: Callable[..., list[np.ndarray]] | None = None,
+    *,
+    score_threshold: float | None = None,
 ) -> dict:
     """VOC AP (area under the curve, IoU 0.5, difficult ignored) of ``model`` on ``dataset``; ``proposals``
-    ``(images, targets) -> boxes`` feeds region detectors."""
+    ``(images, targets) -> boxes`` feeds region detectors. With ``score_threshold``, the whole
+    :meth:`~detect.evaluate.DetectionEvaluator.report` instead (COCO metrics, confusion matrix at that score)."""
     model.eval()
     evaluator = DetectionEvaluator(dataset.class_names)
     for start in range(0, len(dataset), batch_size):
@@ -446,7 +522,126 @@ def evaluate_detector(
         detections, _ = model(images, **extra)
         for target, found in zip(targets, detections):
             evaluator.add(target["image_id"], found, target)
-    return evaluator.compute()
+    return evaluator.compute() if score_threshold is None else evaluator.report(score_threshold)
+
+
+# --- batches, the loader, multi-scale, TensorBoard -----------------------------------------------------------------
+
+SHORT_SIDE_SLOT = 0x5CA1E  # the augmentation generator slot of a batch's short side (image slots are 0..B-1)
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Iteration ``i`` -> its batch, a pure function of ``(seed, i)`` (see the module docstring): a dict of
+    ``images`` (``uint8`` ``(H, W, 3)`` tensors), ``boxes``, ``labels``, ``proposals`` (region detectors, else
+    ``None``) and ``short_side`` (``None`` without multi-scale training)."""
+
+    def __init__(
+        self, dataset: Any, config: "TrainConfig", cache: "ProposalCache | None" = None, data: DataConfig | None = None
+    ) -> None:
+        self.dataset, self.config, self.cache, self.data = dataset, config, cache, data
+        self.augment = Augment(config.augment)
+
+    def __len__(self) -> int:
+        return self.config.max_iterations
+
+    def samples(self, iteration: int) -> list[tuple[np.ndarray, dict]]:
+        """The data set's samples of ``iteration``: one seeded permutation per epoch."""
+        cfg, n = self.config, len(self.dataset)
+        samples = []
+        for slot in range(cfg.batch_size):
+            position = iteration * cfg.batch_size + slot
+            order = np.random.default_rng([cfg.seed, position // n]).permutation(n)
+            image, target = self.dataset[int(order[position % n])]
+            samples.append((image, dict(target)))
+        return samples
+
+    def __getitem__(self, iteration: int) -> dict[str, Any]:
+        cfg = self.config
+        samples = self.samples(iteration)
+        if self.cache is not None:
+            images, targets = [s[0] for s in samples], [s[1] for s in samples]
+            for target, boxes in zip(targets, self.cache(images, _cache_keys(self.data or cfg.data, targets))):
+                target["proposals"] = boxes
+        out = [
+            self.augment(image, target, np.random.default_rng([cfg.seed, iteration, k]))
+            for k, (image, target) in enumerate(samples)
+        ]
+        return {
+            "images": [torch.from_numpy(np.ascontiguousarray(image)) for image, _ in out],
+            "boxes": [torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4) for _, t in out],
+            "labels": [torch.as_tensor(t["labels"], dtype=torch.int64) for _, t in out],
+            "proposals": [torch.as_tensor(t["proposals"]) for _, t in out] if self.cache is not None else None,
+            "short_side": self.augment.short_side(np.random.default_rng([cfg.seed, iteration, SHORT_SIDE_SLOT])),
+        }
+
+
+def _as_is(batch: Any) -> Any:
+    """The loader's collate function: a :class:`TrainBatches` item is a whole batch already."""
+    return batch
+
+
+def batch_loader(batches: TrainBatches, start: int, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    """Batches ``start .. max_iterations - 1`` in order, built by ``workers`` processes (0: in this one)."""
+    return torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,
+        sampler=range(start, len(batches)),
+        num_workers=workers,
+        collate_fn=_as_is,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(batches.config.seed),  # not the global generator: exact resume
+        prefetch_factor=2 if workers else None,
+    )
+
+
+def model_inputs(
+    batch: Mapping[str, Any], device: torch.device
+) -> tuple[list[Tensor], list[dict[str, Tensor]], list[Tensor] | None]:
+    """A :class:`TrainBatches` item on ``device``: float ``(3, H, W)`` images in [0, 1] (computed as
+    :func:`detect.transform.as_image_tensor` does), targets and proposals."""
+    move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    images = [move(image).permute(2, 0, 1).float().div(255) for image in batch["images"]]
+    targets = [{"boxes": move(b), "labels": move(label)} for b, label in zip(batch["boxes"], batch["labels"])]
+    proposals = [move(p) for p in batch["proposals"]] if batch["proposals"] is not None else None
+    return images, targets, proposals
+
+
+def _short_side_field(model: nn.Module) -> str | None:
+    """Where a detector keeps its resize target: ``"scales"`` (SPP-Net's config), ``"min_size"`` (a transform's
+    config) or ``None`` (R-CNN warps regions, no image resize to steer)."""
+    if "scales" in getattr(getattr(model, "config", None), "__dataclass_fields__", {}):
+        return "scales"
+    if "min_size" in getattr(getattr(getattr(model, "transform", None), "config", None), "__dataclass_fields__", {}):
+        return "min_size"
+    return None
+
+
+@contextmanager
+def short_side(model: nn.Module, side: int | None) -> Iterator[None]:
+    """Make ``side`` the detector's resize target inside the block (multi-scale training), then restore it."""
+    where = _short_side_field(model) if side is not None else None
+    if where is None:
+        yield
+        return
+    owner = model if where == "scales" else model.transform
+    saved = owner.config
+    owner.config = dataclasses.replace(saved, **{where: (int(side),)})
+    try:
+        yield
+    finally:
+        owner.config = saved
+
+
+def tensorboard_writer(directory: Path, purge_step: int | None = None) -> Any:
+    """A ``torch.utils.tensorboard.SummaryWriter`` into ``directory`` (events after ``purge_step`` dropped, for
+    a resumed run); :class:`ConfigError` when the optional ``tensorboard`` package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ConfigError(
+            "tensorboard: true needs the tensorboard package: pip install 'detect[tensorboard]' (or tensorboard)"
+        ) from err
+    return SummaryWriter(str(directory), purge_step=purge_step)
 
 
 class Trainer:
@@ -456,15 +651,33 @@ class Trainer:
         self.config = config
         self.out = Path(config.out_dir)
         self.device = _device(config.device)
-        self.dataset = make_dataset(config.data)
+        self.train_data, self.val_data = data_splits(config)
+        self.dataset = make_dataset(self.train_data)
+        self.val_images = _describe_validation(self.train_data, self.val_data, self.dataset)
         self.detector_config = detector_config(config)
         torch.manual_seed(config.seed)
         self.model = detectors.build(config.detector, self.dataset.class_names, self.detector_config).to(self.device)
         self.region = isinstance(self.model, RegionDetector)
         if config.init_backbone:
             init_backbone(self.model, config.init_backbone)
+        self.init_report: InitReport | None = None
+        if config.init:
+            self.init_report = init_detector(self.model, config.init)
+            print(self.init_report.summary(), file=sys.stderr)
+        if config.trainable_backbone_layers is not None:
+            freeze_backbone(self.model, config.trainable_backbone_layers)
+        if config.augment.short_sides and _short_side_field(self.model) is None:
+            raise ConfigError(f"augment.short_sides: {config.detector} does not resize images (R-CNN warps regions)")
         cache_dir = Path(config.proposal_cache) if config.proposal_cache else self.out / "proposals"
         self.cache = ProposalCache(cache_dir, self.detector_config.proposals) if self.region else None
+        self.batches = TrainBatches(self.dataset, config, self.cache, config.data)
+        if config.tensorboard:
+            tensorboard_writer  # noqa: B018 (resolved now; the import is checked below, before any training)
+            try:
+                from torch.utils import tensorboard as _  # noqa: F401
+            except ImportError:
+                tensorboard_writer(self.out / "tensorboard")  # raises the ConfigError that says what to install
+        self.writer: Any = None
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = config.optimizer
         if opt.name == "sgd":
@@ -473,7 +686,7 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
         self.amp = config.mixed_precision and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.augment = Augment(config.augment)
+        self.augment = self.batches.augment
         self.log = MetricsLog(self.out / f"metrics.{config.log_format}", config.log_format)
         self.evaluations = MetricsLog(self.out / "evaluations.jsonl", "jsonl")
         self.iteration = 0
@@ -611,7 +824,8 @@ class Trainer:
             "train_seconds": round(self.train_seconds, 1),
             "pretrain_seconds": round(self.pretrain_seconds, 1),
             "torch_threads": torch.get_num_threads(),
-            "val_data": dataclasses.asdict(cfg.val_data) if cfg.val_data else None,
+            "val_data": dataclasses.asdict(self.val_data) if self.val_data else None,
+            "val_images": self.val_images,
             "mAP": result.get("mAP"),
         }
         atomic_write(self.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
@@ -639,7 +853,7 @@ class Trainer:
 
     def evaluate(self, report: bool = False) -> dict:
         """Validation mAP (logged to ``evaluations.jsonl``); with ``report`` also the JSON report and PR plots."""
-        data = self.config.val_data
+        data = self.val_data
         if data is None:
             return {}
         dataset = make_dataset(data)
@@ -676,6 +890,25 @@ class Trainer:
             self.model.fit_svms(features.fc7, features.labels, features.overlaps, generator=generator)
 
 
+def _describe_validation(train_data: DataConfig, val_data: DataConfig | None, dataset: Any) -> int | None:
+    """Say on stderr where validation comes from when the run chose it (a shipped split or the hold-out split);
+    returns the number of held-out images (``None`` otherwise)."""
+    if val_data is None or val_data.source == "shapes":
+        return None
+    if val_data.part == "val":
+        count = len(make_dataset(val_data))
+        print(
+            f"validation: no val_data, holding out {count} of {count + len(dataset)} images of {train_data.path} "
+            f"(val_fraction {val_data.val_fraction}, split_seed {val_data.split_seed}); data.val_fraction: 0 "
+            "trains on all",
+            file=sys.stderr,
+        )
+        return count
+    if val_data.split != train_data.split:
+        print(f"validation: split {val_data.split!r} of {val_data.path} (training on {train_data.split!r})", file=sys.stderr)
+    return None
+
+
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Run :class:`Trainer` on ``config``; returns the final evaluation (empty without ``val_data``)."""
     return Trainer(config).run(resume=resume, progress=progress)
@@ -684,30 +917,55 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
 # --- entry points ----------------------------------------------------------------------------------------------
 
 
-def data_config(path: str) -> DataConfig:
-    """A :class:`DataConfig` for a path given on the command line: a COCO JSON file or a VOC folder."""
-    return DataConfig(source="coco" if path.endswith(".json") else "voc", path=path)
+def data_config(path: str | None, images_dir: str | None = None, annotations_dir: str | None = None) -> DataConfig:
+    """A :class:`DataConfig` for data named on the command line: a folder, COCO JSON or ``data.yaml`` in any
+    recognised layout, or an image + annotation folder pair. The layout is checked here, so a wrong path fails
+    before anything is built."""
+    config = DataConfig(source="auto", path=path, images_dir=images_dir, annotations_dir=annotations_dir)
+    data_layout(config)
+    return config
 
 
-def evaluation_data(spec: str) -> DataConfig:
-    """The data ``detect eval --data`` names: a recipe (its ``val_data``, else ``data``), a VOC folder or a COCO
-    JSON."""
-    if spec.endswith((".yaml", ".yml")):
+def evaluation_data(spec: str | None, images_dir: str | None = None, annotations_dir: str | None = None) -> DataConfig:
+    """The data ``detect eval --data`` names: a training recipe (the validation data its run used: ``val_data``,
+    a shipped ``val`` split or its hold-out part; else its ``data``), or data on disk as :func:`data_config`.
+    A ``data.yaml`` is data, not a recipe."""
+    if spec and spec.endswith((".yaml", ".yml")) and not _is_data_yaml(spec):
         recipe = load_recipe(spec)
-        return recipe.val_data or recipe.data
-    return data_config(spec)
+        return data_splits(recipe)[1] or recipe.data
+    return data_config(spec, images_dir, annotations_dir)
 
 
-def evaluate_weights(weights_name: str | Path, data: DataConfig, out: str | Path, batch_size: int = 4) -> dict:
-    """VOC mAP of trained weights (a file or a registered name) on ``data``; writes ``report.json`` and the PR
-    plots into ``out`` (region detectors' proposals are cached under ``out/proposals``)."""
-    model = weights.load_detector(weights_name)
+def _is_data_yaml(path: str) -> bool:
+    try:
+        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(document, dict) and "names" in document and "train" in document
+
+
+def evaluate_weights(
+    weights_name: str | Path,
+    data: DataConfig,
+    out: str | Path,
+    batch_size: int = 4,
+    score_threshold: float = 0.5,
+    device: str = "auto",
+) -> dict:
+    """VOC AP, COCO metrics and the confusion matrix (detections scoring at least ``score_threshold``) of trained
+    weights (a file or a registered name) on ``data``, read in the model's class order (a class the model does not
+    know is an error, not a silent shift of labels). Writes ``report.json``, ``pr_curves/`` and
+    ``confusion_matrix.png`` into ``out`` (region detectors' proposals are cached under ``out/proposals``)."""
+    model = weights.load_detector(weights_name).to(_device(device))
+    if data.source != "shapes" and data.class_names is None:
+        data = dataclasses.replace(data, class_names=tuple(model.class_names))
     dataset = make_dataset(data)
     proposals = None
     if isinstance(model, RegionDetector):
         cache = ProposalCache(Path(out) / "proposals", model.config.proposals)
         proposals = lambda images, targets: cache(images, _cache_keys(data, targets))  # noqa: E731
-    result = evaluate_detector(model, dataset, batch_size, proposals)
+    result = evaluate_detector(model, dataset, batch_size, proposals, score_threshold=score_threshold)
     write_report(result, Path(out) / "report.json")
     plot_pr_curves(result, Path(out) / "pr_curves")
+    plot_confusion_matrix(result["confusion_matrix"], Path(out) / "confusion_matrix.png")
     return result

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from detect.evaluate import (
     DetectionEvaluator,
     average_precision,
+    format_summary,
     format_table,
     plot_pr_curves,
     proposal_recall,
@@ -507,3 +508,86 @@ def test_pr_curves_png_with_matplotlib(tmp_path):
     written = plot_pr_curves(evaluate(STEPS, gt3()), tmp_path)
     assert [p.name for p in written] == ["pr_curves.csv", "pr_01_a.png"]  # "b" has no gt: no plot
     assert (tmp_path / "pr_01_a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- confusion matrix and the full report --------------------------------------------------------------------
+def test_confusion_matrix_by_hand():
+    """Classes (a, b). Image 1: gts a0 [0,0,10,10], b1 [20,20,30,30], a2 [40,40,50,50] (difficult), b3
+    [60,60,70,70]. Detections best first: a on a0 (diagonal); a on b1 (b called a); b on a0 again (a0 taken: a
+    false positive); a on the difficult a2 (not counted); b at IoU 1/3 with b3 (false positive, b3 missed); a at
+    0.3 on nothing (under the score threshold). Image 2: gt a, a detection of it at IoU exactly 0.5 (counts) and
+    image 3: an a gt without detections (missed)."""
+    gts = (np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [60, 60, 70, 70]], np.float64),
+           np.array([1, 2, 1, 2]), np.array([False, False, True, False]))
+    dets = np.array([
+        [0, 0, 10, 10, 0.9, 1], [20, 20, 30, 30, 0.8, 1], [0, 0, 10, 10, 0.7, 2], [40, 40, 50, 50, 0.6, 1],
+        [65, 60, 75, 70, 0.55, 2], [100, 100, 110, 110, 0.3, 1],
+    ])
+    evaluator = DetectionEvaluator(("a", "b"))
+    evaluator.add(1, (dets[:, :4], dets[:, 4], dets[:, 5].astype(np.int64)), gts)
+    evaluator.add(2, (np.array([[0, 0, 10, 5]]), np.array([0.5]), np.array([1])), (np.array([[0, 0, 10, 10]]), [1]))
+    evaluator.add(3, (np.zeros((0, 4)), np.zeros(0), np.zeros(0)), (np.array([[0, 0, 10, 10]]), [1]))
+    result = evaluator.confusion_matrix(iou_threshold=0.5, score_threshold=0.5)
+    assert result["rows"] == ["a", "b", "background"] and result["columns"] == ["a", "b", "missed"]
+    assert result["matrix"] == [[2, 0, 1], [1, 0, 1], [0, 2, 0]]
+    lower = evaluator.confusion_matrix(score_threshold=0.2)["matrix"]
+    assert lower == [[2, 0, 1], [1, 0, 1], [1, 2, 0]]  # the 0.3 detection is now a false positive
+
+
+def test_report_coco_numbers_equal_pycocotools_on_the_json_file(tmp_path):
+    """A COCO set on disk read through CocoDataset into the evaluator gives the numbers pycocotools computes from
+    the same JSON file and the same detections (loadRes), metric for metric."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from detect.data.coco import CocoDataset
+
+    rng = np.random.default_rng(4)
+    images, annotations, results = [], [], []
+    for image_id in (3, 8, 11):
+        images.append({"id": image_id, "file_name": f"{image_id}.jpg", "width": 300, "height": 300})
+        for _ in range(4):
+            x, y = rng.uniform(0, 150, 2)
+            w, h = rng.uniform(5, 140, 2)
+            label = int(rng.integers(1, 3))
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+            for _ in range(2):
+                jitter = rng.normal(0, 4, 4)
+                results.append({"image_id": image_id, "category_id": label if rng.random() < 0.8 else 3 - label,
+                                "bbox": [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]],
+                                "score": float(rng.random())})
+    document = {"images": images, "annotations": annotations,
+                "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    (tmp_path / "images").mkdir()
+    for image in images:
+        (tmp_path / "images" / image["file_name"]).write_bytes(b"")
+    (tmp_path / "gt.json").write_text(json.dumps(document))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(tmp_path / "gt.json"))
+        evaluation = COCOeval(coco_gt, coco_gt.loadRes([dict(r) for r in results]), "bbox")
+        evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
+
+    dataset = CocoDataset(tmp_path / "gt.json")
+    evaluator = DetectionEvaluator(dataset.class_names)
+    for i in range(len(dataset)):
+        target = dataset.annotation(i)
+        mine = [r for r in results if r["image_id"] == target["image_id"]]
+        boxes = np.array([[b[0], b[1], b[0] + b[2], b[1] + b[3]] for b in (r["bbox"] for r in mine)])
+        evaluator.add(target["image_id"], (boxes, [r["score"] for r in mine], [r["category_id"] for r in mine]), target)
+    report = evaluator.report()
+    names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    np.testing.assert_allclose([report["coco"][n] for n in names], evaluation.stats[:6], rtol=0, atol=1e-9)
+    assert report["confusion_matrix"]["rows"] == ["a", "b", "background"]
+    assert "COCO  AP " in format_summary(report) and "AP_S" in format_summary(report)
+    assert "AP50:95" in format_table(report)
+
+
+def test_confusion_matrix_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from detect.evaluate import plot_confusion_matrix
+
+    matrix = {"rows": ["a", "background"], "columns": ["a", "missed"], "matrix": [[3, 1], [2, 0]],
+              "iou_threshold": 0.5, "score_threshold": 0.5}
+    path = plot_confusion_matrix(matrix, tmp_path / "cm.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

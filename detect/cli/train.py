@@ -9,33 +9,46 @@ from typing import Any
 
 from detect import train
 from detect.errors import DetectError
-from detect.evaluate import format_table
+from detect.evaluate import format_summary, format_table
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``train`` and ``eval`` (each sets ``func``)."""
     p = subparsers.add_parser("train", help="train a detector from a recipe file")
     p.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
-    p.add_argument("--data", help="a VOC folder or COCO JSON to train on instead of the recipe's data")
+    p.add_argument(
+        "--data", help="data to train on instead of the recipe's: a folder (VOC devkit, flat, images + annotations "
+        "pair), a COCO .json or a YOLO data.yaml"
+    )
+    p.add_argument("--val-data", help="validation data, as --data (default: the data's own val split, else a "
+                   "seeded hold-out of data.val_fraction of it)")
+    p.add_argument("--images", help="the image folder of an image + annotation folder pair (with --annotations)")
+    p.add_argument("--annotations", help="the annotation folder (VOC .xml, LabelMe .json, YOLO .txt) or COCO .json")
     p.add_argument("--out", help="output folder (default: the recipe's out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.set_defaults(func=_cmd_train)
-    p = subparsers.add_parser("eval", help="VOC mAP of trained weights on a data set")
+    p = subparsers.add_parser("eval", help="COCO and VOC metrics, PR curves and a confusion matrix of trained weights")
     p.add_argument("--weights", required=True, help="model.safetensors written by detect train, or a registered name")
-    p.add_argument("--data", required=True, help="a recipe (its val_data), a VOC folder or a COCO JSON")
-    p.add_argument("--out", default="runs/eval", help="folder for report.json and PR plots")
+    p.add_argument(
+        "--data", help="a training recipe (the validation data its run used), or data as for train --data"
+    )
+    p.add_argument("--images", help="the image folder of an image + annotation folder pair (with --annotations)")
+    p.add_argument("--annotations", help="the annotation folder or COCO .json (with --images)")
+    p.add_argument("--out", default="runs/eval", help="folder for report.json, pr_curves/ and confusion_matrix.png")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--score-threshold", type=float, default=0.5,
+                   help="detections scoring at least this count in the confusion matrix (default 0.5)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     """0 when training (and evaluation) finished, 1 when training diverged, 2 on a bad set-up."""
     overrides: dict[str, Any] = {}
-    if args.data:
-        overrides["data"] = {"source": train.data_config(args.data).source, "path": args.data}
     if args.out:
         overrides["out_dir"] = args.out
     try:
+        overrides |= _data_overrides(args)
         config = train.load_recipe(args.recipe, overrides)
         result = train.train(config, resume=args.resume)
     except DetectError as err:
@@ -50,12 +63,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Recipe overrides for ``--data``/``--images``/``--annotations``/``--val-data`` (each checked for a layout
+    now): new data replaces every location field of the recipe's, and without ``--val-data`` the recipe's
+    validation data (other classes, most likely) gives way to the data's own split."""
+    def location(path: str | None, images: str | None = None, annotations: str | None = None) -> dict[str, Any]:
+        train.data_config(path, images, annotations)
+        return {"source": "auto", "path": path, "split": None, "images_dir": images, "annotations_dir": annotations,
+                "part": "all"}
+
+    overrides: dict[str, Any] = {}
+    if args.data or args.images or args.annotations:
+        overrides["data"] = location(args.data, args.images, args.annotations)
+        overrides["val_data"] = None
+    if args.val_data:
+        overrides["val_data"] = location(args.val_data)
+    return overrides
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
-    """Writes ``report.json`` and PR plots into ``--out``; 0 done, 2 bad set-up."""
+    """Prints the COCO and VOC numbers and the per-class table; writes ``report.json``, ``pr_curves/`` and
+    ``confusion_matrix.png`` into ``--out``; 0 done, 2 bad set-up."""
+    if not (args.data or (args.images and args.annotations)):
+        print("detect eval: give --data, or --images and --annotations", file=sys.stderr)
+        return 2
     try:
-        result = train.evaluate_weights(args.weights, train.evaluation_data(args.data), args.out, args.batch_size)
+        data = train.evaluation_data(args.data, args.images, args.annotations)
+        result = train.evaluate_weights(
+            args.weights, data, args.out, args.batch_size, score_threshold=args.score_threshold, device=args.device
+        )
     except DetectError as err:
         print(f"detect eval: {err}", file=sys.stderr)
         return 2
     print(format_table(result))
+    print(format_summary(result))
+    print(f"wrote {Path(args.out) / 'report.json'}, {Path(args.out) / 'pr_curves'}/, "
+          f"{Path(args.out) / 'confusion_matrix.png'}")
     return 0

@@ -253,3 +253,65 @@ def test_subset_reads_through(voc: Path) -> None:
     part = Subset(dataset, [3, 1])
     assert len(part) == 2 and part.class_names == dataset.class_names
     assert part.annotation(0)["image_id"] == "000003" and part[1][1]["image_id"] == "000001"
+
+
+# --- from a recipe and the command line ------------------------------------------------------------------------
+def _train_cli(argv: list[str]) -> int:
+    import argparse
+
+    from detect.cli import train as train_cli
+
+    parser = argparse.ArgumentParser()
+    train_cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_train_holds_out_a_seeded_split_and_eval_reports_it(voc: Path, tmp_path: Path, capsys) -> None:
+    """``--data`` without validation data: 1 of the 4 images held out (stated on stderr and in summary.json, the
+    same image as :func:`holdout` picks); ``detect eval --data RECIPE`` then evaluates that image and writes the COCO
+    numbers, the confusion matrix and its PNG."""
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"detector": "fasterrcnn_tiny", "max_iterations": 1, "batch_size": 1,
+                                      "out_dir": str(tmp_path / "run")}))
+    assert _train_cli(["train", "--recipe", str(recipe), "--data", str(voc / "JPEGImages"),
+                       "--annotations", str(voc / "Annotations"), "--images", str(voc / "JPEGImages")]) == 0
+    assert "holding out 1 of 4 images" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["val_images"] == 1 and summary["val_data"]["part"] == "val"
+    assert (summary["val_data"]["val_fraction"], summary["val_data"]["split_seed"]) == (0.1, 0)
+    _, held = holdout(open_dataset(detect_layout(voc)), 0.1, 0)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["num_images"] == 1 == len(held)
+
+    recipe.write_text(yaml.safe_dump({"detector": "fasterrcnn_tiny", "data": {
+        "source": "voc", "images_dir": str(voc / "JPEGImages"), "annotations_dir": str(voc / "Annotations")}}))
+    out = tmp_path / "eval"
+    assert _train_cli(["eval", "--weights", str(tmp_path / "run" / "model.safetensors"), "--data", str(recipe),
+                       "--out", str(out), "--score-threshold", "0.0"]) == 0
+    printed = capsys.readouterr().out
+    assert "COCO  AP" in printed and "VOC   mAP@0.5" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_images"] == 1 and set(report["coco"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    matrix = np.array(report["confusion_matrix"]["matrix"])
+    gt_objects = len(open_dataset(detect_layout(voc)).annotation(held[0])["labels"])
+    assert matrix[:-1].sum() == gt_objects  # every gt is matched or missed exactly once
+    assert (out / "confusion_matrix.png").stat().st_size > 0
+
+
+def test_yolo_yaml_trains_on_train_and_validates_on_val(tmp_path: Path) -> None:
+    """A data.yaml with train and val: the run uses them as shipped (no hold-out)."""
+    from detect.config import override
+    from detect.train import TrainConfig, data_splits
+
+    _yolo_set(tmp_path)
+    config = override(TrainConfig(), {"data": {"source": "auto", "path": str(tmp_path / "data.yaml")}})
+    train_data, val_data = data_splits(config)
+    assert (train_data.split, train_data.part, val_data.split, val_data.part) == ("train", "all", "val", "all")
+    config = override(TrainConfig(), {"data": {"source": "coco", "path": str(tmp_path / "data.yaml")}})
+    from detect.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data source is 'coco' but .* holds yolo"):
+        data_splits(config)
