@@ -8,7 +8,7 @@ Decisions:
 
 - Module and parameter names are torchvision's ``fasterrcnn_resnet50_fpn`` (``transform`` without parameters,
   ``backbone``, ``rpn``, ``roi_heads``), so its published COCO checkpoints load with ``strict=True`` and give the
-  same detections; :meth:`FasterRCNN.from_weights` also renames the flat key names of old checkpoints.
+  same detections (:func:`detect.weights.load_detector` loads them, renaming the flat key names of old ones).
 - ``forward(images, targets=None)`` always returns ``(detections, losses)``: detections in original image pixels
   with 1-based labels into ``class_names``; losses (RPN and head) whenever targets are given, in training or
   evaluation mode (validation loss). In training the detections come from the head's outputs on the sampled
@@ -18,7 +18,7 @@ Decisions:
   pooling, fc6/fc7 of 4096 with dropout, a 600-pixel short side (1000 at most), 6000/300 proposals before/after
   NMS at test time and 128 RoIs per image in training.
 - Frozen batch norm of torchvision's COCO checkpoints uses ``eps = 0`` (they were converted from Detectron);
-  :meth:`FasterRCNN.from_weights` sets it as torchvision's builder does, unless told otherwise or a safetensors
+  :func:`detect.weights.load_detector` sets it as torchvision's builder does, unless told otherwise or a safetensors
   file's metadata says (``frozen_bn_eps``: a model fine-tuned here from ImageNet weights keeps 1e-5).
 - CPU speed with the same arithmetic: the box pooling runs on all cores (:class:`detect.roi_heads.ThreadedRoIPool`;
   torchvision's RoI Align kernel uses one), and the post-processing is batched over images. For inference,
@@ -46,15 +46,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign
 
-from detect.backbones import Backbone, load_imagenet_weights, read_state_dict, resnet, tiny, vgg16
-from detect.errors import ConfigError, WeightsError
+from detect.backbones import Backbone, load_imagenet_weights, resnet, tiny, vgg16
+from detect.errors import ConfigError
 from detect.roi_heads import (
     FastRCNNPredictor,
     RoIHeads,
@@ -84,7 +83,6 @@ _COCO_NAMES_BY_ID: dict[int, str] = {
     81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase", 87: "scissors", 88: "teddy bear",
     89: "hair drier", 90: "toothbrush",
 }
-FROZEN_BN_EPS_KEY = "frozen_bn_eps"  # safetensors metadata entry read by FasterRCNN.from_weights
 COCO_CLASS_NAMES: tuple[str, ...] = tuple(_COCO_NAMES_BY_ID.get(i, "N/A") for i in range(1, 91))
 """The 90 foreground names of torchvision's COCO label space (label ``k`` is ``COCO_CLASS_NAMES[k-1]``)."""
 
@@ -107,7 +105,8 @@ VGG16_PAPER_CONFIG = FasterRCNNConfig(
 
 
 class FasterRCNN(nn.Module):
-    """A Faster R-CNN detector; see the module docstring. Build one with a builder or :meth:`from_weights`."""
+    """A Faster R-CNN detector; see the module docstring. Build one with a builder of the registry (:mod:`detect.detectors`); load trained weights with
+    :func:`detect.weights.load_detector`."""
 
     def __init__(
         self,
@@ -168,41 +167,6 @@ class FasterRCNN(nn.Module):
     def backbone_device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
-    @classmethod
-    def from_weights(
-        cls,
-        path: str | Path,
-        *,
-        architecture: str | None = None,
-        class_names: Sequence[str] | None = None,
-        config: FasterRCNNConfig | None = None,
-        frozen_bn_eps: float | None = None,
-    ) -> "FasterRCNN":
-        """A model in eval mode with the weights of a torchvision checkpoint (``.pth``, read with
-        ``weights_only=True``, a ``{"model": ...}`` wrapper unwrapped) or a ``.safetensors`` state dict.
-
-        ``architecture`` is a key of :data:`BUILDERS`, inferred from the keys when omitted; the number of classes
-        comes from the classifier's shape (``class_names`` default: COCO's for 91 classes, else ``class_k``).
-        Old flat key names are renamed; any missing or unexpected key or wrong shape raises
-        :class:`WeightsError` naming them. ``frozen_bn_eps`` (default: a safetensors file's ``frozen_bn_eps``
-        metadata entry, else 0.0 as in torchvision's COCO checkpoints) is set on every frozen BN.
-        """
-        state = upgrade_legacy_keys(read_state_dict(path))
-        architecture = architecture or infer_architecture(state, path)
-        if architecture not in BUILDERS:
-            raise WeightsError(f"unknown Faster R-CNN architecture {architecture!r}; known: {sorted(BUILDERS)}")
-        classifier = state.get("roi_heads.box_predictor.cls_score.weight")
-        if classifier is None or classifier.ndim != 2:
-            raise WeightsError(f"{path} has no 2-D roi_heads.box_predictor.cls_score.weight")
-        build_kwargs = {} if config is None else {"config": config}
-        model = BUILDERS[architecture](int(classifier.shape[0]), class_names=class_names, **build_kwargs)
-        check_state_dict(model, state, path)
-        model.load_state_dict(state, strict=True)
-        eps = frozen_bn_eps if frozen_bn_eps is not None else stored_frozen_bn_eps(path)
-        for module in model.modules():
-            if isinstance(module, FrozenBatchNorm2d):
-                module.eps = eps
-        return model.eval()
 
 
 def mean_losses(parts: Sequence[Mapping[str, Tensor]], counts: Sequence[int]) -> dict[str, Tensor]:
@@ -213,20 +177,6 @@ def mean_losses(parts: Sequence[Mapping[str, Tensor]], counts: Sequence[int]) ->
         return dict(parts[0])
     total = sum(counts)
     return {name: sum(part[name] * (count / total) for part, count in zip(parts, counts)) for name in parts[0]}
-
-
-def stored_frozen_bn_eps(path: str | Path) -> float:
-    """The frozen-BN ``eps`` a weights file was trained with: a safetensors file's ``frozen_bn_eps`` metadata
-    entry (write it when saving a model trained with another eps, e.g. torchvision's default 1e-5), else 0.0."""
-    if Path(path).suffix != ".safetensors":
-        return 0.0
-    with safe_open(str(path), framework="pt") as weights:
-        metadata = weights.metadata() or {}
-    value = metadata.get(FROZEN_BN_EPS_KEY, "0.0")
-    try:
-        return float(value)
-    except ValueError as err:
-        raise WeightsError(f"{path}: metadata {FROZEN_BN_EPS_KEY}={value!r} is not a number") from err
 
 
 def check_targets(targets: Sequence[Mapping[str, Tensor]]) -> None:
@@ -249,52 +199,6 @@ def check_targets(targets: Sequence[Mapping[str, Tensor]]) -> None:
     if bool(degenerate.any()):
         first = int(degenerate.nonzero()[0])
         raise ValueError(f"target boxes need positive width and height; got {boxes[first].tolist()}")
-
-
-def upgrade_legacy_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename the flat keys of old torchvision checkpoints to today's names, as torchvision's own load hooks do:
-    the RPN head's single conv (``rpn.head.conv.weight`` -> ``rpn.head.conv.0.0.weight``) and the FPN's blocks
-    (``backbone.fpn.inner_blocks.0.weight`` -> ``backbone.fpn.inner_blocks.0.0.weight``, ``layer_blocks`` too);
-    frozen BN's ``num_batches_tracked`` counters (meaningless when frozen) are dropped."""
-    renamed: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        parts = key.split(".")
-        if key.startswith("rpn.head.conv.") and len(parts) == 4:
-            key = f"rpn.head.conv.0.0.{parts[-1]}"
-        elif key.startswith(("backbone.fpn.inner_blocks.", "backbone.fpn.layer_blocks.")) and len(parts) == 5:
-            key = ".".join(parts[:4] + ["0", parts[4]])
-        renamed[key] = value
-    return renamed
-
-
-def infer_architecture(state: Mapping[str, Tensor], path: str | Path) -> str:
-    """The :data:`BUILDERS` key whose model has ``state``'s telltale keys."""
-    if "backbone.fpn.inner_blocks.0.0.weight" in state and "backbone.body.layer1.0.conv3.weight" in state:
-        return "fasterrcnn_resnet50_fpn"
-    if "backbone.body.28.weight" in state and "roi_heads.box_head.fc6.weight" in state:
-        return "fasterrcnn_vgg16"
-    raise WeightsError(f"cannot tell which Faster R-CNN {path} holds; pass architecture= one of {sorted(BUILDERS)}")
-
-
-def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], path: str | Path) -> None:
-    """Raise :class:`WeightsError` listing missing and unexpected keys and wrong shapes, if any."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(
-        f"{k}: {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
-        for k in set(state) & set(expected)
-        if state[k].shape != expected[k].shape
-    )
-    problems = [
-        f"{label} ({len(items)}): {', '.join(items[:5])}{', ...' if len(items) > 5 else ''}"
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
-        if items
-    ]
-    if problems:
-        raise WeightsError(f"{path} does not fit {getattr(model, 'name', 'the model')}: " + "; ".join(problems))
 
 
 def _class_names(num_classes: int | None, class_names: Sequence[str] | None) -> tuple[int, tuple[str, ...]]:
@@ -399,10 +303,3 @@ def fasterrcnn_tiny(
     head = TwoMLPHead(backbone.out_channels * 7 * 7, TINY_REPRESENTATION)
     roi_heads = RoIHeads(roi_pool, head, FastRCNNPredictor(TINY_REPRESENTATION, num_classes), config.roi_heads)
     return FasterRCNN(backbone, rpn, roi_heads, RCNNTransform(config.transform), names, name="fasterrcnn_tiny")
-
-
-BUILDERS: dict[str, Callable[..., FasterRCNN]] = {
-    "fasterrcnn_resnet50_fpn": fasterrcnn_resnet50_fpn,
-    "fasterrcnn_tiny": fasterrcnn_tiny,
-    "fasterrcnn_vgg16": fasterrcnn_vgg16,
-}

@@ -46,7 +46,7 @@ from detect.roi_heads import load_fc67
 from detect.transform import IMAGENET_MEAN, IMAGENET_STD
 from proposals.selective_search import SelectiveSearchConfig
 
-__all__ = ["RCNNConfig", "RCNN", "rcnn_alexnet", "rcnn_vgg16", "rcnn_tiny", "TINY_CONFIG", "BUILDERS"]
+__all__ = ["RCNNConfig", "RCNN", "rcnn_alexnet", "rcnn_vgg16", "rcnn_tiny", "TINY_CONFIG"]
 
 DEFAULT_INPUT_SIZE = {"alexnet": 227}  # every other backbone: 224
 
@@ -102,7 +102,6 @@ class RCNN(RegionDetector):
     :func:`rcnn_vgg16`, or pass any conv net that maps ``(k, 3, S, S)`` crops to a map ``pool5`` reduces to a fixed
     size."""
 
-    config_class = RCNNConfig
 
     def __init__(
         self,
@@ -117,12 +116,6 @@ class RCNN(RegionDetector):
         super().__init__(class_names, config, heads, name or f"rcnn_{config.backbone}")
         self.features = features
         self.pool5 = pool5
-
-    @classmethod
-    def build(cls, class_names: Sequence[str], config: RCNNConfig) -> "RCNN":
-        if config.backbone not in BUILDERS:
-            raise ConfigError(f"unknown R-CNN backbone {config.backbone!r}; known: {sorted(BUILDERS)}")
-        return BUILDERS[config.backbone](class_names, config=config)
 
     def prepare(self, images: list[Tensor], with_grad: bool) -> list[Tensor]:
         """Normalise each image (crops are warped from normalised pixels, so the fill 0 is the mean)."""
@@ -195,5 +188,3 @@ def rcnn_tiny(class_names: Sequence[str], *, config: RCNNConfig = TINY_CONFIG) -
     pooled_dim = backbone.out_channels * TINY_POOL5**2
     return RCNN(backbone, nn.AdaptiveMaxPool2d(TINY_POOL5), pooled_dim, class_names, config)
 
-
-BUILDERS = {"alexnet": rcnn_alexnet, "vgg16": rcnn_vgg16, "tiny": rcnn_tiny}

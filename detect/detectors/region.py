@@ -39,30 +39,24 @@ Decisions:
   100 detections per image. Regression is applied to every proposal before NMS.
 - ``forward(images, targets=None, proposals=None)`` returns ``(detections, losses)``. In training the detections
   come from the sampled regions (cheap, for monitoring); otherwise from all proposals, computed without autograd.
-- Weights: ``save_weights`` writes a ``.safetensors`` state dict whose metadata holds the detector's name, class
-  names and JSON config; ``from_weights`` rebuilds the architecture from that config and loads the state strictly.
+- Weights files are read and written by :mod:`detect.weights` only (name, class names and JSON config in the
+  metadata; the architecture is rebuilt through the registry, :mod:`detect.detectors`).
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from detect.backbones import read_state_dict
-from detect.config import from_dict, to_json
-from detect.detectors.faster_rcnn import check_state_dict, check_targets
+from detect.detectors.faster_rcnn import check_targets
 from detect.detectors.solvers import fit_ridge, train_linear_svms
-from detect.errors import ConfigError, WeightsError
+from detect.errors import ConfigError
 from detect.ops.boxes import batched_box_iou, clip_boxes_list, pairwise_box_iou
 from detect.ops.coder import BoxCoder
 from detect.ops.sampling import pad_boxes, sample_balanced
@@ -306,12 +300,9 @@ class RegionDetector(nn.Module, metaclass=abc.ABCMeta):
 
     Subclasses say how features are computed: :meth:`prepare` does the per-image work once (normalisation for
     R-CNN, the conv pass for SPP-Net) and :meth:`pool` turns per-image boxes into pooled features ``(K, D)``.
-    Everything else is here: proposals, sampling and loss, heads, post-processing, SVM and regressor fitting, and
-    weights files. ``proposer`` is a plain callable attribute (selective search by default): replace it freely.
-    ``config_class`` is the subclass's config dataclass.
+    Everything else is here: proposals, sampling and loss, heads, post-processing, SVM and regressor fitting.
+    ``proposer`` is a plain callable attribute (selective search by default): replace it freely.
     """
-
-    config_class: type
 
     def __init__(self, class_names: Sequence[str], config: Any, heads: RegionHeads, name: str) -> None:
         super().__init__()
@@ -332,11 +323,6 @@ class RegionDetector(nn.Module, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def pool(self, prepared: Any, boxes: Sequence[Tensor]) -> Tensor:
         """Pooled features ``(sum N_i, D)``, image-major, of per-image ``(N_i, 4)`` boxes in original pixels."""
-
-    @classmethod
-    @abc.abstractmethod
-    def build(cls, class_names: Sequence[str], config: Any) -> "RegionDetector":
-        """A randomly initialised detector of ``config``'s architecture (used by :meth:`from_weights`)."""
 
     @property
     def device(self) -> torch.device:
@@ -514,31 +500,6 @@ class RegionDetector(nn.Module, metaclass=abc.ABCMeta):
 
     # --- weights files -------------------------------------------------------------------------------------
 
-    def save_weights(self, path: str | Path) -> None:
-        """Write the state dict as ``.safetensors`` with the detector's name, class names and config as metadata."""
-        metadata = {
-            "detector": self.name,
-            "class_names": json.dumps(list(self.class_names)),
-            "config": to_json(self.config),
-        }
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path), metadata=metadata)
-
-    @classmethod
-    def from_weights(cls, path: str | Path) -> "RegionDetector":
-        """A detector in eval mode rebuilt from a :meth:`save_weights` file: architecture from its config, every
-        key and shape checked (:class:`WeightsError` otherwise)."""
-        state = read_state_dict(path)
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            config = from_dict(cls.config_class, json.loads(metadata["config"]))
-            class_names = json.loads(metadata["class_names"])
-        except (KeyError, ValueError, TypeError, ConfigError) as err:
-            raise WeightsError(f"{path} lacks a valid {cls.__name__} config in its metadata: {err}") from err
-        model = cls.build(class_names, config)
-        check_state_dict(model, state, path)
-        model.load_state_dict(state, strict=True)
-        return model.eval()
 
 
 def _random_subset(mask: Tensor, per_column: int, generator: torch.Generator | None) -> Tensor:

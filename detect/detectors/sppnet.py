@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +74,6 @@ __all__ = [
     "SPPNet",
     "sppnet_alexnet",
     "sppnet_vgg16",
-    "BUILDERS",
 ]
 
 PAPER_SCALES = (480, 576, 688, 864, 1200)
@@ -168,7 +167,6 @@ class SPPNet(RegionDetector):
     whose cell ``i`` is centred at pixel ``stride * i + offset``; see the module docstring. Build the paper's with
     :func:`sppnet_alexnet` or :func:`sppnet_vgg16`."""
 
-    config_class = SPPNetConfig
 
     def __init__(
         self,
@@ -188,12 +186,6 @@ class SPPNet(RegionDetector):
         self.transform = RCNNTransform(
             TransformConfig(config.scales, config.max_size, config.image_mean, config.image_std, size_divisible=1)
         )
-
-    @classmethod
-    def build(cls, class_names: Sequence[str], config: SPPNetConfig) -> "SPPNet":
-        if config.backbone not in BUILDERS:
-            raise ConfigError(f"unknown SPP-Net backbone {config.backbone!r}; known: {sorted(BUILDERS)}")
-        return BUILDERS[config.backbone](class_names, config=config)
 
     def prepare(self, images: list[Tensor], with_grad: bool) -> SPPFeatures:
         """The conv maps of the batch at every scale (autograd only when a loss will need it). The images of one
@@ -295,5 +287,3 @@ def sppnet_tiny(class_names: Sequence[str], *, config: SPPNetConfig = TINY_CONFI
     config = dataclasses.replace(config, backbone="tiny")
     return _sppnet(tiny(), class_names, config, None)
 
-
-BUILDERS: dict[str, Callable[..., SPPNet]] = {"alexnet": sppnet_alexnet, "vgg16": sppnet_vgg16, "tiny": sppnet_tiny}

@@ -23,7 +23,7 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from detect.data.shapes import SHAPES_CLASSES, ShapesConfig, ShapesDataset
+from detect.data.shapes import SHAPES_CLASSES
 from detect.detectors.rcnn import RCNN, RCNNConfig, rcnn_alexnet
 from detect.detectors.region import (
     RegionPostprocessConfig,
@@ -35,95 +35,12 @@ from detect.detectors.region import (
 from detect.detectors.solvers import fit_ridge, train_linear_svms
 from detect.errors import WeightsError
 from detect.transform import IMAGENET_MEAN, IMAGENET_STD
+from detect.weights import load_detector, write_detector
+from tests.helpers import overfit_and_refine, shapes_problem, voc_map
 
-# --- shared helpers (also used by test_sppnet.py) ------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Every workload here is tiny: with several intra-op threads on a busy 2-core machine, OpenMP's spinning
-    makes it 10-40x slower than one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def voc_map(detections, targets, iou_threshold: float = 0.5) -> float:
-    """Mean over classes with ground truth of the all-point-interpolated AP (VOC 2010+), float64 reference."""
-    aps = []
-    for label in sorted({int(c) for t in targets for c in t["labels"]}):
-        gts = [np.asarray(t["boxes"])[np.asarray(t["labels"]) == label] for t in targets]
-        found = [np.zeros(len(g), bool) for g in gts]
-        ranked = sorted(
-            ((float(s), i, d.boxes[k].double().numpy()) for i, d in enumerate(detections)
-             for k, s in enumerate(d.scores) if int(d.labels[k]) == label),
-            key=lambda item: -item[0],
-        )
-        hits = []
-        for _, image, box in ranked:
-            gt = gts[image]
-            ious = torchvision.ops.box_iou(torch.tensor(box[None]), torch.tensor(gt, dtype=torch.float64))[0]
-            best = int(ious.argmax()) if len(gt) else -1
-            hit = best >= 0 and float(ious[best]) >= iou_threshold and not found[image][best]
-            if hit:
-                found[image][best] = True
-            hits.append(hit)
-        total = sum(len(g) for g in gts)
-        tp = np.cumsum(hits)
-        recall = np.concatenate([[0.0], tp / total, [1.0]])
-        precision = np.concatenate([[0.0], tp / np.arange(1, len(hits) + 1), [0.0]])
-        precision = np.maximum.accumulate(precision[::-1])[::-1]
-        steps = np.nonzero(recall[1:] != recall[:-1])[0]
-        aps.append(float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1])))
-    return float(np.mean(aps))
-
-
-def shapes_problem(num_images: int = 4, size: int = 96, jitters: int = 10, background: int = 16, seed: int = 3):
-    """A handful of synthetic images, their targets (tensors) and proposals: jittered ground-truth boxes (mostly
-    IoU >= 0.5) plus random boxes, all inside the image."""
-    data = ShapesDataset(ShapesConfig(num_images=num_images, image_size=size, max_objects=3, seed=seed))
-    generator = torch.Generator().manual_seed(seed)
-    images, targets, proposals = [], [], []
-    for i in range(num_images):
-        image, target = data[i]
-        boxes = torch.as_tensor(target["boxes"])
-        wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2).repeat_interleave(jitters, 0)  # (G*J, 4)
-        jittered = boxes.repeat_interleave(jitters, 0) + wh * (torch.rand(wh.shape, generator=generator) - 0.5) * 0.3
-        corner = torch.rand(background, 2, generator=generator) * size * 0.7
-        side = 8 + torch.rand(background, 2, generator=generator) * size * 0.4
-        random_boxes = torch.cat([corner, corner + side], 1)
-        images.append(image)
-        targets.append({"boxes": boxes, "labels": torch.as_tensor(target["labels"])})
-        proposals.append(torch.cat([jittered, random_boxes]).clamp(0, size))
-    return images, targets, proposals
-
-
-def train(model: nn.Module, images, targets, proposals, iterations: int, lr: float = 2e-3) -> list[float]:
-    """A plain Adam loop over the whole (tiny) set; returns the losses."""
-    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    history = []
-    for _ in range(iterations):
-        _, losses = model(images, targets, proposals=proposals)
-        optimiser.zero_grad()
-        losses["loss_classifier"].backward()
-        optimiser.step()
-        history.append(float(losses["loss_classifier"].detach()))
-    return history
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # --- a tiny R-CNN ------------------------------------------------------------------------------------------------
-
-
-def localisation(detections, targets) -> float:
-    """Mean over ground-truth boxes of the best IoU with a detection of the right class (0 when none)."""
-    best = []
-    for detection, target in zip(detections, targets):
-        for box, label in zip(target["boxes"], target["labels"]):
-            same = detection.boxes[detection.labels == label]
-            best.append(float(torchvision.ops.box_iou(box[None], same).max()) if len(same) else 0.0)
-    return sum(best) / len(best)
 
 
 def tiny_rcnn(**overrides) -> RCNN:
@@ -449,8 +366,8 @@ def test_save_and_from_weights_round_trip(tmp_path):
     with torch.no_grad():
         model.heads.svm.bias.copy_(torch.tensor([0.5, -0.25]))
     path = tmp_path / "rcnn.safetensors"
-    model.save_weights(path)
-    loaded = RCNN.from_weights(path)
+    write_detector(model, path)
+    loaded = load_detector(path)
     assert loaded.class_names == ("cat", "dog") and loaded.config == config and loaded.name == "rcnn_alexnet"
     assert not loaded.training
     image = np.random.default_rng(0).integers(0, 256, (60, 70, 3), dtype=np.uint8)
@@ -464,26 +381,10 @@ def test_from_weights_rejects_a_file_without_config(tmp_path):
     path = tmp_path / "bare.safetensors"
     save_file({"x": torch.zeros(1)}, str(path))
     with pytest.raises(WeightsError):
-        RCNN.from_weights(path)
+        load_detector(path)
 
 
 # --- overfitting -------------------------------------------------------------------------------------------------
-
-
-def overfit_and_refine(model, images, targets, proposals):
-    """Train ``model`` on the tiny set, check it detects every object (AP@0.5 >= 0.9) before and after fitting the
-    box regressors and that regression tightens the boxes; return its region features."""
-    history = train(model, images, targets, proposals, iterations=80)
-    assert history[-1] < 0.2 * history[0]
-    model.eval()
-    detections, _ = model(images, proposals=proposals)
-    assert voc_map(detections, targets) >= 0.9
-    regions = model.collect_regions(images, targets, proposals)
-    model.fit_box_regressor(regions.pooled, regions.boxes, regions.gt_boxes, regions.gt_labels)
-    refined, _ = model(images, proposals=proposals)
-    assert voc_map(refined, targets) >= 0.9
-    assert localisation(refined, targets) > localisation(detections, targets)
-    return regions
 
 
 @pytest.mark.slow

@@ -25,7 +25,10 @@ from detect.backbones import receptive_field
 from detect.data.shapes import SHAPES_CLASSES
 from detect.detectors.region import SamplingConfig
 from detect.detectors.sppnet import SPPNet, SPPNetConfig, project_boxes, sppnet_alexnet
-from tests.detectors.test_rcnn import one_thread, overfit_and_refine, shapes_problem  # noqa: F401 (autouse fixture)
+from detect.weights import load_detector, write_detector
+from tests.helpers import overfit_and_refine, shapes_problem
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STRIDE = 8
 
@@ -164,8 +167,8 @@ def test_save_and_from_weights_round_trip(tmp_path):
     config = SPPNetConfig(representation_size=16, scales=(64, 96))
     model = sppnet_alexnet(("cat", "dog", "bird"), config=config).eval()
     path = tmp_path / "spp.safetensors"
-    model.save_weights(path)
-    loaded = SPPNet.from_weights(path)
+    write_detector(model, path)
+    loaded = load_detector(path)
     assert loaded.class_names == ("cat", "dog", "bird") and loaded.config == config and loaded.offset == 15.5
     image = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)
     proposals = [torch.tensor([[0.0, 0.0, 30.0, 40.0], [10.0, 5.0, 90.0, 60.0]])]
