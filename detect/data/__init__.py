@@ -1,12 +1,13 @@
-"""Detection data sets: Pascal VOC (:mod:`.voc`), COCO JSON (:mod:`.coco`), YOLO txt labels (:mod:`.yolo`) and the
-built-in synthetic shapes (:mod:`.shapes`).
+"""Detection data sets: Pascal VOC (:mod:`.voc`), COCO JSON (:mod:`.coco`), YOLO txt labels (:mod:`.yolo`), LabelMe
+JSON (:mod:`.labelme`) and the built-in synthetic shapes (:mod:`.shapes`). :mod:`.layouts` recognises and opens data
+on disk in any of the layouts people have them in; :mod:`.check` reports on a set before training.
 
 Every data set yields ``(image, target)``: ``image`` RGB ``uint8`` ``HxWx3``; ``target`` a dict with at least
 ``boxes`` float32 ``(N, 4)`` xyxy pixels, ``labels`` int64 ``(N,)`` 1-based into ``class_names``, ``difficult`` bool
 ``(N,)`` and ``image_id``.
 
 Annotation problems (a box outside its image or of zero size, an unknown class, a missing image) are handled per
-the ``on_error`` flag of the COCO and YOLO readers: ``"raise"`` stops at the first with a
+the ``on_error`` flag of every reader: ``"raise"`` stops at the first with a
 :class:`~detect.errors.DatasetError`; ``"skip"`` drops the faulty object (or the whole image, when the image itself
 is at fault), logs a warning and records an :class:`AnnotationProblem` in the data set's ``problems``. Nothing is
 dropped without a record.
