@@ -10,7 +10,8 @@ from pathlib import Path
 from detect import demo
 from detect.cli.args import non_negative_int, positive_int
 from detect.detectors import families
-from detect.engines.local import FORMATS, PredictOptions, default_proposal_workers, prepare_output_dir, run
+from detect.engines.local import PredictOptions, default_proposal_workers, run
+from detect.engines.outputs import FORMATS, check_formats, prepare_output_dir
 from detect.errors import ConfigError
 from detect.inference import Refinement, check_thresholds, default_weights, load_model, resolve_classes
 
@@ -38,12 +39,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", action="append", choices=FORMATS, help="output format (repeatable; default jsonl)")
     p.add_argument("--save-images", action="store_true", help="also write annotated copies (<name>.annotated.png)")
     p.add_argument("--resume", action="store_true", help="skip inputs the manifest records as done")
+    _add_engine_options(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("serve", help="run the REST API (settings from DETECT_* environment variables)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_serve_engine_options(p)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="detect objects in generated sample images with the bundled weights")
@@ -55,40 +58,110 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+RAY_FLAGS = ("address", "actors", "gpus_per_actor", "cpus_per_actor")
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine", "where the job runs (--engine ray: Ray Data on a Ray cluster, pip install 'detect[ray]')")
+    g.add_argument("--engine", choices=("local", "ray"), default="local", help="local: this process (default); ray: a Ray cluster")
+    g.add_argument("--address", help="Ray cluster: auto, ray://HOST:10001 or HOST:6379 (default: RAY_ADDRESS, else a new "
+                                     "local cluster); inputs and --weights paths must be visible to its nodes")
+    g.add_argument("--actors", type=positive_int, help="model actors, one model load each (default 1)")
+    g.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default: 1 with a CUDA --device, else 0)")
+    g.add_argument("--cpus-per-actor", type=float, help="CPUs per actor, also its torch threads (default 1)")
+
+
+def _add_serve_engine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine", "where the service runs (--engine ray: Ray Serve replicas, pip install 'detect[ray]')")
+    g.add_argument("--engine", choices=("local", "ray"), default="local", help="local: one uvicorn process; ray: Ray Serve")
+    g.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, else a new local cluster)")
+    scale = g.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=positive_int, help="a fixed number of replicas (default 1)")
+    scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas on ongoing requests")
+
+
+def _ray_options(args: argparse.Namespace) -> object | None:
+    """The Ray engine's options (``None`` for the local engine); Ray flags without ``--engine ray``, or Ray
+    missing, are a :class:`ConfigError` (exit 2)."""
+    given = [f"--{name.replace('_', '-')}" for name in RAY_FLAGS if getattr(args, name) is not None]
+    if args.engine != "ray":
+        if given:
+            raise ConfigError(f"{given[0]} needs --engine ray")
+        return None
+    from detect.engines import ray as ray_engine
+
+    ray_engine.require_ray()
+    return ray_engine.RayOptions(
+        address=args.address,
+        actors=args.actors or 1,
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=1.0 if args.cpus_per_actor is None else args.cpus_per_actor,
+    )
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     check_thresholds(args.score_threshold, args.iou_threshold, args.max_detections)  # before anything is loaded
+    formats = tuple(dict.fromkeys(args.format or ["jsonl"]))
+    check_formats(formats)
+    ray_options = _ray_options(args)
     prepare_output_dir(args.out)
-    detector = load_model(args.weights or default_weights(args.model), args.device, args.model)
-    classes = None if args.classes is None else resolve_classes(args.classes.split(","), detector.class_names)
+    weights = args.weights or default_weights(args.model)
+    detector = load_model(weights, args.device, args.model) if ray_options is None else None
+    class_names = detector.class_names if detector is not None else weights_class_names(weights)
+    classes = None if args.classes is None else resolve_classes(args.classes.split(","), class_names)
     options = PredictOptions(
         sources=tuple(args.sources),
         out_dir=Path(args.out),
         recursive=args.recursive,
         batch_size=args.batch_size,
         refinement=Refinement(args.score_threshold, args.iou_threshold, args.max_detections, classes),
-        formats=tuple(dict.fromkeys(args.format or ["jsonl"])),
+        formats=formats,
         save_images=args.save_images,
         resume=args.resume,
         workers=args.workers,
         proposal_workers=args.proposal_workers,
     )
-    summary = run(options, detector, progress=sys.stderr)
+    if ray_options is None:
+        summary = run(options, detector, progress=sys.stderr)
+    else:
+        from detect.engines import ray as ray_engine
+
+        model = ray_engine.ModelSource(weights, args.device, args.model)
+        summary = ray_engine.run(options, model, ray_options, progress=sys.stderr)
     if summary.images + summary.failed + summary.skipped == 0:
         print("error[no_inputs]: no image found in the given sources", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_PARTIAL if summary.failed else EXIT_OK
 
 
+def weights_class_names(weights: str) -> list[str]:
+    """The class list of registered weights or a weights file, read from its manifest entry or metadata without
+    loading the model (the Ray engine's actors load it); a :class:`WeightsError` (exit 2) when neither exists."""
+    from detect import weights as registered_weights
+
+    try:
+        return list(registered_weights.resolve(weights).class_names)
+    except registered_weights.WeightsError:
+        if not Path(weights).is_file():
+            raise
+        return registered_weights.saved_architecture(weights)[1]
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
+    from api.server import server_config
     from api.service import check_weights
     from api.settings import Settings
 
     settings = read_settings(Settings)
     check_weights(settings)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    if args.engine == "ray":
+        return _serve_on_ray(args, settings)
+    if args.address is not None or args.replicas is not None or args.autoscale is not None:
+        raise ConfigError("--address, --replicas and --autoscale need --engine ray")
+    uvicorn.Server(server_config(create_app(settings), settings, args.host, args.port, log_level=args.log_level)).run()
     return EXIT_OK
 
 
@@ -113,3 +186,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     report = demo.run_demo(args.out, args.model, args.weights, args.num_images, args.device)
     print(demo.format_report(report))
     return EXIT_PARTIAL if report["failed"] else EXIT_OK
+
+
+def _serve_on_ray(args: argparse.Namespace, settings: object) -> int:
+    """``detect serve --engine ray``: the same app as Ray Serve replicas behind Serve's HTTP proxy on
+    ``--host:--port``, until interrupted (see :mod:`api.ray_serve`)."""
+    from detect.engines.ray import RAY_MISSING, require_ray
+
+    require_ray()
+    try:
+        from api import ray_serve
+    except ImportError:  # ray without its serve extra
+        raise ConfigError(RAY_MISSING) from None
+
+    scaling = ray_serve.Scaling.parse(args.replicas, args.autoscale)
+    ray_serve.serve_blocking(settings, scaling, host=args.host, port=args.port, address=args.address)
+    return EXIT_OK
