@@ -68,6 +68,7 @@ import io
 import json
 import math
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -497,7 +498,16 @@ def plot_losses(rows: Sequence[Mapping[str, float]], path: Path) -> Path:
 
 
 def _device(name: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+    """``"auto"`` (CUDA when present) or a torch device name; :class:`ConfigError` for one this machine lacks."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device {name!r}: {err}") from err
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device {name!r}: no such CUDA device here ({torch.cuda.device_count()} found)")
+    return device
 
 
 @torch.no_grad()
@@ -632,16 +642,22 @@ def short_side(model: nn.Module, side: int | None) -> Iterator[None]:
         owner.config = saved
 
 
-def tensorboard_writer(directory: Path, purge_step: int | None = None) -> Any:
-    """A ``torch.utils.tensorboard.SummaryWriter`` into ``directory`` (events after ``purge_step`` dropped, for
-    a resumed run); :class:`ConfigError` when the optional ``tensorboard`` package is missing."""
+def _summary_writer() -> type:
+    """``torch.utils.tensorboard.SummaryWriter``; :class:`ConfigError` when the optional ``tensorboard`` package
+    is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
         raise ConfigError(
             "tensorboard: true needs the tensorboard package: pip install 'detect[tensorboard]' (or tensorboard)"
         ) from err
-    return SummaryWriter(str(directory), purge_step=purge_step)
+    return SummaryWriter
+
+
+def tensorboard_writer(directory: Path, purge_step: int | None = None) -> Any:
+    """A TensorBoard ``SummaryWriter`` into ``directory``; a resumed run passes its iteration as ``purge_step``
+    so the events the killed run wrote after its checkpoint are dropped."""
+    return _summary_writer()(str(directory), purge_step=purge_step)
 
 
 class Trainer:
@@ -672,11 +688,7 @@ class Trainer:
         self.cache = ProposalCache(cache_dir, self.detector_config.proposals) if self.region else None
         self.batches = TrainBatches(self.dataset, config, self.cache, config.data)
         if config.tensorboard:
-            tensorboard_writer  # noqa: B018 (resolved now; the import is checked below, before any training)
-            try:
-                from torch.utils import tensorboard as _  # noqa: F401
-            except ImportError:
-                tensorboard_writer(self.out / "tensorboard")  # raises the ConfigError that says what to install
+            _summary_writer()  # a missing package is a ConfigError now, before any training
         self.writer: Any = None
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = config.optimizer
@@ -692,32 +704,33 @@ class Trainer:
         self.iteration = 0
         self.train_seconds = 0.0  # optimisation time so far, carried across resumes in the checkpoint
         self.pretrain_seconds = 0.0  # the part of it spent in the pretrain stage
+        self.pretrain_heldout: dict[str, float] = {}  # the stage's held-out crop accuracy, chance and crop count
 
     # -- data --
 
     def proposals_for(self, data: DataConfig) -> Callable[..., list[np.ndarray]]:
         return lambda images, targets: self.cache(images, _cache_keys(data, targets))
 
-    def batch(self, iteration: int) -> tuple[list[np.ndarray], list[dict], list[Tensor] | None]:
-        """The augmented images, targets (and proposals) of ``iteration``: a pure function of the seed and it."""
-        cfg, n = self.config, len(self.dataset)
-        samples = []
-        for slot in range(cfg.batch_size):
-            position = iteration * cfg.batch_size + slot
-            order = np.random.default_rng([cfg.seed, position // n]).permutation(n)
-            samples.append(self.dataset[int(order[position % n])])
-        images, targets = [s[0] for s in samples], [dict(s[1]) for s in samples]
-        if self.region:
-            for target, boxes in zip(targets, self.proposals_for(cfg.data)(images, targets)):
-                target["proposals"] = boxes
-        out = [
-            self.augment(im, t, np.random.default_rng([cfg.seed, iteration, k]))
-            for k, (im, t) in enumerate(zip(images, targets))
-        ]
-        images = [o[0] for o in out]
-        model_targets = [{"boxes": torch.as_tensor(t["boxes"]), "labels": torch.as_tensor(t["labels"])} for _, t in out]
-        proposals = [torch.as_tensor(t["proposals"]) for _, t in out] if self.region else None
-        return images, model_targets, proposals
+    def batch(self, iteration: int) -> tuple[list[Tensor], list[dict], list[Tensor] | None]:
+        """The augmented images, targets (and proposals) of ``iteration`` on the device: a pure function of the
+        seed and it (what the loader yields, built here in the calling process)."""
+        return model_inputs(self.batches[iteration], self.device)
+
+    # -- TensorBoard --
+
+    def open_writer(self, resume: bool) -> None:
+        """The TensorBoard writer of a ``tensorboard: true`` run (a resumed one drops the events after its
+        checkpoint)."""
+        if self.config.tensorboard and self.writer is None:
+            self.writer = tensorboard_writer(self.out / "tensorboard", purge_step=self.iteration if resume else None)
+
+    def write_scalars(self, group: str, row: Mapping[str, Any]) -> None:
+        """``row``'s numbers as ``group/name`` scalars at its ``iteration`` (nothing without a writer)."""
+        if self.writer is None:
+            return
+        for name, value in row.items():
+            if name != "iteration" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{group}/{name}", value, int(row["iteration"]))
 
     # -- checkpoints --
 
@@ -730,6 +743,7 @@ class Trainer:
             "iteration": self.iteration,
             "train_seconds": self.train_seconds,
             "pretrain_seconds": self.pretrain_seconds,
+            "pretrain_heldout": self.pretrain_heldout,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -753,21 +767,26 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.pretrain_seconds = float(state.get("pretrain_seconds", 0.0))
+        self.pretrain_heldout = dict(state.get("pretrain_heldout", {}))
         self.log.truncate(self.iteration)
         self.evaluations.truncate(self.iteration)
 
     # -- steps --
 
-    def step(self) -> dict[str, float]:
-        """One optimisation step at ``self.iteration``; returns the losses as floats."""
+    def step(self, batch: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """One optimisation step at ``self.iteration`` on ``batch`` (its :class:`TrainBatches` item, built here
+        when not given); returns the losses as floats."""
         cfg = self.config
-        images, targets, proposals = self.batch(self.iteration)
+        batch = batch if batch is not None else self.batches[self.iteration]
+        images, targets, proposals = model_inputs(batch, self.device)
         lr = cfg.optimizer.lr * lr_factor(cfg.schedule, self.iteration, cfg.max_iterations)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         extra = {"proposals": proposals} if proposals is not None else {}
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        with short_side(self.model, batch["short_side"]), torch.autocast(
+            self.device.type, dtype=torch.float16, enabled=self.amp
+        ):
             _, losses = self.model(images, targets, **extra)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
@@ -781,7 +800,8 @@ class Trainer:
         self.scaler.update()
         self.iteration += 1
         values = {k: float(v.detach()) for k, v in losses.items()}
-        return {"iteration": self.iteration, "lr": lr, "loss": float(loss.detach()), **values}
+        row = {"iteration": self.iteration, "lr": lr, "loss": float(loss.detach()), **values}
+        return row | ({"short_side": batch["short_side"]} if batch["short_side"] is not None else {})
 
     def run(self, resume: bool = False, progress: bool = True) -> dict:
         """Train to ``max_iterations`` (from the checkpoint with ``resume``), fit the region detectors' extras,
@@ -790,24 +810,30 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.load_checkpoint()
+            self.open_writer(resume=True)
         else:
             for stale in (self.log.path, self.evaluations.path, self.out / "pretrain.jsonl"):
                 stale.unlink(missing_ok=True)
+            shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
+            self.open_writer(resume=False)
             if cfg.pretrain.iterations:
                 self.pretrain(progress)
-        bar = Progress(cfg.max_iterations, self.iteration) if progress else None
-        while self.iteration < cfg.max_iterations:
-            began = time.perf_counter()
-            row = self.step()
+        bar = Progress(cfg.max_iterations, self.iteration, desc="train", interval=cfg.progress_seconds) if progress else None
+        loader = batch_loader(self.batches, self.iteration, cfg.workers, self.device.type == "cuda")
+        began = time.perf_counter()
+        for batch in loader:  # waiting for a batch counts: it is what the loader workers are there to hide
+            row = self.step(batch)
             self.train_seconds += time.perf_counter() - began
             if self.iteration % cfg.log_every == 0:
                 self.log.append(row)
+                self.write_scalars("train", row)
             if bar:
-                bar.update(self.iteration, {k: v for k, v in row.items() if k.startswith("loss")})
+                bar.update(self.iteration, {k.removeprefix("loss_"): v for k, v in row.items() if k.startswith("loss")})
             if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.max_iterations:
                 self.save_checkpoint()
             if cfg.eval_every and self.iteration % cfg.eval_every == 0 and self.iteration < cfg.max_iterations:
-                self.evaluate()
+                self.write_scalars("val", {"iteration": self.iteration, "mAP": self.evaluate().get("mAP")})
+            began = time.perf_counter()
         if bar:
             bar.close()
         if self.region:
@@ -818,6 +844,9 @@ class Trainer:
         if rows := self.log.rows():
             plot_losses(rows, self.out / "loss.png")
         result = self.evaluate(report=True)
+        self.write_scalars("val", {"iteration": self.iteration, "mAP": result.get("mAP")})
+        if self.writer is not None:
+            self.writer.close()
         summary = {
             "detector": cfg.detector,
             "iterations": self.iteration,
@@ -827,6 +856,10 @@ class Trainer:
             "val_data": dataclasses.asdict(self.val_data) if self.val_data else None,
             "val_images": self.val_images,
             "mAP": result.get("mAP"),
+            "pretrain_heldout": self.pretrain_heldout or None,
+            "init": {"source": self.init_report.source, "copied": len(self.init_report.copied),
+                     "mapped": self.init_report.mapped} if self.init_report else None,
+            "workers": cfg.workers,
         }
         atomic_write(self.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
         return result
@@ -836,17 +869,25 @@ class Trainer:
         ``pretrain.jsonl``; its time counts in ``train_seconds``. A checkpoint follows, so a resume skips it."""
         cfg = self.config
         log = MetricsLog(self.out / "pretrain.jsonl", "jsonl")
-        bar = Progress(cfg.pretrain.iterations, 0) if progress else None
+        bar = Progress(cfg.pretrain.iterations, desc="pretrain", interval=cfg.progress_seconds) if progress else None
 
         def on_step(row: dict[str, float]) -> None:
             if row["iteration"] % cfg.log_every == 0:
                 log.append(row)
+                self.write_scalars("pretrain", row)
             if bar:
-                bar.update(int(row["iteration"]), {"pretrain": row["loss"], "accuracy": row["accuracy"]})
+                bar.update(int(row["iteration"]), {"loss": row["loss"], "batch accuracy": row["accuracy"]})
 
         result = pretrain_backbone(find_backbone(self.model), self.dataset, cfg.pretrain, cfg.seed, on_step)
         if bar:
             bar.close()
+        self.pretrain_heldout = {k: result[k] for k in ("heldout_accuracy", "heldout_chance", "heldout_crops")}
+        print(
+            f"pretrain: held-out crop accuracy {result['heldout_accuracy']:.3f} (chance {result['heldout_chance']:.3f}, "
+            f"{result['heldout_crops']} crops of images no step drew)",
+            file=sys.stderr,
+        )
+        self.write_scalars("pretrain", {"iteration": cfg.pretrain.iterations, **self.pretrain_heldout})
         self.pretrain_seconds = result["seconds"]
         self.train_seconds += result["seconds"]
         self.save_checkpoint()

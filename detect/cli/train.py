@@ -26,6 +26,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--annotations", help="the annotation folder (VOC .xml, LabelMe .json, YOLO .txt) or COCO .json")
     p.add_argument("--out", help="output folder (default: the recipe's out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--init", help="start from this detector (registered name, detect train file or torchvision "
+                   ".pth): every tensor that fits, class layers rebuilt for the data's classes (recipe: init)")
+    p.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ... (recipe: device)")
+    p.add_argument("--workers", type=int, help="data loader processes, 0 = in the training process (recipe: workers)")
     p.set_defaults(func=_cmd_train)
     p = subparsers.add_parser("eval", help="COCO and VOC metrics, PR curves and a confusion matrix of trained weights")
     p.add_argument("--weights", required=True, help="model.safetensors written by detect train, or a registered name")
@@ -47,6 +51,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.out:
         overrides["out_dir"] = args.out
+    overrides |= {key: value for key in ("init", "device", "workers") if (value := getattr(args, key)) is not None}
     try:
         overrides |= _data_overrides(args)
         config = train.load_recipe(args.recipe, overrides)

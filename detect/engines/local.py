@@ -68,6 +68,7 @@ from detect.engines.outputs import (
 from detect.errors import ConfigError, DetectError, ProposalError, UnreadableFileError
 from detect.inference import Refinement, annotate, encode_png, forward_batch
 from detect.io import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, decode_image
+from detect.progress import Progress
 from detect.structures import Detections
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
@@ -349,12 +350,25 @@ def _fail(manifest: Manifest, summary: Summary, item: Input, error: DetectError)
     summary.failures.append((item.path, f"{error.code}: {error.message}"))
 
 
+_BARS: dict[int, tuple[Progress, float]] = {}  # id(stream) -> (its bar, the run's seconds at the last call)
+
+
 def _progress(stream: TextIO | None, summary: Summary, total: int, seconds: float) -> None:
+    """After each batch: a tqdm bar when ``stream`` is a terminal, else a plain line every
+    :data:`detect.progress.DEFAULT_INTERVAL` seconds and at the end (:class:`detect.progress.Progress`). A call
+    whose ``seconds`` (since its run started) went back, or whose ``total`` differs, belongs to a new run and
+    starts a new bar; the bar ends when every input is done."""
     if stream is None:
         return
     done = summary.images + summary.failed
-    rate = summary.images / seconds if seconds > 0 else 0.0
-    width = 30
-    filled = int(width * done / total) if total else width
-    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} images, {rate:.1f} img/s")
-    stream.flush()
+    bar, last = _BARS.get(id(stream), (None, 0.0))
+    if bar is None or seconds < last or bar.total != total:
+        if bar is not None:
+            bar.close()
+        bar = Progress(total, desc="predict", unit="img", stream=stream)
+    bar.update(done, elapsed=seconds)
+    if done >= total:
+        bar.close()
+        _BARS.pop(id(stream), None)
+    else:
+        _BARS[id(stream)] = (bar, seconds)
