@@ -186,11 +186,17 @@ def _decode_prepare_kernel(deltas, scaled, rows, ww, wh, clip, RECIPROCAL: tl.co
     tl.store(scaled + rows + k, tl.where(dh > clip, clip, dh), mask=live)
 
 
-def decode_prepare(deltas: Tensor, scaled: Tensor, ww: float, wh: float, clip: float) -> None:
-    """``scaled (2, R)`` = ``(deltas[:, 2:] / (ww, wh)).clamp(max=clip)`` of ``deltas (R, 4)``, transposed."""
+def decode_prepare(
+    deltas: Tensor, scaled: Tensor, ww: float, wh: float, clip: float, reciprocal: bool | None = None
+) -> None:
+    """``scaled (2, R)`` = ``(deltas[:, 2:] / (ww, wh)).clamp(max=clip)`` of ``deltas (R, 4)``, transposed.
+
+    ``reciprocal`` (default: on CUDA) divides as torch's CUDA kernel does, by multiplying with ``1 / w``.
+    """
     rows = deltas.shape[0]
+    reciprocal = deltas.device.type == "cuda" if reciprocal is None else reciprocal
     _decode_prepare_kernel[(triton.cdiv(rows, _BLOCK),)](
-        deltas, scaled, rows, ww, wh, clip, RECIPROCAL=deltas.device.type == "cuda", BLOCK=_BLOCK,
+        deltas, scaled, rows, ww, wh, clip, RECIPROCAL=reciprocal, BLOCK=_BLOCK,
         **_launch_options(deltas.device),
     )
 
@@ -218,12 +224,14 @@ def _decode_finish_kernel(out, deltas, exps, boxes, rows, outer_stride, inner, i
 
 
 def decode_finish(out: Tensor, deltas: Tensor, exps: Tensor, boxes: Tensor, outer_stride: int, inner: int,
-                  inner_stride: int, wx: float, wy: float) -> None:
-    """Decoded corners into ``out (R, 4)``; see :func:`detect.ops._cpu.decode_finish` for the box indexing."""
+                  inner_stride: int, wx: float, wy: float, reciprocal: bool | None = None) -> None:
+    """Decoded corners into ``out (R, 4)``; see :func:`detect.ops._cpu.decode_finish` for the box indexing and
+    :func:`decode_prepare` for ``reciprocal``."""
     rows = out.shape[0]
+    reciprocal = out.device.type == "cuda" if reciprocal is None else reciprocal
     _decode_finish_kernel[(triton.cdiv(rows, _BLOCK),)](
         out, deltas, exps, boxes, rows, outer_stride, inner, inner_stride, wx, wy,
-        RECIPROCAL=out.device.type == "cuda", BLOCK=_BLOCK, **_launch_options(out.device),
+        RECIPROCAL=reciprocal, BLOCK=_BLOCK, **_launch_options(out.device),
     )
 
 
