@@ -20,6 +20,7 @@ import torchvision
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from detect.ops import dispatch
 from detect.ops.pooling import boxes_to_rois, roi_align, roi_pool, spatial_pyramid_pool, warp_regions
 
 # The device fixture keeps one value for all examples of a hypothesis test.
@@ -241,6 +242,66 @@ def _channel_of(index: int, channels: int, levels=(1, 2, 3, 6)) -> int:
             return index // (level * level)
         index -= size
     raise IndexError(index)
+
+
+# --- the SPP backends: the fused CPU loop and the torch reference, each against the float64 loop -------------
+
+
+SPP_BACKENDS = ("torch", "numba")
+
+
+@pytest.mark.parametrize("backend", SPP_BACKENDS)
+@pytest.mark.parametrize("levels", [(1, 2, 3, 6), (6, 3, 2, 1), (4, 2, 3, 5, 1), (2, 2), (7,), (1, 4, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spp_backends_match_loop_reference(backend, levels, dtype):
+    features = torch.randn(2, 5, 13, 17, dtype=dtype)
+    rois = _rois(EDGE_ROIS, "cpu")
+    with dispatch.use_backend(backend):
+        pooled = spatial_pyramid_pool(features, rois, levels)
+    assert pooled.dtype == dtype and pooled.shape == (len(EDGE_ROIS), 5 * sum(l * l for l in levels))
+    np.testing.assert_array_equal(pooled.double().numpy(), _spp_reference(features, rois, levels))
+
+
+@pytest.mark.parametrize("backend", SPP_BACKENDS)
+def test_spp_backends_many_windows_split_over_threads(backend):
+    # 300 windows x 64 channels x 50 bins is far above dispatch.PARALLEL_WORK: the loop runs on several threads.
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(3, 64, 21, 26, generator=generator)
+    corners = torch.rand(300, 4, generator=generator) * torch.tensor([30.0, 25.0, 30.0, 25.0]) - 2
+    image = torch.randint(0, 3, (300, 1), generator=generator).float()
+    first, last = torch.minimum(corners[:, :2], corners[:, 2:]), torch.maximum(corners[:, :2], corners[:, 2:])
+    rois = torch.cat([image, first, last], 1)
+    assert 300 * 64 * 50 > dispatch.PARALLEL_WORK
+    with dispatch.use_backend(backend), torch.inference_mode():
+        pooled = spatial_pyramid_pool(features, rois)
+    np.testing.assert_array_equal(pooled.double().numpy(), _spp_reference(features, rois))
+
+
+def test_spp_fused_loop_propagates_nan_like_the_reference():
+    features = torch.randn(1, 3, 8, 8)
+    features[0, 1, 2, 5] = float("nan")
+    rois = _rois([[0, 0, 0, 7, 7], [0, 4, 1, 6, 3], [0, 0, 4, 3, 7]], "cpu")
+    with dispatch.use_backend("numba"):
+        fused = spatial_pyramid_pool(features, rois)
+    with dispatch.use_backend("torch"):
+        reference = spatial_pyramid_pool(features, rois)
+    assert torch.equal(fused.isnan(), reference.isnan()) and bool(fused.isnan().any())
+    assert torch.equal(fused.nan_to_num(0.0), reference.nan_to_num(0.0))
+
+
+def test_spp_fused_loop_rejects_rois_of_missing_images():
+    with dispatch.use_backend("numba"), pytest.raises(IndexError):
+        spatial_pyramid_pool(torch.randn(2, 3, 8, 8), _rois([[2, 0, 0, 3, 3]], "cpu"))
+
+
+def test_spp_level_plan_merges_from_the_smallest_multiple():
+    from detect.ops.spp import level_plan
+
+    levels, offsets, sources = level_plan((1, 2, 3, 6))
+    assert levels.tolist() == [6, 3, 2, 1]
+    assert offsets.tolist() == [14, 5, 1, 0]  # first bin of each level in output order 1, 2, 3, 6
+    assert sources.tolist() == [-1, 0, 0, 2]  # 3 and 2 from 6, 1 from 2
+    assert level_plan((5, 4, 2))[2].tolist() == [-1, -1, 1]  # 5 and 4 read the map, 2 merges from 4
 
 
 # --- warp_regions ----------------------------------------------------------------------------------------------
