@@ -5,12 +5,15 @@
 # GPU: CUDA wheels, which carry the CUDA runtime (the host driver comes in with --gpus all):
 #   docker build -t detect:gpu --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .
 #   docker run --gpus all -e DETECT_DEVICE=cuda -p 8000:8000 detect:gpu
+# Ray (detect predict --engine ray, detect serve --engine ray, the KubeRay manifests in deploy/k8s/ray): add extras,
+#   docker build -t detect:ray --build-arg EXTRAS="[ray,s3]" .
 # PYTHON_IMAGE may name another base (a CUDA image with Python 3.11 at /usr/local/bin); both stages use it, so the
 # virtualenv built in the first runs in the second.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG EXTRAS=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -21,7 +24,9 @@ COPY pyproject.toml README.md ./
 COPY detect ./detect
 COPY proposals ./proposals
 COPY api ./api
-RUN pip install .
+# The project itself, with EXTRAS (e.g. "[ray]"); its dependencies' bounds are in pyproject.toml.
+# hadolint ignore=DL3013
+RUN pip install ".${EXTRAS}"
 
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH \
