@@ -322,3 +322,150 @@ def test_init_backbone_copies_the_donor_body_into_any_detector(tmp_path: Path) -
     alexnet_rcnn = build("rcnn_alexnet", ("x",), RCNNConfig())
     with pytest.raises(ConfigError, match="does not fit"):
         init_backbone(alexnet_rcnn, tmp_path / "donor.safetensors")
+
+
+# --- loader workers, augmentation, multi-scale, progress, TensorBoard (issue 13) ----------------------------------
+
+FULL_AUGMENT = {
+    "flip_prob": 0.5,
+    "short_sides": [64, 96, 128],
+    "brightness": 0.3,
+    "contrast": 0.3,
+    "saturation": 0.3,
+    "hue": 0.05,
+    "crop_prob": 0.5,
+}
+
+
+def _faster_recipe(tmp_path: Path, **changes) -> dict:
+    """A tiny Faster R-CNN run on 8 small shapes images with every augmentation on."""
+    recipe = {
+        "detector": "fasterrcnn_tiny",
+        "data": {"shapes": TINY_SHAPES},
+        "augment": FULL_AUGMENT,
+        "optimizer": {"lr": 0.01},
+        "schedule": {"warmup_iterations": 2},
+        "max_iterations": 6,
+        "batch_size": 2,
+        "checkpoint_every": 3,
+        "out_dir": str(tmp_path / "run"),
+    }
+    recipe.update(changes)
+    return recipe
+
+
+@pytest.mark.slow
+def test_killed_run_with_workers_and_augmentation_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
+    """A run with 2 loader workers and every augmentation dies at iteration 4 (after its checkpoint at 2, with
+    batches prefetched); resumed in a fresh Trainer it logs the very rows of a straight run built in-process."""
+    straight = override(TrainConfig(), _faster_recipe(tmp_path / "a", workers=0, max_iterations=5, checkpoint_every=2))
+    Trainer(straight).run(progress=False)
+    expected = Trainer(straight).log.rows()
+    assert len({row.get("short_side") for row in expected}) > 1  # the short side really varies
+
+    config = override(TrainConfig(), _faster_recipe(tmp_path / "b", workers=2, max_iterations=5, checkpoint_every=2))
+    step = Trainer.step
+
+    def dies_at_four(self, batch=None):
+        if self.iteration == 3:
+            raise KeyboardInterrupt("killed")
+        return step(self, batch)
+
+    monkeypatch.setattr(Trainer, "step", dies_at_four)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config).run(progress=False)
+    monkeypatch.setattr(Trainer, "step", step)
+    assert torch.load(Path(config.out_dir) / "checkpoint.pt", weights_only=True)["iteration"] == 2
+    resumed = Trainer(config)
+    resumed.run(resume=True, progress=False)
+    assert resumed.log.rows() == expected
+
+
+def test_the_batch_short_side_is_the_models_resize_target(tmp_path: Path) -> None:
+    """Multi-scale: each step's images reach the backbone at the batch's short side (96-pixel images, sides that
+    are multiples of 32, so no padding); evaluation afterwards uses the model's own side again."""
+    trainer = Trainer(override(TrainConfig(), _faster_recipe(tmp_path, max_iterations=3, augment={
+        "flip_prob": 0.0, "short_sides": [64, 96, 128]})))
+    seen: list[tuple[int, int]] = []
+    hook = trainer.model.backbone.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape[-2:])))
+    sides = [trainer.step()["short_side"] for _ in range(3)]
+    assert seen == [(side, side) for side in sides] and len(set(sides)) > 1
+    seen.clear()
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.model([np.zeros((96, 96, 3), np.uint8)])
+    hook.remove()
+    assert seen == [(160, 160)]  # fasterrcnn_tiny's own short side, restored after every step
+    with pytest.raises(ConfigError, match="short_sides"):
+        Trainer(override(TrainConfig(), _faster_recipe(tmp_path / "r", detector="rcnn_tiny",
+                                                       augment={"short_sides": [96]})))
+
+
+def test_progress_writes_plain_lines_when_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import io
+
+    from detect.progress import Progress
+
+    stream = io.StringIO()
+    bar = Progress(3, desc="train", stream=stream, interval=0.0)
+    for done in (1, 2, 3):
+        bar.update(done, {"loss": 0.5})
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and len(lines) == 3
+    assert lines[-1].startswith("train 3/3 (100%) loss 0.5 |") and "ETA 0:00:00" in lines[-1]
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Terminal()
+    bar = Progress(3, desc="train", stream=tty)
+    bar.update(3, {"loss": 0.5})
+    bar.close()
+    assert "\r" in tty.getvalue() and "3/3" in tty.getvalue()  # a live bar
+
+    Trainer(override(TrainConfig(), _faster_recipe(tmp_path, max_iterations=2, progress_seconds=0.001))).run()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [line.split(" (")[0] for line in err.splitlines() if line.startswith("train ")] == ["train 1/2", "train 2/2"]
+
+
+def test_predict_progress_is_plain_lines_in_a_log(tmp_path: Path) -> None:
+    import io
+
+    from detect.engines.local import PredictOptions, run
+    from tests.helpers import StubDetector
+
+    src = tmp_path / "src"
+    src.mkdir()
+    from PIL import Image
+
+    for k in range(3):
+        Image.new("RGB", (20, 16)).save(src / f"{k}.png")
+    log = io.StringIO()
+    run(PredictOptions((str(src),), str(tmp_path / "out"), batch_size=1), StubDetector(), progress=log)
+    assert "\r" not in log.getvalue()
+    assert log.getvalue().startswith("predict 3/3 (100%)")
+
+
+def test_tensorboard_writer_mirrors_the_metrics(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = override(TrainConfig(), _faster_recipe(tmp_path, max_iterations=2, tensorboard=True, augment={}))
+    trainer = Trainer(config)
+    trainer.run(progress=False)
+    events = EventAccumulator(str(Path(config.out_dir) / "tensorboard"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert losses == [(row["iteration"], pytest.approx(row["loss"])) for row in trainer.log.rows()]
+
+
+def test_missing_tensorboard_or_device_is_a_config_error(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    with pytest.raises(ConfigError, match=r"pip install 'detect\[tensorboard\]'"):
+        Trainer(override(TrainConfig(), _faster_recipe(tmp_path, tensorboard=True)))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no such CUDA device"):
+            Trainer(override(TrainConfig(), _faster_recipe(tmp_path, device="cuda")))
