@@ -13,7 +13,10 @@
 3. Box-coder decode of class-specific deltas for 8 images x 2,000 boxes x 21 classes (weights 10, 10, 5, 5) vs
    torchvision's ``BoxCoder.decode`` (which takes per-image box lists and concatenated deltas).
 
-``ratio`` is peer / ours: above 1 means we are faster (or, for memory, smaller).
+``ratio`` is peer / ours: above 1 means we are faster (or, for memory, smaller). ``ours`` is what the public
+kernels run (the fused numba loops on the CPU); ``reference_s`` times our torch-op reference path (what ran before
+the fused kernels) and ``floor_s`` the memory floor: allocating the output and writing it once
+(``torch.empty(...).fill_(0)``), which every implementation has to pay.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._timing import median_seconds  # noqa: E402
+from detect.ops import dispatch  # noqa: E402
 from detect.ops.boxes import box_iou  # noqa: E402
 from detect.ops.coder import BoxCoder  # noqa: E402
 
@@ -84,9 +88,35 @@ def random_boxes(n: int, generator: torch.Generator, scale: float = 1000.0, max_
     return torch.cat((xy, xy + torch.rand(n, 2, generator=generator) * max_size), dim=1)
 
 
-def time_row(case: str, ours: Callable[[], object], peer: Callable[[], object], repeats: int, note: str) -> dict:
-    t = median_seconds({"ours": ours, "peer": peer}, repeats)
-    return {"case": case, "ours_s": t["ours"], "peer_s": t["peer"], "ratio": t["peer"] / t["ours"], "note": note}
+def reference(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` on the torch-op reference path of our kernels (what ran before the fused kernels)."""
+
+    def run() -> object:
+        with dispatch.use_backend("torch"):
+            return fn()
+
+    return run
+
+
+def time_row(
+    case: str,
+    ours: Callable[[], object],
+    peer: Callable[[], object],
+    repeats: int,
+    note: str,
+    floor: Callable[[], object] | None = None,
+) -> dict:
+    """Medians of the fused kernel (``ours``), our torch-op reference, the peer and the memory floor, interleaved."""
+    fns = {"ours": ours, "reference": reference(ours), "peer": peer}
+    if floor is not None:
+        fns["floor"] = floor
+    t = median_seconds(fns, repeats)
+    row = {"case": case, "ours_s": t["ours"], "peer_s": t["peer"], "ratio": t["peer"] / t["ours"]}
+    row["reference_s"] = t["reference"]
+    if floor is not None:
+        row["floor_s"] = t["floor"]
+    row["note"] = note
+    return row
 
 
 def iou_time_case(repeats: int) -> dict:
@@ -100,6 +130,7 @@ def iou_time_case(repeats: int) -> dict:
         lambda: torchvision.ops.box_iou(a, b),
         repeats,
         note,
+        floor=lambda: torch.empty(IOU_BOXES, IOU_BOXES).fill_(0.0),
     )
 
 
@@ -166,6 +197,7 @@ def decode_case(repeats: int) -> dict:
         lambda: peer.decode(flat_deltas, per_image),
         repeats,
         f"outputs {'bitwise equal' if same else 'DIFFER'}",
+        floor=lambda: torch.empty(IMAGES, BOXES_PER_IMAGE, CLASSES, 4).fill_(0.0),
     )
 
 
