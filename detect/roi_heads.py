@@ -208,6 +208,76 @@ class TwoMLPHead(nn.Module):
         return F.dropout(F.relu(self.fc7(x)), self.dropout, self.training)
 
 
+class LowRankLinear(nn.Module):
+    """A linear layer ``W x + b`` stored as its rank-``t`` factors: ``up(down(x))`` with ``down`` ``(t, in)`` without
+    bias and ``up`` ``(out, t)`` with the layer's bias (Fast R-CNN's truncated SVD, section 3.1: ``W ~ U_t S_t V_t^T``,
+    ``down = S_t V_t^T``, ``up = U_t``). It costs ``t (in + out)`` multiply-adds per row instead of ``in x out``.
+    :meth:`from_linear` computes the factors; a freshly built one (what a weights file's state dict is loaded
+    into) has nn.Linear's random initialisation."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int) -> None:
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features)
+
+    @property
+    def in_features(self) -> int:
+        return self.down.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.up.out_features
+
+    @property
+    def rank(self) -> int:
+        return self.down.out_features
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense ``(out, in)`` product ``up.weight @ down.weight`` (a new tensor)."""
+        return self.up.weight @ self.down.weight
+
+    @property
+    def bias(self) -> Tensor:
+        return self.up.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.down(x))  # (K, in) -> (K, t) -> (K, out)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Module, rank: int) -> "LowRankLinear":
+        """The best rank-``rank`` approximation of ``linear`` (an ``nn.Linear`` or a :class:`LowRankLinear`): by the
+        Eckart-Young theorem ``|W x - W_t x| <= s_{t+1} |x|`` for every ``x``, ``s_{t+1}`` the largest discarded
+        singular value. The SVD runs in float64 on ``linear``'s device; the factors take its dtype."""
+        weight = linear.weight.detach()
+        u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)  # (out, r), (r,), (r, in)
+        layer = cls(weight.shape[1], weight.shape[0], rank).to(device=weight.device, dtype=weight.dtype)
+        layer.down.weight.copy_(s[:rank, None] * vh[:rank])
+        layer.up.weight.copy_(u[:, :rank])
+        if linear.bias is None:
+            layer.up.bias.zero_()
+        else:
+            layer.up.bias.copy_(linear.bias)
+        return layer
+
+
+def factorise_fc67(head: TwoMLPHead, fc6_rank: int | None, fc7_rank: int | None, *, compute: bool = True) -> None:
+    """Replace ``head``'s fc6 and/or fc7 (``None``: leave it) by :class:`LowRankLinear` layers of the given ranks:
+    their truncated SVDs when ``compute``, else freshly initialised factors of the right shapes (for a state dict
+    to be loaded into, as when rebuilding a compressed model from its weights file)."""
+    for name, rank in (("fc6", fc6_rank), ("fc7", fc7_rank)):
+        if rank is None:
+            continue
+        layer = getattr(head, name)
+        if compute:
+            setattr(head, name, LowRankLinear.from_linear(layer, rank))
+        else:
+            setattr(head, name, LowRankLinear(layer.in_features, layer.out_features, rank))
+
+
 def load_fc67(head: TwoMLPHead, imagenet: Mapping[str, Tensor], indices: tuple[int, int], source: str | Path) -> None:
     """Initialise ``head``'s fc6 and fc7 from an ImageNet classifier checkpoint's ``classifier.{indices[0]}`` and
     ``classifier.{indices[1]}`` (torchvision's VGG16: 0 and 3, AlexNet: 1 and 4), as R-CNN and Fast R-CNN did.

@@ -82,7 +82,8 @@ PAPER_SCALES = (480, 576, 688, 864, 1200)
 @dataclass(frozen=True)
 class SPPNetConfig:
     """SPP-Net's architecture and settings (paper defaults; see the module docstring). ``projection_offset``
-    ``None`` takes the backbone's receptive-field offset."""
+    ``None`` takes the backbone's receptive-field offset. ``fc6_rank``/``fc7_rank``: a truncated-SVD head of those
+    ranks (:meth:`~detect.detectors.region.RegionDetector.compress`); ``None`` a dense layer."""
 
     backbone: str = "alexnet"
     scales: tuple[int, ...] = (688,)
@@ -94,6 +95,8 @@ class SPPNetConfig:
     image_std: tuple[float, float, float] = IMAGENET_STD
     representation_size: int = 4096
     dropout: float = 0.5
+    fc6_rank: int | None = None
+    fc7_rank: int | None = None
     trainable_layers: int = 0
     scoring: str = "softmax"
     proposals: SelectiveSearchConfig = field(default_factory=SelectiveSearchConfig)
@@ -109,6 +112,9 @@ class SPPNetConfig:
             raise ConfigError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if not self.scales or min(self.scales) < 1 or not self.pyramid_levels or min(self.pyramid_levels) < 1:
             raise ConfigError(f"scales and pyramid levels must be positive, got {self.scales}, {self.pyramid_levels}")
+        for rank in (self.fc6_rank, self.fc7_rank):
+            if rank is not None and not 1 <= rank <= self.representation_size:
+                raise ConfigError(f"fc6/fc7 ranks must be in [1, {self.representation_size}], got {rank}")
 
     @property
     def bins(self) -> int:
@@ -178,7 +184,10 @@ class SPPNet(RegionDetector):
         config: SPPNetConfig = SPPNetConfig(),
         name: str | None = None,
     ) -> None:
-        heads = RegionHeads(out_channels * config.bins, len(class_names), config.representation_size, config.dropout)
+        heads = RegionHeads(
+            out_channels * config.bins, len(class_names), config.representation_size, config.dropout,
+            config.fc6_rank, config.fc7_rank,
+        )
         super().__init__(class_names, config, heads, name or f"sppnet_{config.backbone}")
         self.backbone = backbone
         self.stride = stride
@@ -214,7 +223,8 @@ class SPPNet(RegionDetector):
         scaled = [torch.cat(rescale_boxes(boxes, original, s.sizes)) for s in prepared.scales]  # S x (K, 4)
         areas = torch.stack([box_area(b) for b in scaled])  # (S, K)
         choice = (areas - float(self.config.target_box_side**2)).abs().argmin(dim=0)  # (K,)
-        pooled = prepared.scales[0].maps[0].new_empty((sum(counts), self.heads.in_features))  # (K, C * bins)
+        single = len(prepared.scales) == 1 and len(prepared.scales[0].maps) == 1  # one map: its pooling, no copy
+        pooled = prepared.scales[0].maps[0].new_empty((0 if single else sum(counts), self.heads.in_features))
         for index, (level, level_boxes) in enumerate(zip(prepared.scales, scaled)):
             last_cells = self._last_cells(level)  # (B, 2)
             for group_map, members in zip(level.maps, level.groups):
@@ -225,7 +235,10 @@ class SPPNet(RegionDetector):
                     continue
                 cells = project_boxes(level_boxes[rows], self.stride, self.offset, last_cells[image[rows]])
                 rois = torch.cat([slot[image[rows], None].to(cells), cells], dim=1)  # (K_sg, 5)
-                pooled.index_copy_(0, rows, spatial_pyramid_pool(group_map, rois, self.config.pyramid_levels))
+                windows = spatial_pyramid_pool(group_map, rois, self.config.pyramid_levels)  # (K_sg, C * bins)
+                if single:
+                    return windows
+                pooled.index_copy_(0, rows, windows)
         return pooled
 
     def _last_cells(self, level: ScaleFeatures) -> Tensor:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -24,7 +25,8 @@ from torch.nn import functional as F
 from detect.backbones import receptive_field
 from detect.data.shapes import SHAPES_CLASSES
 from detect.detectors.region import SamplingConfig
-from detect.detectors.sppnet import SPPNet, SPPNetConfig, project_boxes, sppnet_alexnet
+from detect.errors import ConfigError
+from detect.detectors.sppnet import TINY_CONFIG, SPPNet, SPPNetConfig, project_boxes, sppnet_alexnet, sppnet_tiny
 from detect.weights import load_detector, write_detector
 from tests.helpers import overfit_and_refine, shapes_problem
 
@@ -175,6 +177,91 @@ def test_save_and_from_weights_round_trip(tmp_path):
     (expected,), _ = model([image], proposals=proposals)
     (actual,), _ = loaded([image], proposals=proposals)
     assert torch.equal(expected.boxes, actual.boxes) and torch.equal(expected.scores, actual.scores)
+
+
+# --- truncated-SVD heads -----------------------------------------------------------------------------------------
+
+
+def _numpy_rank(weight: torch.Tensor, rank: int) -> tuple[np.ndarray, float, float]:
+    """float64 numpy: the rank-``rank`` truncation of ``weight``, its largest discarded and its largest singular
+    value."""
+    u, s, vt = np.linalg.svd(weight.detach().double().numpy(), full_matrices=False)
+    truncated = (u[:, :rank] * s[:rank]) @ vt[:rank]
+    return truncated, float(s[rank]) if rank < len(s) else 0.0, float(s[0])
+
+
+def _trained_looking_heads(model: SPPNet, generator: torch.Generator) -> SPPNet:
+    """``model`` with fc6/fc7 of decaying spectra (as trained layers have; random ones have flat spectra)."""
+    for layer in (model.heads.box_head.fc6, model.heads.box_head.fc7):
+        out_f, in_f = layer.weight.shape
+        left = torch.linalg.qr(torch.randn(out_f, out_f, generator=generator))[0]
+        right = torch.linalg.qr(torch.randn(in_f, out_f, generator=generator))[0]
+        spectrum = 0.8 ** torch.arange(out_f, dtype=torch.float32)  # (out,)
+        with torch.no_grad():
+            layer.weight.copy_(left @ torch.diag(spectrum) @ right.T)
+            layer.bias.normal_(0.0, 0.1, generator=generator)
+    return model.eval()
+
+
+@pytest.mark.parametrize("ranks", [(8, 4), (20, None), (None, 3), (32, 32)])
+def test_svd_heads_error_within_the_discarded_singular_values(ranks):
+    generator = torch.Generator().manual_seed(5)
+    model = _trained_looking_heads(tiny_sppnet(representation_size=32), generator)
+    fc6, fc7 = model.heads.box_head.fc6, model.heads.box_head.fc7
+    w6, b6, w7, b7 = (t.detach().double().numpy() for t in (fc6.weight, fc6.bias, fc7.weight, fc7.bias))
+    x = torch.randn(64, 32 * 50, generator=generator)  # (K, D) random pooled features
+    with torch.no_grad():
+        dense = model.heads.box_head(x).double().numpy()
+    rank6, rank7 = (r if r is not None else 32 for r in ranks)
+    t6, s6, _ = _numpy_rank(fc6.weight, rank6)
+    t7, s7, top7 = _numpy_rank(fc7.weight, rank7)
+    model.compress(*ranks)
+    assert (model.config.fc6_rank, model.config.fc7_rank) == ranks
+    with torch.no_grad():
+        compressed = model.heads.box_head(x).double().numpy()
+        hidden = model.heads.box_head.fc6(x).double().numpy()
+    xd = x.double().numpy()
+    # Each factorised layer is the numpy rank-t truncation of the dense one (float32 factors: ~1e-5 relative).
+    np.testing.assert_allclose(hidden, xd @ t6.T + b6, rtol=1e-4, atol=1e-4)
+    relu = lambda a: np.maximum(a, 0.0)  # noqa: E731
+    np.testing.assert_allclose(compressed, relu(relu(xd @ t6.T + b6) @ t7.T + b7), rtol=1e-4, atol=1e-4)
+    # Bound: |fc7'(fc6'(x)) - fc7(fc6(x))| <= s7 |relu(fc6(x))| + top7 * s6 |x| (ReLU is 1-Lipschitz).
+    a6 = relu(xd @ w6.T + b6)
+    bound = s7 * np.linalg.norm(a6, axis=1) + top7 * s6 * np.linalg.norm(xd, axis=1)  # (K,)
+    error = np.linalg.norm(compressed - dense, axis=1)
+    assert np.all(error <= bound * (1 + 1e-4) + 1e-4)
+    if ranks == (32, 32):  # full rank: nothing discarded, the same function
+        assert s6 == 0.0 and s7 == 0.0 and error.max() < 1e-4
+    else:
+        assert error.max() > 0
+
+
+def test_svd_heads_round_trip_through_a_weights_file(tmp_path):
+    config = dataclasses.replace(TINY_CONFIG, representation_size=32)
+    model = _trained_looking_heads(sppnet_tiny(SHAPES_CLASSES, config=config), torch.Generator().manual_seed(6))
+    model.compress(12, 6)
+    path = tmp_path / "compressed.safetensors"
+    write_detector(model, path)
+    loaded = load_detector(path)
+    assert (loaded.config.fc6_rank, loaded.config.fc7_rank) == (12, 6)
+    assert loaded.heads.box_head.fc6.down.weight.shape == (12, 128 * config.bins)
+    assert loaded.heads.box_head.fc7.up.weight.shape == (32, 6)
+    state, expected = loaded.state_dict(), model.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+    image = np.random.default_rng(1).integers(0, 256, (80, 100, 3), dtype=np.uint8)
+    proposals = [torch.tensor([[0.0, 0.0, 40.0, 50.0], [20.0, 10.0, 90.0, 70.0], [5.0, 5.0, 95.0, 75.0]])]
+    (want,), _ = model([image], proposals=proposals)
+    (got,), _ = loaded([image], proposals=proposals)
+    assert torch.equal(want.boxes, got.boxes) and torch.equal(want.scores, got.scores)
+    dense = sppnet_tiny(SHAPES_CLASSES, config=config)  # no ranks in its config: dense layers, the old keys
+    assert "heads.box_head.fc6.weight" in dense.state_dict()
+
+
+def test_svd_ranks_are_checked():
+    with pytest.raises(ConfigError):
+        SPPNetConfig(representation_size=16, fc6_rank=17)
+    with pytest.raises(ConfigError):
+        SPPNetConfig(fc7_rank=0)
 
 
 # --- overfitting -------------------------------------------------------------------------------------------------
