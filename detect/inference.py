@@ -9,6 +9,8 @@ Decisions:
   BatchNorm folded into the convolutions: a ResNet-50-FPN is about 10 % faster for the same detections up to float
   rounding. Without explicit weights a family uses its bundled ``<family>_shapes`` weights
   (:func:`default_weights`).
+- **Backends.** ``load_model(..., backend="onnxruntime")`` returns an exported model run by ONNX Runtime
+  (:mod:`detect.export`) behind the same interface, so the CLI, the API and every engine call it unchanged.
 - **One batch, one forward; failures stay per image.** :func:`forward_batch` runs the batch in one forward pass;
   when it raises, the images are retried one by one so that only the culprit fails, with an
   :class:`~detect.errors.InferenceError`.
@@ -27,6 +29,7 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +43,7 @@ from detect.ops.nms import batched_nms
 from detect.structures import Detections
 
 __all__ = [
+    "BACKENDS",
     "BUNDLED_SUFFIX",
     "Refinement",
     "annotate",
@@ -58,13 +62,36 @@ __all__ = [
 BUNDLED_SUFFIX = "_shapes"
 
 
-def load_model(weights: str | os.PathLike, device: str | torch.device = "cpu", family: str | None = None) -> torch.nn.Module:
+BACKENDS = ("torch", "onnxruntime")
+
+
+def load_model(
+    weights: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    family: str | None = None,
+    backend: str = "torch",
+) -> Any:
     """The detector of ``weights`` (a registered name or a file, see :func:`detect.weights.load_detector`) for
     inference: eval mode on ``device``, frozen BatchNorm folded. ``family``, when given, must be a known family
-    (:class:`UnknownModelError` otherwise); the weights themselves say which detector they hold."""
+    (:class:`UnknownModelError` otherwise); the weights themselves say which detector they hold.
+
+    ``backend`` ``"onnxruntime"`` runs the model with ONNX Runtime (:mod:`detect.export`): ``weights`` is then an
+    exported ``.onnx`` file, or weights that are exported once into the cache (:func:`detect.export.cached_onnx`).
+    Either way the result has the detector interface (``name``, ``class_names``, ``__call__(images, **kw) ->
+    (detections, losses)``), so callers do not know which runtime answers. An ``.onnx`` file with the torch
+    backend, or an unknown backend, is a :class:`ConfigError`."""
     if family is not None and family not in families():
         raise UnknownModelError(f"unknown detector family {family!r}; known: {', '.join(families())}")
-    return registered_weights.load_detector(weights, device, fold_batchnorm=True)
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    is_onnx = Path(weights).suffix.lower() == ".onnx"
+    if backend == "torch":
+        if is_onnx:
+            raise ConfigError(f"{weights} is an ONNX export: run it with the onnxruntime backend")
+        return registered_weights.load_detector(weights, device, fold_batchnorm=True)
+    from detect import export
+
+    return export.load_onnx(weights if is_onnx else export.cached_onnx(weights), device)
 
 
 def bundled_weights_name(family: str) -> str:
