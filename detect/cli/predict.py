@@ -13,7 +13,7 @@ from detect.detectors import families
 from detect.engines.local import PredictOptions, default_proposal_workers, run
 from detect.engines.outputs import FORMATS, check_formats, prepare_output_dir
 from detect.errors import ConfigError
-from detect.inference import Refinement, check_thresholds, default_weights, load_model, resolve_classes
+from detect.inference import BACKENDS, Refinement, check_thresholds, default_weights, load_model, resolve_classes
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 
@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="faster_rcnn", choices=families(), help="detector family")
     p.add_argument("--weights", help="registered weights name or weights file (default: the bundled <model>_shapes)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    _add_backend_option(p, "torch")
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--workers", type=positive_int, default=2, help="image decoding threads")
     p.add_argument("--proposal-workers", type=non_negative_int, default=default_proposal_workers(),
@@ -46,6 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_backend_option(p, None)
     _add_serve_engine_options(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -56,6 +58,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-images", type=positive_int, default=6, help="sample images to draw (default 6)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.set_defaults(func=_cmd_demo)
+
+
+def _add_backend_option(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument(
+        "--backend", choices=BACKENDS, default=default,
+        help="runtime: torch, or onnxruntime (pip install 'detect[onnx]'; --weights may be a `detect export` .onnx "
+             "file, other weights are exported once into the cache)"
+        + ("" if default else "; default: DETECT_BACKEND, else torch"),
+    )
 
 
 RAY_FLAGS = ("address", "actors", "gpus_per_actor", "cpus_per_actor")
@@ -106,7 +117,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     ray_options = _ray_options(args)
     prepare_output_dir(args.out)
     weights = args.weights or default_weights(args.model)
-    detector = load_model(weights, args.device, args.model) if ray_options is None else None
+    if ray_options is not None and args.backend != "torch":
+        raise ConfigError("--backend onnxruntime runs with the local engine only")
+    detector = load_model(weights, args.device, args.model, args.backend) if ray_options is None else None
     class_names = detector.class_names if detector is not None else weights_class_names(weights)
     classes = None if args.classes is None else resolve_classes(args.classes.split(","), class_names)
     options = PredictOptions(
@@ -156,6 +169,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from api.settings import Settings
 
     settings = read_settings(Settings)
+    if args.backend is not None:
+        settings = settings.model_copy(update={"backend": args.backend})
     check_weights(settings)
     if args.engine == "ray":
         return _serve_on_ray(args, settings)
