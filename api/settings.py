@@ -12,6 +12,8 @@ settings (``DETECT_CORS_ORIGINS``) are JSON lists. The API key, when set, is req
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -27,6 +29,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DETECT_", frozen=True, env_ignore_empty=True)
 
     device: str = "cpu"
+    backend: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="runtime of the models: torch, or onnxruntime (pip install 'detect[onnx]'; an .onnx "
+        "weights file from `detect export`, other weights exported once into the cache)"
+    )
     models: dict[str, ModelSpec] = Field(default_factory=dict)
     default_model: str | None = Field(None, description="model used when a request names none (default: the first)")
     warmup: bool = True
