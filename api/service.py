@@ -440,7 +440,7 @@ class DetectionService:
     def _load_models(self) -> dict[str, LoadedModel]:
         models = {}
         for name, spec in configured_models(self.settings).items():
-            detector = load_model(spec.weights, self.settings.device, spec.family)
+            detector = load_model(spec.weights, self.settings.device, spec.family, self.settings.backend)
             models[name] = LoadedModel.wrap(name, detector, registered_weights.version(spec.weights))
         return models
 
