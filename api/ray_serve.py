@@ -16,8 +16,11 @@ Decisions:
   target of ``DETECT_MAX_BATCH`` per replica (a replica with a full batch in flight is busy; more waiting means
   another replica helps). ``max_ongoing_requests`` is ``DETECT_QUEUE_SIZE``: Serve's own back-pressure starts
   where the replica's queue would refuse anyway (Serve's default of 5 would starve the micro-batcher).
-* **Resources.** A replica reserves 1 CPU, and 1 GPU when ``DETECT_DEVICE`` is CUDA (Ray pins it, so the
-  replica's ``cuda`` is its own GPU).
+* **Resources.** A replica reserves ``DETECT_TORCH_THREADS`` CPUs (1 when unset, and Ray then sets the
+  replica's ``OMP_NUM_THREADS`` to 1), and 1 GPU when ``DETECT_DEVICE`` is CUDA (Ray pins it, so the replica's
+  ``cuda`` is its own GPU). Threads beyond the reservation hurt: on the 2-core development machine (shared,
+  busy) a replica running the bundled Faster R-CNN at 2 torch threads took 184-334 ms a forward against 42 ms
+  at 1 thread (``benchmarks/scale.py``'s serving part; the plain server's inference thread did not show it).
 * **Settings.** The driver's :class:`api.settings.Settings` travel to the replicas with the app factory, and its
   ``DETECT_*`` variables in the replicas' runtime environment (the weights search path among them), so a
   replica sees what ``detect serve`` would. ``app_builder`` (KubeRay) reads both from the pod's environment.
@@ -78,7 +81,7 @@ class Scaling:
 def deployment_options(settings: Settings, scaling: Scaling) -> dict[str, Any]:
     """Serve deployment options: scaling, back-pressure and each replica's resources and environment."""
     env = {k: v for k, v in os.environ.items() if k.startswith("DETECT_")}
-    actor: dict[str, Any] = {"num_cpus": 1, "num_gpus": 1 if settings.device.startswith("cuda") else 0}
+    actor: dict[str, Any] = {"num_cpus": settings.torch_threads or 1, "num_gpus": 1 if settings.device.startswith("cuda") else 0}
     if env:
         actor["runtime_env"] = {"env_vars": env}
     return {"name": DEPLOYMENT, "max_ongoing_requests": settings.queue_size, "ray_actor_options": actor, **scaling.options(settings)}

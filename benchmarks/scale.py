@@ -1,0 +1,194 @@
+"""Scale benchmark: the Ray engines against the local ones on this machine, in one run (issue 14).
+
+1. Batch: ``detect predict`` on ``--images`` noise JPEGs with the local engine, then with ``--engine ray`` at 1
+   and 2 actors, on the same cores: the local engine runs torch on ``--cores`` threads; Ray's one actor gets
+   all of them, two actors half each. Printed: end-to-end seconds (the local engine's model load included; Ray's
+   actor start-up and model load included, the cluster's start not), and the steady rate, from the first
+   result to the last, which is what a long job sees. The Ray overhead ratio is local rate / Ray rate at
+   1 actor (goal: within 10 %).
+2. Serving: the plain server (``detect serve``, its own process) and the same app on Ray Serve (1 replica, this
+   process's local cluster) with the same model and ``--serve-threads`` torch threads (1: see
+   ``api/ray_serve.py`` on threads in replicas): sequential requests (p50/p99, the Ray Serve overhead as the
+   ratio of p50s) and 8 concurrent clients (throughput).
+
+    python benchmarks/scale.py [--images 96] [--size 160] [--cores 2] [--requests 60] [--family F --weights W]
+
+Decisions:
+
+* **Same cores, logical CPUs.** The Ray cluster is started here with ``--cores + 1`` logical CPUs: the actors
+  reserve ``--cores`` between them and the decoding tasks (0.5 CPU each) need room beside them, or Ray Data
+  would wait for CPUs that never free. The machine still has ``--cores`` physical cores for both engines.
+* **Steady rate.** For the local engine, from the end of its first forward pass to the end of its last (a
+  wrapper around the detector times them); for Ray, from the first result block's arrival at the driver to the
+  last (a progress stream timestamps the engine's per-block reports). Neither engine is changed.
+* **Model.** As in ``benchmarks/service.py``: ``--weights``, else the bundled ``<family>_shapes``, else a random
+  tiny detector; speed does not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.service import choose_weights, free_port, load, percentile, server  # noqa: E402
+from detect.engines import ray as ray_engine  # noqa: E402
+from detect.engines.local import PredictOptions, run  # noqa: E402
+from detect.inference import load_model  # noqa: E402
+
+
+class TimedDetector:
+    """The local engine's detector, with the time each forward pass returned and how many images it had."""
+
+    def __init__(self, detector: torch.nn.Module) -> None:
+        self.detector, self.returns = detector, []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.detector, name)
+
+    def __call__(self, images: list, **kwargs: object) -> object:
+        out = self.detector(images, **kwargs)
+        self.returns.append((time.perf_counter(), len(images)))
+        return out
+
+    def steady_rate(self) -> float:
+        """Images per second from the first forward's end to the last's (the first batch pays the warm-up)."""
+        (t0, _), (t1, _) = self.returns[0], self.returns[-1]
+        return sum(n for _, n in self.returns[1:]) / (t1 - t0)
+
+
+class ProgressClock(io.StringIO):
+    """A progress stream that remembers when each ``done/total`` report of the Ray engine (one per block)
+    arrived."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reports: list[tuple[float, int]] = []
+
+    def write(self, text: str) -> int:
+        for done in re.findall(r"(\d+)/\d+ images", text):
+            self.reports.append((time.perf_counter(), int(done)))
+        return len(text)
+
+    def steady_rate(self) -> float:
+        (t0, n0), (t1, n1) = self.reports[0], self.reports[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")
+
+
+def make_images(folder: Path, count: int, size: int) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i:05d}.jpg", quality=90)
+
+
+def local_engine(src: Path, out: Path, args: argparse.Namespace, weights: str) -> tuple[float, float]:
+    torch.set_num_threads(args.cores)
+    start = time.perf_counter()
+    detector = TimedDetector(load_model(weights, "cpu", args.family))
+    run(PredictOptions((str(src),), out, batch_size=args.batch_size), detector, progress=None)
+    return time.perf_counter() - start, detector.steady_rate()
+
+
+def ray_engine_run(src: Path, out: Path, args: argparse.Namespace, weights: str, actors: int) -> tuple[float, float]:
+    clock, start = ProgressClock(), time.perf_counter()
+    options = PredictOptions((str(src),), out, batch_size=args.batch_size)
+    ray_options = ray_engine.RayOptions(actors=actors, cpus_per_actor=args.cores / actors)
+    ray_engine.run(options, ray_engine.ModelSource(weights, "cpu", args.family), ray_options, progress=clock)
+    return time.perf_counter() - start, clock.steady_rate()
+
+
+def batch(args: argparse.Namespace, weights: str, scratch: Path) -> float:
+    src = scratch / "images"
+    src.mkdir()
+    make_images(src, args.images, args.size)
+    rows = [("local", *local_engine(src, scratch / "local", args, weights))]
+    for actors in (1, 2):
+        rows.append((f"ray, {actors} actor{'s' * (actors > 1)}", *ray_engine_run(src, scratch / f"ray{actors}", args, weights, actors)))
+    print(f"\nbatch: {args.images} images of {args.size} px, batch size {args.batch_size}, {args.cores} cores")
+    print(f"{'engine':>14} {'end-to-end s':>12} {'img/s e2e':>10} {'steady img/s':>12} {'local/this':>10} {'fixed s':>8}")
+    local_rate = rows[0][2]
+    for name, seconds, rate in rows:
+        fixed = seconds - args.images / rate  # start-up: what the steady rate does not explain
+        print(f"{name:>14} {seconds:>12.2f} {args.images / seconds:>10.2f} {rate:>12.2f} {local_rate / rate:>10.3f} {fixed:>8.1f}")
+    return local_rate / rows[1][2]
+
+
+def latencies(url: str, data: bytes, requests: int) -> tuple[float, float, float]:
+    """(p50 s, p99 s, 8-client req/s) after a few warm-up requests."""
+    load(url, data, 1, 5)
+    _, sequential = load(url, data, 1, requests)
+    throughput, _ = load(url, data, 8, requests)
+    return percentile(sequential, 50), percentile(sequential, 99), throughput
+
+
+def serving(args: argparse.Namespace, weights: str, ray: object) -> float:
+    from ray import serve
+
+    from api import ray_serve
+    from api.app import create_app
+    from api.settings import ModelSpec, Settings
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    data = buffer.getvalue()
+    with server(args.family, weights, torch_threads=args.serve_threads) as (url, _):
+        plain = latencies(url, data, args.requests)
+    settings = Settings(models={"m": ModelSpec(family=args.family, weights=weights)}, torch_threads=args.serve_threads)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        app = ray_serve.application(functools.partial(create_app, settings), settings, ray_serve.Scaling(1))
+        serve.run(app, name="detect", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            while client.get("/readyz").status_code != 200:
+                time.sleep(0.1)
+        on_ray = latencies(f"http://127.0.0.1:{port}", data, args.requests)
+    finally:
+        serve.shutdown()
+    print(f"\nserving: {args.size} px JPEG, {args.requests} sequential requests, then 8 clients")
+    print(f"{'server':>10} {'p50 ms':>8} {'p99 ms':>8} {'8-client req/s':>14}")
+    for name, (p50, p99, rps) in (("plain", plain), ("ray serve", on_ray)):
+        print(f"{name:>10} {p50 * 1e3:>8.1f} {p99 * 1e3:>8.1f} {rps:>14.2f}")
+    return on_ray[0] / plain[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--size", type=int, default=160)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--serve-threads", type=int, default=1, help="DETECT_TORCH_THREADS of both servers")
+    parser.add_argument("--family", default="faster_rcnn")
+    parser.add_argument("--weights")
+    args = parser.parse_args()
+    ray = ray_engine.require_ray()
+    with tempfile.TemporaryDirectory() as scratch:
+        weights, how = choose_weights(args, Path(scratch))
+        print(f"model: {args.family}, weights {weights} ({how}); torch {torch.__version__}, ray {ray.__version__}")
+        ray.init(num_cpus=args.cores + 1, include_dashboard=False, log_to_driver=False)
+        try:
+            ratio = batch(args, weights, Path(scratch))
+            serve_ratio = serving(args, weights, ray)
+        finally:
+            ray.shutdown()
+    print(f"\nsummary: local/ray-1-actor steady rate {ratio:.3f} (goal <= 1.10), "
+          f"ray serve p50 / plain p50 {serve_ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
