@@ -174,7 +174,6 @@ def shortest_cycle(start: str, component: set[str], edges: list[Edge]) -> list[E
     raise AssertionError(f"{start} is on no cycle of its component")
 
 
-@IN_PROGRESS
 def test_no_import_cycle() -> None:
     edges = project_edges()
     cycles = []
@@ -289,7 +288,6 @@ def is_test_module(module: str) -> bool:
     return last.startswith("test_") or last == "conftest"
 
 
-@IN_PROGRESS
 def test_no_test_module_imports_another() -> None:
     files = source_files("tests")
     broken = [str(e) for e in import_edges(files, set(files)) if is_test_module(e.imported)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 def warmup(devices: tuple[str, ...] | None = None) -> dict[str, float]:
-    """Load every fused kernel now; returns the seconds spent per device. See :func:`detect.ops.dispatch.warmup`."""
-    from detect.ops.dispatch import warmup as _warmup
+    """Load every fused kernel now; returns the seconds spent per device. See :func:`detect.ops.warm.warmup`."""
+    from detect.ops.warm import warmup as _warmup
 
     return _warmup(devices)

@@ -24,7 +24,7 @@ Decisions:
   service already turns (``set_torch_threads``) sizes both; the worker threads are created again in a forked
   child. See :mod:`detect.ops._cpu` for why not numba's own ``parallel=True``.
 - The first call of a loop loads it from numba's on-disk cache, or compiles it (seconds) on a cold cache. A
-  service calls :func:`warmup` at start-up so that no request pays this; :func:`warmup` returns the seconds it
+  service calls :func:`detect.ops.warmup` at start-up so that no request pays this; :func:`detect.ops.warmup` returns the seconds it
   took per backend, reported apart from any timing.
 - :func:`use_backend` (or ``DETECT_OPS_BACKEND=torch|numba|triton`` in the environment) forces one
   implementation, for tests and benchmarks; a forced backend that cannot run an input falls back to ``"torch"``.
@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from types import ModuleType
@@ -43,7 +42,7 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["BACKENDS", "PARALLEL_WORK", "choose", "cpu", "gpu", "run_cpu", "use_backend", "warmup"]
+__all__ = ["BACKENDS", "PARALLEL_WORK", "choose", "cpu", "gpu", "run_cpu", "use_backend"]
 
 BACKENDS = ("auto", "torch", "numba", "triton")
 PARALLEL_WORK = 1 << 15
@@ -137,46 +136,3 @@ def run_cpu(kernel: Callable, tasks: int, work: int, *args) -> None:
     kernel(bounds[0], bounds[1], *args)
     for future in futures:
         future.result()
-
-
-def warmup(devices: tuple[str, ...] | None = None) -> dict[str, float]:
-    """Load (or compile, on a cold cache) every fused kernel, so that no request pays for it.
-
-    Runs each public kernel on tiny float32 and float64 inputs on every device in ``devices`` (default: the CPU,
-    and CUDA when available), once in the calling thread and once split over the worker threads. Returns the
-    seconds spent per device, e.g. ``{"cpu": 0.4}`` with a warm numba cache (several seconds on a cold one).
-    Idempotent and cheap once warm; a service calls it at start-up, before it reports ready.
-    """
-    from detect.ops.boxes import batched_box_iou, clip_boxes
-    from detect.ops.coder import BoxCoder
-    from detect.ops.nms import grouped_nms, multiclass_nms
-
-    if devices is None:
-        devices = ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
-    spent = {}
-    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
-    for name in devices:
-        device = torch.device(name)
-        start = time.perf_counter()
-        with torch.no_grad():
-            for dtype in _FAST_DTYPES:
-                for n in (4, PARALLEL_WORK // 4 + 1):  # one range in this thread; split over the workers
-                    g = torch.Generator().manual_seed(0)
-                    xy = torch.rand(n, 2, generator=g, dtype=dtype) * 100
-                    boxes = torch.cat((xy, xy + 1 + torch.rand(n, 2, generator=g, dtype=dtype) * 50), -1).to(device)
-                    scores = torch.rand(n, generator=g, dtype=dtype).to(device)
-                    small = boxes[:64]
-                    batched_box_iou(small[None], boxes[None, : max(1, PARALLEL_WORK // 64 + 1)] if n > 4 else small[None])
-                    zeros = torch.zeros(n, dtype=torch.int64, device=device)
-                    grouped_nms(boxes, scores, zeros, zeros.remainder(2), 2, 0.5, 10)
-                    classes = torch.rand(n // 2 + 1, 3, generator=g, dtype=dtype).to(device)
-                    multiclass_nms([boxes[: n // 2 + 1], boxes[: n // 2 + 1]], [classes, classes], iou_threshold=0.5)
-                    deltas = coder.encode(boxes + 1, boxes)
-                    coder.decode(deltas, boxes)
-                    coder.decode_per_class(deltas.repeat(1, 2), boxes)
-                    clip_boxes(boxes, (50, 60))
-                    clip_boxes(boxes[None], torch.tensor([[50, 60]], device=device))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        spent[name] = time.perf_counter() - start
-    return spent

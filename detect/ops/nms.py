@@ -139,6 +139,7 @@ def grouped_nms(
         scores: lower index first).
     """
     _check_candidates(boxes, scores, groups, images)
+    boxes, scores = boxes.detach(), scores.detach()  # the result is indices: nothing to differentiate
     if strategy not in _STRATEGIES:
         raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
     if chunk_size is not None and chunk_size < 1:

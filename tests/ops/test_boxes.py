@@ -24,34 +24,9 @@ from detect.ops.boxes import (
     remove_small_boxes,
     min_size_mask,
 )
-
+from tests.helpers import assert_close_to_reference, assert_matches_peer, random_boxes
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def random_boxes(n: int, *lead: int, scale: float = 1000.0, max_size: float = 300.0, seed: int = 0) -> torch.Tensor:
-    """``(*lead, n, 4)`` float32 xyxy boxes with corners in ``[-0.1, 1] * scale`` and sides in ``[0, max_size]``."""
-    g = torch.Generator().manual_seed(seed)
-    xy = (torch.rand(*lead, n, 2, generator=g) * 1.1 - 0.1) * scale
-    wh = torch.rand(*lead, n, 2, generator=g) * max_size
-    return torch.cat((xy, xy + wh), dim=-1)
-
-
-def assert_matches_peer(ours: torch.Tensor, peer: torch.Tensor) -> None:
-    """Bitwise on CPU (same operation order as the peer); float32 rounding on other devices."""
-    assert ours.dtype == peer.dtype and ours.shape == peer.shape
-    if ours.device.type == "cpu":
-        assert torch.equal(ours, peer) or torch.equal(ours.isnan(), peer.isnan()) and torch.equal(
-            ours.nan_to_num(), peer.nan_to_num()
-        )
-    else:
-        torch.testing.assert_close(ours, peer, rtol=2e-7, atol=0, equal_nan=True)
-
-
-def assert_close_to_reference(ours: torch.Tensor, reference: torch.Tensor, magnitude: float = 1.0) -> None:
-    """float32 results against a float64 reference: a few float32 ulps of the inputs' ``magnitude``."""
-    eps = torch.finfo(ours.dtype).eps
-    torch.testing.assert_close(ours.double().cpu(), reference.double().cpu(), rtol=8 * eps, atol=8 * eps * magnitude)
 
 
 def iou_reference(a: list[float], b: list[float]) -> float:
