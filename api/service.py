@@ -18,11 +18,17 @@ Decisions:
   default). Loading and running go through :mod:`detect.inference`, the path ``detect predict`` uses too. Weights are a registered
   name or a file; the version reported is the first 12 hex digits of the weights' SHA-256 (the manifest's for a
   name).
-* **Back-pressure and deadlines.** A request whose images do not fit in the queue is refused at once
-  (:class:`ServiceBusyError`, 503 with ``Retry-After``). Each request has a deadline (``request_timeout_s``);
-  past it the request answers 504 and its jobs still queued are skipped by the dispatcher.
-* **Decoding** runs in the default thread pool (Pillow releases the GIL), never on the event loop. The limits of
+* **Back-pressure and deadlines.** A request with more images than ``image_limit`` (``max_images_per_request``,
+  capped by ``queue_size``) can never be served: 413 ``too_many_images``. One whose images do not fit in the
+  queue now is refused at once (:class:`ServiceBusyError`, 503 with ``Retry-After``). Each request has one
+  deadline (``request_timeout_s``) over everything after its body arrived: decoding, queueing, the forward pass
+  and building the answer. Past it the request answers 504; its decodes are abandoned (the threads finish
+  unobserved) and its jobs still queued are skipped by the dispatcher.
+* **Decoding** runs in anyio's thread pool (Pillow releases the GIL), never on the event loop. The limits of
   :func:`detect.io.decode_image` are checked from the header before decoding.
+* **Readiness.** Loading and warm-up failures keep the service not ready (``/readyz`` and every ``/detect``
+  answer 503 ``not_ready``); the message names the model and the error code, never a file-system path (the
+  full message goes to the server log). A model whose warm-up forward fails is not ready either.
 * **Per-image failures.** In a request with several images each one fails alone: its item carries ``error``
   and the others their detections. A request with ONE image answers with that image's error status instead
   (413/415/422), which is what a client sending one image expects.
@@ -67,6 +73,7 @@ from detect.errors import (
     WeightsError,
 )
 from detect.io import decode_image
+from detect.ops import warmup as ops_warmup
 from detect.detectors import families
 from detect.inference import (
     Refinement,
@@ -424,24 +431,34 @@ class DetectionService:
                 self.not_ready_reason = "no models configured (set DETECT_MODELS, or register <family>_shapes weights)"
                 return
             if self.settings.warmup:
+                seconds = await anyio.to_thread.run_sync(ops_warmup)  # the fused kernels' load, never in a request
+                log.info("box kernels ready in %s", ", ".join(f"{d} {t:.2f} s" for d, t in seconds.items()))
                 blank = np.full((WARMUP_SIZE, WARMUP_SIZE, 3), 127, np.uint8)
                 for model in self.models.values():
-                    await self.batcher.run_now(model, [blank])
-        except DetectError as err:
-            self.not_ready_reason = f"{err.code}: {err.message}"
-            log.error("models failed to load: %s", self.not_ready_reason)
-            return
-        except Exception:  # a bug or a broken file: stay not ready, with the traceback in the server log
-            self.not_ready_reason = "model loading failed (see the server log)"
-            log.exception("models failed to load")
+                    await self._warm_up(model, blank)
+        except ModelFailure as failure:
+            self.not_ready_reason = failure.public_reason()
+            traceback = None if isinstance(failure.cause, DetectError) else failure.cause
+            log.error("%s", failure.log_line(), exc_info=traceback)
             return
         self.ready = True
+
+    async def _warm_up(self, model: LoadedModel, image: np.ndarray) -> None:
+        try:
+            (result,) = await self.batcher.run_now(model, [image])
+        except Exception as err:  # a bug in the detector: this model cannot serve
+            raise ModelFailure(model.name, "its warm-up", err) from err
+        if isinstance(result, DetectError):
+            raise ModelFailure(model.name, "its warm-up", result)
 
     def _load_models(self) -> dict[str, LoadedModel]:
         models = {}
         for name, spec in configured_models(self.settings).items():
-            detector = load_model(spec.weights, self.settings.device, spec.family, self.settings.backend)
-            models[name] = LoadedModel.wrap(name, detector, registered_weights.version(spec.weights))
+            try:
+                detector = load_model(spec.weights, self.settings.device, spec.family, self.settings.backend)
+                models[name] = LoadedModel.wrap(name, detector, registered_weights.version(spec.weights))
+            except Exception as err:  # a broken file or a bug: this model stays unserved, the service not ready
+                raise ModelFailure(name, "to load", err) from err
         return models
 
     # queries ---------------------------------------------------------------------------------------------------
@@ -462,10 +479,10 @@ class DetectionService:
 
     # detection -------------------------------------------------------------------------------------------------
     async def detect(self, params: DetectParams, sources: Sequence[tuple[str | None, bytes | str]]) -> dict:
-        """Detect objects in each source (raw bytes, or base64 text from JSON) and build the response body."""
-        deadline = time.perf_counter() + self.settings.request_timeout_s
-        if len(sources) > self.settings.max_images_per_request:
-            raise TooManyImagesError(f"{len(sources)} images; at most {self.settings.max_images_per_request} per request")
+        """Detect objects in each source (raw bytes, or base64 text from JSON) and build the response body, all
+        within ``request_timeout_s`` (:class:`RequestTimeoutError` otherwise)."""
+        if len(sources) > self.settings.image_limit:
+            raise too_many_images(self.settings.image_limit, len(sources))
         model = self.model(params.model)
         refinement = Refinement(
             params.score_threshold,
@@ -474,9 +491,28 @@ class DetectionService:
             None if params.classes is None else resolve_classes(params.classes, model.detector.class_names),
         )
         kwargs = model.forward_kwargs(params.proposals)
+        try:
+            return await asyncio.wait_for(
+                self._answer(params, sources, model, refinement, kwargs), self.settings.request_timeout_s
+            )
+        except TimeoutError:
+            raise RequestTimeoutError(f"no answer within {self.settings.request_timeout_s:g} s") from None
+
+    async def _answer(
+        self,
+        params: DetectParams,
+        sources: Sequence[tuple[str | None, bytes | str]],
+        model: LoadedModel,
+        refinement: Refinement,
+        kwargs: dict[str, str],
+    ) -> dict:
+        """Decode, queue, wait for the forward passes, build the body. Cancelled at the deadline: decodes are
+        abandoned to their threads, queued jobs cancelled (the dispatcher skips them), the announcement withdrawn."""
         ticket = self.batcher.announce(len(sources))
         try:
-            outcomes = await asyncio.gather(*(anyio.to_thread.run_sync(self._decode, i, s) for i, s in sources))
+            outcomes = await asyncio.gather(
+                *(anyio.to_thread.run_sync(self._decode, i, s, abandon_on_cancel=True) for i, s in sources)
+            )
             if len(outcomes) == 1 and outcomes[0].error is not None:
                 raise outcomes[0].error
             good = [o for o in outcomes if o.image is not None]
@@ -484,14 +520,15 @@ class DetectionService:
         finally:
             self.batcher.withdraw(ticket)
         try:
-            inferences = await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - time.perf_counter()))
-        except TimeoutError:
+            inferences = await asyncio.gather(*futures)
+        except asyncio.CancelledError:
             for future in futures:
                 future.cancel()
-            raise RequestTimeoutError(f"no answer within {self.settings.request_timeout_s:g} s") from None
+            raise
         by_id = dict(zip(map(id, good), inferences))
         items = await anyio.to_thread.run_sync(
-            lambda: [self._item(o, by_id.get(id(o)), model, refinement, params.annotate) for o in outcomes]
+            lambda: [self._item(o, by_id.get(id(o)), model, refinement, params.annotate) for o in outcomes],
+            abandon_on_cancel=True,
         )
         if len(items) == 1 and "error" in items[0]:
             raise items[0].pop("_exception")
@@ -536,6 +573,29 @@ class DetectionService:
         for stage, seconds in (("queue", inference.queue_s), ("inference", inference.forward_s), ("postprocess", post_s)):
             self.metrics.observe_stage(stage, seconds)
         return item
+
+
+class ModelFailure(Exception):
+    """A configured model failed to load or to warm up: ``cause`` for the server log, the model's name and the
+    error's code for clients (:meth:`public_reason`, which never shows a path)."""
+
+    def __init__(self, name: str, stage: str, cause: BaseException) -> None:
+        super().__init__(name, stage, cause)
+        self.name, self.stage, self.cause = name, stage, cause
+
+    def public_reason(self) -> str:
+        code = self.cause.code if isinstance(self.cause, DetectError) else "internal_error"
+        return f"model {self.name!r} failed {self.stage} ({code}; the server log has the details)"
+
+    def log_line(self) -> str:
+        message = self.cause.message if isinstance(self.cause, DetectError) else repr(self.cause)
+        return f"model {self.name!r} failed {self.stage}: {message}"
+
+
+def too_many_images(limit: int, count: int | None = None) -> TooManyImagesError:
+    """The one refusal of a request with more than ``limit`` images (JSON or multipart, at any count)."""
+    told = f"{count} images" if count is not None else f"more than {limit} images"
+    return TooManyImagesError(f"{told}; at most {limit} per request")
 
 
 def _b64decode(text: str) -> bytes:
