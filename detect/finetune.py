@@ -10,8 +10,8 @@ Decisions:
   ``fasterrcnn_resnet50_fpn_coco`` after ``detect weights pull``/``import``), a ``detect train`` model file, or a
   torchvision checkpoint (``.pth``, read with ``weights_only=True``; its 91 classes are COCO's).
 - Every tensor whose name and shape are the same in both models is copied bit for bit, except the class-specific
-  ones (the fully connected :data:`CLASS_LAYERS`: ``cls_score``, ``bbox_pred`` and the region detectors' ``svm``). Those keep the new
-  model's initialisation, except the rows of classes the source also has: the background row (row 0, when the
+  ones (the fully connected :data:`CLASS_LAYERS`: ``cls_score``, ``bbox_pred`` and the region detectors'
+  ``svm``). Those keep the new model's initialisation, except the rows of classes the source also has: the background row (row 0, when the
   layer has one) and each class whose name the source knows (compared case-, space-, ``_`` and ``-`` blind, plus
   the few VOC names COCO spells otherwise, :data:`ALIASES`) take the source's rows, four per class in
   ``bbox_pred``. So a ``dog`` class starts by recognising COCO's dogs.
@@ -189,7 +189,7 @@ def backbone_stages(backbone: Backbone) -> list[list[nn.Module]]:
     modules = list(body.values())
     starts = {30: VGG16_STAGE_STARTS, 12: ALEXNET_STAGE_STARTS}.get(len(modules))
     if starts is None or not all(isinstance(modules[i], nn.Conv2d) for i in starts):
-        raise ConfigError("trainable_backbone_layers: this backbone's stages are not known (ResNet, VGG16, AlexNet, tiny)")
+        raise ConfigError("trainable_backbone_layers: stages are known for ResNet, VGG16, AlexNet and tiny backbones")
     bounds = list(starts) + [len(modules)]
     return [modules[a:b] for a, b in zip(bounds, bounds[1:])]
 
@@ -200,7 +200,7 @@ def freeze_backbone(model: nn.Module, trainable_layers: int) -> int:
     backbone = find_backbone(model)
     stages = backbone_stages(backbone)
     if not 0 <= trainable_layers <= len(stages):
-        raise ConfigError(f"trainable_backbone_layers must lie in [0, {len(stages)}] for this backbone, got {trainable_layers}")
+        raise ConfigError(f"trainable_backbone_layers must lie in [0, {len(stages)}] here, got {trainable_layers}")
     backbone.body.requires_grad_(True)
     freeze_stages(stages, trainable_layers)
     return len(stages)

@@ -14,9 +14,10 @@ Decisions:
   (centre moved by up to ``jitter`` of the box's size, sides enlarged by up to ``enlarge``) and flipped at random.
 - Background is a class (label 0, the detectors' own background index): ``background_ratio`` background crops per
   object crop (default ``None``: 1 for a data set of one class, which would otherwise be degenerate, and 0 for
-  several, so the recipes tuned on object crops alone keep their meaning; set it to add background to any set), windows the size of one of the image's objects (times 0.75-1.5; a tenth to a half of the image's
-  sides when it has none) placed at random where their IoU with every object, difficult ones included, stays
-  below ``background_iou``. So a data set with one class still poses a task (object or not: what a detector's
+  several, so the recipes tuned on object crops alone keep their meaning; set it to add background to any set).
+  They are windows the size of one of the image's objects (times 0.75-1.5; a tenth to a half of the image's sides
+  when it has none) placed at random where their IoU with every object, difficult ones included, stays below
+  ``background_iou``. So a data set with one class still poses a task (object or not: what a detector's
   classifier must learn), where crops of one class alone give a loss of 0 and an accuracy of 1 from the first step.
   A task with fewer than two classes (one class and no background crops) is warned about.
 - Held-out accuracy: a seeded ``heldout_fraction`` of the images (at least one when there are two) is never drawn
@@ -201,11 +202,14 @@ def heldout_split(count: int, config: PretrainConfig, seed: int) -> tuple[np.nda
     """``(training indices, held-out indices)`` of ``count`` images: a seeded ``heldout_fraction`` held out, at
     least one image when there are two or more (and always at least one left for training)."""
     order = np.random.default_rng([seed, 0x4E1D]).permutation(count)
-    held = 0 if count < 2 else min(count - 1, max(1 if config.heldout_fraction else 0, round(count * config.heldout_fraction)))
+    wanted = max(1 if config.heldout_fraction else 0, round(count * config.heldout_fraction))
+    held = 0 if count < 2 else min(count - 1, wanted)
     return np.sort(order[held:]), np.sort(order[:held])
 
 
-def _batch(dataset: Any, indices: np.ndarray, config: PretrainConfig, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+def _batch(
+    dataset: Any, indices: np.ndarray, config: PretrainConfig, rng: np.random.Generator
+) -> tuple[Tensor, Tensor]:
     """Object and background crops of the images ``indices``, objects first."""
     samples = [dataset[int(i)] for i in indices]
     x, y = crop_batch(samples, config, rng)

@@ -78,7 +78,8 @@ class Progress:
         now = time.perf_counter()
         if now - self.last >= self.interval or done >= self.total:
             self.last = now
-            self.stream.write(self.line(done, figures or {}, elapsed if elapsed is not None else now - self.began) + "\n")
+            seconds = elapsed if elapsed is not None else now - self.began
+            self.stream.write(self.line(done, figures or {}, seconds) + "\n")
             self.stream.flush()
 
     def line(self, done: int, figures: Mapping[str, float | int | str], elapsed: float | None = None) -> str:

@@ -818,7 +818,9 @@ class Trainer:
             self.open_writer(resume=False)
             if cfg.pretrain.iterations:
                 self.pretrain(progress)
-        bar = Progress(cfg.max_iterations, self.iteration, desc="train", interval=cfg.progress_seconds) if progress else None
+        bar = None
+        if progress:
+            bar = Progress(cfg.max_iterations, self.iteration, desc="train", interval=cfg.progress_seconds)
         loader = batch_loader(self.batches, self.iteration, cfg.workers, self.device.type == "cuda")
         began = time.perf_counter()
         for batch in loader:  # waiting for a batch counts: it is what the loader workers are there to hide
@@ -883,8 +885,8 @@ class Trainer:
             bar.close()
         self.pretrain_heldout = {k: result[k] for k in ("heldout_accuracy", "heldout_chance", "heldout_crops")}
         print(
-            f"pretrain: held-out crop accuracy {result['heldout_accuracy']:.3f} (chance {result['heldout_chance']:.3f}, "
-            f"{result['heldout_crops']} crops of images no step drew)",
+            f"pretrain: held-out crop accuracy {result['heldout_accuracy']:.3f} "
+            f"(chance {result['heldout_chance']:.3f}, {result['heldout_crops']} crops of images no step drew)",
             file=sys.stderr,
         )
         self.write_scalars("pretrain", {"iteration": cfg.pretrain.iterations, **self.pretrain_heldout})

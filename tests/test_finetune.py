@@ -105,7 +105,8 @@ def test_init_copies_every_fitting_tensor_and_maps_the_shared_class(
     assert cls_w.shape == (3, 1024) and box_w.shape == (12, 1024)
     assert state["roi_heads.box_predictor.cls_score.bias"].shape == (3,)
     dog, widget = names.index("dog") + 1, names.index("widget") + 1
-    src_cls, src_box = source["roi_heads.box_predictor.cls_score.weight"], source["roi_heads.box_predictor.bbox_pred.weight"]
+    src_cls = source["roi_heads.box_predictor.cls_score.weight"]
+    src_box = source["roi_heads.box_predictor.bbox_pred.weight"]
     for row, src_row in ((0, 0), (dog, DOG)):  # background and dog keep the source's rows
         assert torch.equal(cls_w[row], src_cls[src_row])
         assert torch.equal(box_w[4 * row : 4 * row + 4], src_box[4 * src_row : 4 * src_row + 4])
@@ -162,7 +163,8 @@ def test_trainable_backbone_layers_match_torchvision(tmp_path: Path) -> None:
         assert ours == {k: p.requires_grad for k, p in theirs.named_parameters()}, layers
     tiny = build("fasterrcnn_tiny", ("a",))
     freeze_backbone(tiny, 3)
-    trainable = {k.split(".")[2] for k, p in tiny.named_parameters() if k.startswith("backbone.body.") and p.requires_grad}
+    body = [(k, p) for k, p in tiny.named_parameters() if k.startswith("backbone.body.")]
+    trainable = {k.split(".")[2] for k, p in body if p.requires_grad}
     assert trainable == {"conv5", "conv6", "conv7"}
     with pytest.raises(ConfigError, match=r"\[0, 7\]"):
         freeze_backbone(tiny, 8)

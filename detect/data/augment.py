@@ -152,6 +152,13 @@ def jitter_colour(image: np.ndarray, config: AugmentConfig, rng: np.random.Gener
     return _array(pixels)
 
 
+def _centres_inside(centres: np.ndarray, window: tuple[int, int, int, int]) -> np.ndarray:
+    """Which ``(N, 2)`` ``(x, y)`` centres lie strictly inside ``window`` ``(top, left, height, width)``."""
+    top, left, height, width = window
+    x, y = centres[:, 0], centres[:, 1]
+    return (x > left) & (x < left + width) & (y > top) & (y < top + height)
+
+
 def crop_window(
     boxes: np.ndarray, size: tuple[int, int], config: AugmentConfig, rng: np.random.Generator
 ) -> tuple[int, int, int, int] | None:
@@ -169,9 +176,7 @@ def crop_window(
         if new_w < 1 or new_h < 1 or not config.crop_aspect[0] <= new_w / new_h <= config.crop_aspect[1]:
             continue
         left, top = int((width - new_w) * rng.random()), int((height - new_h) * rng.random())
-        inside = (
-            (centres[:, 0] > left) & (centres[:, 0] < left + new_w) & (centres[:, 1] > top) & (centres[:, 1] < top + new_h)
-        )
+        inside = _centres_inside(centres, (top, left, new_h, new_w))
         if not inside.any():
             continue
         window = torch.tensor([[left, top, left + new_w, top + new_h]], dtype=torch.float32)
@@ -187,7 +192,7 @@ def crop(image: np.ndarray, target: dict, window: tuple[int, int, int, int]) -> 
     size = image.shape[:2]
     boxes = np.asarray(target["boxes"], dtype=np.float32).reshape(-1, 4)  # (N, 4)
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-    keep = (centres[:, 0] > left) & (centres[:, 0] < left + new_w) & (centres[:, 1] > top) & (centres[:, 1] < top + new_h)
+    keep = _centres_inside(centres, window)
     moved = {key: F.crop(_boxes(target, key, size), top, left, new_h, new_w) for key in BOX_KEYS if key in target}
     out = _with_boxes(target, moved)
     before = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -201,7 +206,8 @@ def crop(image: np.ndarray, target: dict, window: tuple[int, int, int, int]) -> 
             out[key] = values[keep]
     if "proposals" in out:
         proposals = out["proposals"]
-        out["proposals"] = proposals[(proposals[:, 2] - proposals[:, 0] >= 1) & (proposals[:, 3] - proposals[:, 1] >= 1)]
+        sides = proposals[:, 2:] - proposals[:, :2]  # (P, 2)
+        out["proposals"] = proposals[(sides >= 1).all(1)]
     return _array(F.crop(_image(image), top, left, new_h, new_w)), out
 
 

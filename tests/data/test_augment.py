@@ -154,7 +154,8 @@ def test_crop_window_honours_the_iou_constraint(seed: int) -> None:
     assert 0.3 * 120 - 1 <= width and 0.3 * 100 - 1 <= height and 0.5 <= width / height <= 2.0
     b = boxes.astype(np.float64)
     centre = (b[:, :2] + b[:, 2:]) / 2
-    inside = (centre[:, 0] > left) & (centre[:, 0] < left + width) & (centre[:, 1] > top) & (centre[:, 1] < top + height)
+    x, y = centre[:, 0], centre[:, 1]
+    inside = (x > left) & (x < left + width) & (y > top) & (y < top + height)
     ix = np.clip(np.minimum(b[:, 2], left + width) - np.maximum(b[:, 0], left), 0, None)
     iy = np.clip(np.minimum(b[:, 3], top + height) - np.maximum(b[:, 1], top), 0, None)
     iou = ix * iy / ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) + width * height - ix * iy)
