@@ -8,22 +8,37 @@ Decisions:
 
 * Every error, ours (:class:`detect.errors.DetectError`), FastAPI's validation errors, Starlette's 404/405 and
   any unexpected exception, leaves as ``{"error": {"code", "message"}}``. Unexpected exceptions are logged
-  server-side with their traceback and answer a bare ``internal_error``.
-* The body limit is enforced by an ASGI wrapper around ``receive`` that counts the bytes as they arrive, so a
-  chunked upload or a lying ``Content-Length`` is stopped at the limit (413); a declared ``Content-Length``
-  above it is refused before reading anything.
+  once, with their traceback, by :class:`MetricsMiddleware` (which counts them as 500) and answer a bare
+  ``internal_error``; nothing re-raises them to uvicorn for a second traceback. Errors the HTTP parser meets
+  before the app is reached (malformed requests, oversized or stalled headers) get the same shape from
+  :mod:`api.server`.
+* The request body is guarded by :class:`BodyGuard`, an ASGI wrapper around ``receive``: it counts the bytes as
+  they arrive, so a chunked upload or a lying ``Content-Length`` is stopped at the limit (413; a declared
+  ``Content-Length`` above it is refused before reading anything); the whole body must arrive within
+  ``body_timeout_s`` (408 ``body_timeout``); and an answer given before the body was read to the end carries
+  ``Connection: close``, so the server closes the connection instead of reading the rest of the upload.
+* A client that disconnects before its body has arrived is no server error: one log line, and ``/metrics``
+  counts it under status 499 (nginx's "client closed request"); nothing is sent.
 * ``POST /detect`` takes ``multipart/form-data`` (files, plus parameters as form fields; ``classes`` repeated or
   comma-separated) or ``application/json`` (:class:`api.schemas.DetectJSONRequest`, base64 images). Anything
-  else is 415.
+  else is 415. Every file part of a form is an image. The image limit (:attr:`api.settings.Settings.image_limit`)
+  is one limit with one answer, 413 ``too_many_images``, for JSON and multipart at any count: the form parser
+  stops at the first file past it.
+* The API key is compared as UTF-8 bytes with the header's raw bytes, in constant time.
+* The OpenAPI document describes what the route really accepts: JSON fields may be ``null`` (meaning omitted);
+  form fields are text, so in ``multipart/form-data`` they are not nullable (omit one instead), and ``images``
+  is required with at most ``image_limit`` files.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import math
 import time
 from collections.abc import Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -31,60 +46,84 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.schemas import DetectJSONRequest, DetectParams, DetectResponse, ErrorResponse, Health, ImageIn, ModelsResponse
-from api.service import DetectionService
+from api.service import DetectionService, too_many_images
 from api.settings import Settings
 from detect import __version__
 from detect.errors import DetectError, NotReadyError, PayloadTooLargeError, UnauthorizedError, UnsupportedMediaTypeError
 
 log = logging.getLogger("detect.api")
 
+CLIENT_CLOSED = 499  # nginx's status for "client closed request": counted in /metrics, never sent
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
 _KNOWN_PATHS = frozenset({"/detect", "/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 503, 504)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 422, 503, 504)
 }
+_MAX_FORM_FIELDS = 64
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-class BodyLimitMiddleware:
-    """413 for bodies above ``limit`` bytes, counted while they stream in (see the module docstring)."""
+class BodyTimeout(Exception):
+    """The request body did not arrive within ``body_timeout_s`` (408 ``body_timeout``)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+
+class BodyGuard:
+    """The request body's size limit (413), its deadline (408) and ``Connection: close`` on answers given before
+    it was read to the end (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, limit: int, timeout_s: float) -> None:
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
-        if declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse()(scope, receive, send)
-        seen = 0
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        body_done = not chunked and declared in ("", "0")
+        seen, deadline = 0, None
 
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
+        async def guarded_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not body_done:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        async def guarded_receive() -> Message:
+            nonlocal seen, deadline, body_done
+            if body_done:  # after the body only a disconnect can come: no deadline
+                return await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise BodyTimeout(f"the request body did not arrive within {self.timeout_s:g} s") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if seen > self.limit:
                     raise PayloadTooLargeError(f"the request body is larger than {self.limit} bytes")
             return message
 
-        await self.app(scope, counted, send)
-
-    def _refuse(self) -> JSONResponse:
-        return error_response(413, PayloadTooLargeError.code, f"the request body is larger than {self.limit} bytes")
+        if declared.isdigit() and int(declared) > self.limit:
+            refusal = error_response(413, PayloadTooLargeError.code, f"the request body is larger than {self.limit} bytes")
+            return await refusal(scope, receive, guarded_send)
+        await self.app(scope, guarded_receive, guarded_send)
 
 
 class MetricsMiddleware:
-    """Counts requests by path and status, and times them (``/metrics`` itself included)."""
+    """Counts requests by path and status, and times them (``/metrics`` itself included). The outermost of our
+    middlewares: an exception nothing handled is logged here once, with its traceback, and answers 500."""
 
     def __init__(self, app: ASGIApp, service: DetectionService) -> None:
         self.app, self.service = app, service
@@ -92,17 +131,21 @@ class MetricsMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status, start = 500, time.perf_counter()
+        status, started, start = 500, False, time.perf_counter()
 
         async def recorded(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         self.service.metrics.request_started()
         try:
             await self.app(scope, receive, recorded)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:  # an answer already started can only be cut off, which uvicorn does when we return
+                await error_response(500, "internal_error", "internal server error")(scope, receive, recorded)
         finally:
             path = scope["path"] if scope["path"] in _KNOWN_PATHS else "other"
             self.service.metrics.request_finished(path, status, time.perf_counter() - start)
@@ -124,9 +167,9 @@ def create_app(settings: Settings | None = None, detectors: dict[str, Any] | Non
     _add_routes(app, service, settings)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"])
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(BodyGuard, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware, service=service)
-    _document_detect_body(app)
+    _document_detect_body(app, settings)
     return app
 
 
@@ -144,10 +187,16 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         return error_response(err.status_code, _HTTP_CODES.get(err.status_code, "http_error"), str(err.detail), err.headers)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, err: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal server error")
+    @app.exception_handler(BodyTimeout)
+    async def body_timeout(request: Request, err: BodyTimeout) -> JSONResponse:
+        log.info("%s %s: %s", request.method, request.url.path, err)
+        return error_response(408, "body_timeout", str(err))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnect(request: Request, err: ClientDisconnect) -> JSONResponse:
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        log.info("%s disconnected before its %s %s request arrived whole", client, request.method, request.url.path)
+        return error_response(CLIENT_CLOSED, "client_closed_request", "the client closed the connection")
 
 
 def _describe(errors: Sequence[dict]) -> str:
@@ -160,8 +209,8 @@ def _add_routes(app: FastAPI, service: DetectionService, settings: Settings) -> 
     def require_api_key(request: Request) -> None:
         if settings.api_key is None:
             return
-        given = request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(given.encode(), settings.api_key.get_secret_value().encode()):
+        given = request.headers.get("x-api-key", "").encode("latin-1")  # Starlette decodes as Latin-1: the raw bytes
+        if not hmac.compare_digest(given, settings.api_key.get_secret_value().encode("utf-8")):
             raise UnauthorizedError("a valid X-API-Key header is required")
 
     @app.get("/healthz", response_model=Health, tags=["probes"])
@@ -216,9 +265,11 @@ async def _read_detect_request(request: Request, settings: Settings) -> tuple[De
         params = DetectParams.model_validate(body.model_dump(exclude={"images"}))
         return params, [(image.id, image.data) for image in body.images]
     if content_type == "multipart/form-data":
-        limit = settings.max_images_per_request
-        form = await request.form(max_files=limit + 1, max_fields=64)
-        files = [(v.filename, await v.read()) for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        form = await _read_form(request, settings.image_limit)
+        try:
+            files = [(v.filename, await v.read()) for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        finally:
+            await form.close()
         fields: dict[str, Any] = {}
         for key, value in form.multi_items():
             if isinstance(value, str):
@@ -238,7 +289,31 @@ async def _read_detect_request(request: Request, settings: Settings) -> tuple[De
     )
 
 
-def _document_detect_body(app: FastAPI) -> None:
+class _ImageFormParser(MultiPartParser):
+    """Starlette's multipart parser where every file part is an image: the first one past ``image_limit`` stops
+    the parse with :class:`TooManyImagesError` (Starlette's own ``max_files`` answers 400 in its own words)."""
+
+    def __init__(self, headers: Any, stream: Any, image_limit: int) -> None:
+        super().__init__(headers, stream, max_files=math.inf, max_fields=_MAX_FORM_FIELDS)
+        self.image_limit, self.images = image_limit, 0
+
+    def on_headers_finished(self) -> None:
+        super().on_headers_finished()
+        if self._current_part.file is not None:
+            self.images += 1
+            if self.images > self.image_limit:
+                raise too_many_images(self.image_limit)
+
+
+async def _read_form(request: Request, image_limit: int) -> FormData:
+    try:
+        async with aclosing(request.stream()) as stream:
+            return await _ImageFormParser(request.headers, stream, image_limit).parse()
+    except MultiPartException as err:
+        raise StarletteHTTPException(400, f"invalid multipart body: {err.message}") from None
+
+
+def _document_detect_body(app: FastAPI, settings: Settings) -> None:
     """Describe ``POST /detect``'s two body types in the OpenAPI document (the route reads the raw request)."""
     default_openapi = app.openapi
 
@@ -248,23 +323,44 @@ def _document_detect_body(app: FastAPI) -> None:
         schema = default_openapi()
         ref = "#/components/schemas/{model}"
         json_schema = DetectJSONRequest.model_json_schema(ref_template=ref)
+        json_schema["properties"]["images"]["maxItems"] = settings.image_limit
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(json_schema.pop("$defs", {}))
         components["DetectJSONRequest"] = json_schema
         components["ImageIn"] = ImageIn.model_json_schema(ref_template=ref)
-        form = DetectParams.model_json_schema(ref_template=ref)
-        form["properties"]["images"] = {"type": "array", "items": {"type": "string", "format": "binary"}}
         schema["paths"]["/detect"]["post"]["requestBody"] = {
             "required": True,
             "content": {
                 "application/json": {"schema": {"$ref": ref.format(model="DetectJSONRequest")}},
-                "multipart/form-data": {"schema": form},
+                "multipart/form-data": {"schema": _form_schema(settings.image_limit, ref)},
             },
         }
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _form_schema(image_limit: int, ref: str) -> dict:
+    """:class:`DetectParams` as form fields: text, so never ``null`` (a field is omitted instead), and ``classes``
+    items name something (blank comma-separated entries are dropped); plus the required image files."""
+    form = DetectParams.model_json_schema(ref_template=ref)
+    for field in form["properties"].values():
+        if "anyOf" in field:
+            options = [option for option in field.pop("anyOf") if option.get("type") != "null"]
+            field.update(options[0] if len(options) == 1 else {"anyOf": options})
+        if "default" in field and field["default"] is None:
+            del field["default"]
+    form["properties"]["classes"]["items"]["pattern"] = r"[^,\s]"
+    form["properties"]["images"] = {
+        "type": "array",
+        "items": {"type": "string", "format": "binary"},
+        "minItems": 1,
+        "maxItems": image_limit,
+        "description": "the image files (every file part of the form counts as an image)",
+    }
+    form["required"] = ["images"]
+    return form
 
 
 def __getattr__(name: str) -> Any:

@@ -23,15 +23,21 @@ class ErrorResponse(BaseModel):
 class DetectParams(BaseModel):
     """Detection parameters: JSON fields, or form fields next to the files of a multipart request.
 
-    Thresholds can only tighten the model's own (see :class:`detect.inference.Refinement`)."""
+    Thresholds can only tighten the model's own (see :class:`detect.inference.Refinement`). Their bounds are those
+    of :func:`detect.inference.check_thresholds`, which ``detect predict`` applies: ``0 <= score_threshold <= 1``,
+    ``0 < iou_threshold <= 1``, NaN and infinities refused (a test holds the two front ends to the same table)."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="a name from GET /models; the server's default when omitted")
-    score_threshold: float | None = Field(None, ge=0.0, le=1.0)
-    iou_threshold: float | None = Field(None, gt=0.0, le=1.0, description="per-class NMS; stricter than the model's only")
+    score_threshold: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
+    iou_threshold: float | None = Field(
+        None, gt=0.0, le=1.0, allow_inf_nan=False, description="per-class NMS; stricter than the model's only"
+    )
     max_detections: int | None = Field(None, ge=1, le=1000)
-    classes: list[str] | None = Field(None, description="class names or 1-based ids to keep")
+    classes: list[str] | None = Field(
+        None, min_length=1, description="class names or 1-based ids to keep; omit to keep all (an empty list is refused)"
+    )
     proposals: ProposalMethod | None = Field(None, description="proposal method, among those the model supports")
     annotate: bool = Field(False, description="also return the image with boxes drawn, as base64 PNG")
 
@@ -39,7 +45,10 @@ class DetectParams(BaseModel):
 class ImageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    data: str = Field(description="the image file's bytes, base64 (standard alphabet, padding optional)")
+    data: str = Field(
+        description="the image file's bytes, base64 (standard alphabet, padding optional)",
+        json_schema_extra={"format": "byte", "contentEncoding": "base64"},
+    )
     id: str | None = Field(None, max_length=200, description="echoed in the response")
 
 

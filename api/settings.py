@@ -7,7 +7,14 @@ Unset or empty, the server serves the bundled shapes models: each registered ``<
 family name (``faster_rcnn``, ``sppnet``, ``rcnn``), ``faster_rcnn`` the default (see
 :func:`api.service.configured_models`). An empty variable counts as unset, for every setting. List-valued
 settings (``DETECT_CORS_ORIGINS``) are JSON lists. The API key, when set, is required in ``X-API-Key`` on ``/detect`` and
-``/models``; the probes and ``/metrics`` stay open for orchestrators and scrapers.
+``/models``; the probes and ``/metrics`` stay open for orchestrators and scrapers. The key is compared as UTF-8
+bytes: a client sends the UTF-8 encoding of ``DETECT_API_KEY`` as the header's bytes (HTTP headers carry bytes;
+a key typed in another encoding, e.g. Latin-1, is refused).
+
+Connection limits (:mod:`api.server`, applied by ``detect serve``): request headers larger than
+``max_header_bytes`` answer 431, headers that take longer than ``header_timeout_s`` from the moment the
+connection could send a request answer 408, a body that takes longer than ``body_timeout_s`` to arrive answers
+408, and an idle keep-alive connection is closed after ``keep_alive_s``.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ class Settings(BaseSettings):
     warmup: bool = True
 
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
-    max_images_per_request: int = Field(16, gt=0)
+    max_images_per_request: int = Field(16, gt=0, description="capped by queue_size (see image_limit)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     max_side: int = Field(DEFAULT_MAX_SIDE, gt=0)
 
@@ -49,8 +56,19 @@ class Settings(BaseSettings):
     )
     max_wait_ms: float = Field(5.0, ge=0, description="how long the first image of a batch waits for company")
     queue_size: int = Field(64, gt=0, description="images waiting for inference before requests get 503")
-    request_timeout_s: float = Field(30.0, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0, description="decoding, queueing, inference and the answer")
     retry_after_s: int = Field(1, ge=0)
+
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="request line and headers; above: 431")
+    header_timeout_s: float = Field(10.0, gt=0, description="for the request line and headers to arrive; then 408")
+    body_timeout_s: float = Field(60.0, gt=0, description="for the whole request body to arrive; then 408")
+    keep_alive_s: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this")
 
     cors_origins: list[str] = Field(default_factory=list)
     api_key: SecretStr | None = None
+
+    @property
+    def image_limit(self) -> int:
+        """The most images one request may carry: ``max_images_per_request``, but never more than the queue holds
+        (a request that can never fit is 413 ``too_many_images``, not 503 ``overloaded``)."""
+        return min(self.max_images_per_request, self.queue_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -199,10 +200,33 @@ def test_concurrent_clients_get_their_own_answers() -> None:
 
 
 def test_full_queue_answers_503_with_retry_after() -> None:
-    with running(StubDetector(), queue_size=1, retry_after_s=3) as client:
-        r = client.post("/detect", json={"images": [{"data": b64(png(8, 8))}] * 2})
-        assert_error(r, 503, "overloaded")
-        assert r.headers["retry-after"] == "3"
+    """A request that fits the queue but finds it full. (One larger than the whole queue can never fit: 413, see
+    tests/api/test_hardening_limits.py.)"""
+    entered, gate = threading.Event(), threading.Event()
+
+    class Blocking(StubDetector):
+        def __call__(self, images, **kwargs):
+            entered.set()
+            gate.wait(10)
+            return super().__call__(images, **kwargs)
+
+    try:
+        with running(Blocking(), warmup=False, queue_size=1, retry_after_s=3) as client, ThreadPoolExecutor(2) as pool:
+            one = {"images": [{"data": b64(png(8, 8))}]}
+            held = [pool.submit(client.post, "/detect", json=one)]
+            assert entered.wait(10)  # its forward runs, blocked
+            held.append(pool.submit(client.post, "/detect", json=one))  # waits in the queue, which is now full
+            deadline = time.monotonic() + 10
+            while "detect_queue_depth 1" not in client.get("/metrics").text.splitlines():
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            r = client.post("/detect", json=one)
+            assert_error(r, 503, "overloaded")
+            assert r.headers["retry-after"] == "3"
+            gate.set()
+            assert [f.result(timeout=10).status_code for f in held] == [200, 200]
+    finally:
+        gate.set()
 
 
 def test_timeout_answers_504() -> None:
