@@ -154,7 +154,12 @@ def freeze_stages(stages: Sequence[Sequence[nn.Module]], trainable_layers: int) 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """A state dict from a local ``.safetensors`` file or a ``.pth``/``.pt`` checkpoint, read without running
     pickled code (``weights_only=True``); a ``{"model": ...}`` or ``{"state_dict": ...}`` wrapper is unwrapped.
-    Raises :class:`WeightsError` when the file is missing or unreadable."""
+    Raises :class:`WeightsError` when the file is missing or unreadable. A pickle that needs more than tensors and
+    plain containers is refused as not a safe checkpoint; torch's advice for that case (retry with
+    ``weights_only=False``, or allow-list the class) is never passed on, since following it runs the file's code."""
+    import pickle
+    import re
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
@@ -163,6 +168,14 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # the safe unpickler met code or an object it does not allow
+        named = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+        needs = f" (it refers to {named.group(1)})" if named else ""
+        raise WeightsError(
+            f"cannot read weights from {path}: not a safe checkpoint, loading it would need objects other than "
+            f"tensors{needs} and detect never runs a file's pickled code; save the weights as .safetensors, or as "
+            f"a .pth state dict of tensors only"
+        ) from None
     except Exception as err:  # any parse failure of an untrusted file is the file's fault
         raise WeightsError(f"cannot read weights from {path}: {err}") from err
     for wrapper in ("model", "state_dict"):

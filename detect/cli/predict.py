@@ -182,19 +182,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def read_settings(settings_class: type) -> object:
     """The service settings from the ``DETECT_*`` variables; an invalid one is a :class:`ConfigError` naming the
-    variable, its value and the problem (one line, exit 2), never a pydantic traceback."""
+    variable, its value and the problem (one line, exit 2), never a pydantic traceback: a value out of range or of
+    the wrong type, and a JSON-valued setting (``DETECT_MODELS``, ``DETECT_CORS_ORIGINS``) that is not JSON.
+    ``DETECT_API_KEY``'s value is never shown."""
+    import re
+
     from pydantic import ValidationError
+    from pydantic_settings.exceptions import SettingsError
 
     try:
         return settings_class()
     except ValidationError as err:
         first = err.errors(include_url=False)[0]
         field = str(first["loc"][0]) if first.get("loc") else "?"
-        variable = f"DETECT_{field.upper()}"
-        value = os.environ.get(variable)
-        shown = f"={value[:80]!r}" if value is not None else ""
         more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-        raise ConfigError(f"invalid setting {variable}{shown}: {first['msg']}{more}") from None
+        raise ConfigError(f"invalid setting {_shown_setting(field)}: {first['msg']}{more}") from None
+    except SettingsError as err:  # raised before validation, when a JSON-valued setting does not parse
+        found = re.search(r'field "(\w+)"', str(err))
+        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
+        raise ConfigError(f"invalid setting {_shown_setting(found.group(1) if found else '?')}: not valid JSON{cause}") from None
+
+
+def _shown_setting(field: str) -> str:
+    """``DETECT_<FIELD>='value'`` (the value cut to 80 characters; the API key's never shown)."""
+    variable = f"DETECT_{field.upper()}"
+    value = os.environ.get(variable)
+    if value is None or field == "api_key":
+        return variable
+    return f"{variable}={value[:80]!r}"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
