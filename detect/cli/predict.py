@@ -36,14 +36,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--score-threshold", type=float)
     p.add_argument("--iou-threshold", type=float)
     p.add_argument("--max-detections", type=positive_int)
-    p.add_argument("--classes", help="comma-separated class names or 1-based ids to keep")
+    p.add_argument("--classes", help="comma-separated class names or 1-based ids to keep (default: all; a list "
+                                      "naming no class is refused)")
     p.add_argument("--format", action="append", choices=FORMATS, help="output format (repeatable; default jsonl)")
     p.add_argument("--save-images", action="store_true", help="also write annotated copies (<name>.annotated.png)")
     p.add_argument("--resume", action="store_true", help="skip inputs the manifest records as done")
     _add_engine_options(p)
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("serve", help="run the REST API (settings from DETECT_* environment variables)")
+    p = sub.add_parser(
+        "serve",
+        help="run the REST API (settings from DETECT_* environment variables)",
+        description="Run the REST API. Settings are DETECT_* environment variables (api/settings.py): models, "
+                    "limits, batching, timeouts (DETECT_REQUEST_TIMEOUT_S, DETECT_HEADER_TIMEOUT_S, "
+                    "DETECT_BODY_TIMEOUT_S, DETECT_KEEP_ALIVE_S), DETECT_MAX_HEADER_BYTES and DETECT_API_KEY (sent "
+                    "by clients as UTF-8 bytes in X-API-Key). An invalid setting is one error line and exit 2.",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
