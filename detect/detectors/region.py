@@ -55,7 +55,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -85,6 +85,7 @@ __all__ = [
     "MiningReport",
     "match_regions",
     "sample_regions",
+    "chunk_boxes",
     "RegionHeads",
     "RegionDetector",
 ]
@@ -242,6 +243,16 @@ class RegionFeatures:
         return cls(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)))
 
 
+def chunk_boxes(boxes: Sequence[Tensor], size: int) -> Iterator[list[Tensor]]:
+    """Walk the image-major concatenation of per-image ``boxes`` ``size`` rows at a time: each step is again one
+    (possibly empty) slice per image, so it can go wherever the whole list can."""
+    counts = [len(b) for b in boxes]
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    for lo in range(0, sum(counts), size):
+        hi = lo + size
+        yield [b[max(lo - s, 0) : max(min(hi - s, len(b)), 0)] for b, s in zip(boxes, starts)]
+
+
 # --- the heads shared by R-CNN and SPP-Net ---------------------------------------------------------------------
 
 
@@ -370,8 +381,12 @@ class RegionDetector(nn.Module, metaclass=abc.ABCMeta):
             if self.training:
                 return self.detections(outputs.detach(), sample.boxes, sizes), losses
         with torch.no_grad():
-            outputs = self.heads(self.pool(prepared, boxes))
+            outputs = self.classify(prepared, boxes)
         return self.detections(outputs, boxes, sizes), losses
+
+    def classify(self, prepared: Any, boxes: Sequence[Tensor]) -> RegionOutputs:
+        """The heads' outputs for the per-image ``boxes`` (inference; subclasses may pool in chunks)."""
+        return self.heads(self.pool(prepared, boxes))
 
     def region_proposals(
         self, inputs: Sequence[ImageInput], proposals: Sequence[Tensor] | None, sizes: Sequence[tuple[int, int]]

@@ -54,10 +54,12 @@ from detect.detectors.region import (
     BoxRegressionConfig,
     RegionDetector,
     RegionHeads,
+    RegionOutputs,
     RegionPostprocessConfig,
     SamplingConfig,
     SVMConfig,
     SCORINGS,
+    chunk_boxes,
 )
 from detect.errors import ConfigError
 from detect.ops.boxes import box_area
@@ -83,7 +85,8 @@ PAPER_SCALES = (480, 576, 688, 864, 1200)
 class SPPNetConfig:
     """SPP-Net's architecture and settings (paper defaults; see the module docstring). ``projection_offset``
     ``None`` takes the backbone's receptive-field offset. ``fc6_rank``/``fc7_rank``: a truncated-SVD head of those
-    ranks (:meth:`~detect.detectors.region.RegionDetector.compress`); ``None`` a dense layer."""
+    ranks (:meth:`~detect.detectors.region.RegionDetector.compress`); ``None`` a dense layer. ``chunk_size``:
+    regions pooled and classified at a time at inference (:meth:`SPPNet.classify`)."""
 
     backbone: str = "alexnet"
     scales: tuple[int, ...] = (688,)
@@ -97,6 +100,7 @@ class SPPNetConfig:
     dropout: float = 0.5
     fc6_rank: int | None = None
     fc7_rank: int | None = None
+    chunk_size: int = 256
     trainable_layers: int = 0
     scoring: str = "softmax"
     proposals: SelectiveSearchConfig = field(default_factory=SelectiveSearchConfig)
@@ -112,6 +116,8 @@ class SPPNetConfig:
             raise ConfigError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         if not self.scales or min(self.scales) < 1 or not self.pyramid_levels or min(self.pyramid_levels) < 1:
             raise ConfigError(f"scales and pyramid levels must be positive, got {self.scales}, {self.pyramid_levels}")
+        if self.chunk_size < 1:
+            raise ConfigError(f"chunk_size must be positive, got {self.chunk_size}")
         for rank in (self.fc6_rank, self.fc7_rank):
             if rank is not None and not 1 <= rank <= self.representation_size:
                 raise ConfigError(f"fc6/fc7 ranks must be in [1, {self.representation_size}], got {rank}")
@@ -213,7 +219,22 @@ class SPPNet(RegionDetector):
                 scales.append(ScaleFeatures(maps, [members for _, members in groups], sizes))
         return SPPFeatures(scales, original)
 
-    def pool(self, prepared: SPPFeatures, boxes: Sequence[Tensor]) -> Tensor:
+    def classify(self, prepared: SPPFeatures, boxes: Sequence[Tensor]) -> RegionOutputs:
+        """The heads' outputs for the boxes, ``config.chunk_size`` regions pooled and classified at a time into one
+        reused buffer: memory holds one chunk of pooled features (2,000 windows of AlexNet's conv5 take 100 MB,
+        of VGG16's 200 MB) and the buffer's pages are faulted in once, not per region. Pooled features are the
+        same as in one call; the heads' outputs differ at most by the float rounding of the matrix products."""
+        size = self.config.chunk_size
+        if sum(len(b) for b in boxes) <= size:
+            return self.heads(self.pool(prepared, boxes))
+        buffer = prepared.scales[0].maps[0].new_empty((size, self.heads.in_features))  # (chunk, C * bins)
+        parts = []
+        for chunk in chunk_boxes(boxes, size):
+            parts.append(self.heads(self.pool(prepared, chunk, out=buffer[: sum(len(b) for b in chunk)])))
+        return RegionOutputs(*(torch.cat(part) for part in zip(*parts)))
+
+    def pool(self, prepared: SPPFeatures, boxes: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
+        """Pooled features ``(K, C * bins)`` of the per-image boxes (written into ``out`` when given)."""
         counts = [len(b) for b in boxes]
         device = prepared.scales[0].maps[0].device
         image = torch.arange(len(boxes), device=device).repeat_interleave(
@@ -224,7 +245,8 @@ class SPPNet(RegionDetector):
         areas = torch.stack([box_area(b) for b in scaled])  # (S, K)
         choice = (areas - float(self.config.target_box_side**2)).abs().argmin(dim=0)  # (K,)
         single = len(prepared.scales) == 1 and len(prepared.scales[0].maps) == 1  # one map: its pooling, no copy
-        pooled = prepared.scales[0].maps[0].new_empty((0 if single else sum(counts), self.heads.in_features))
+        if out is None:
+            out = prepared.scales[0].maps[0].new_empty((sum(counts), self.heads.in_features))  # (K, C * bins)
         for index, (level, level_boxes) in enumerate(zip(prepared.scales, scaled)):
             last_cells = self._last_cells(level)  # (B, 2)
             for group_map, members in zip(level.maps, level.groups):
@@ -235,11 +257,10 @@ class SPPNet(RegionDetector):
                     continue
                 cells = project_boxes(level_boxes[rows], self.stride, self.offset, last_cells[image[rows]])
                 rois = torch.cat([slot[image[rows], None].to(cells), cells], dim=1)  # (K_sg, 5)
-                windows = spatial_pyramid_pool(group_map, rois, self.config.pyramid_levels)  # (K_sg, C * bins)
                 if single:
-                    return windows
-                pooled.index_copy_(0, rows, windows)
-        return pooled
+                    return spatial_pyramid_pool(group_map, rois, self.config.pyramid_levels, out)
+                out.index_copy_(0, rows, spatial_pyramid_pool(group_map, rois, self.config.pyramid_levels))
+        return out
 
     def _last_cells(self, level: ScaleFeatures) -> Tensor:
         """``(B, 2)`` the last ``(x, y)`` cell of each image: the last whose centre lies inside the resized image,

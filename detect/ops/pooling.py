@@ -190,7 +190,9 @@ def _range_max_table(features: Tensor) -> Tensor:
     return torch.stack([torch.stack(_doubling_maxima(r, dim=2)) for r in rows])  # (Ly, Lx, B, H, W, C)
 
 
-def spatial_pyramid_pool(features: Tensor, rois: Tensor, levels: Sequence[int] = (1, 2, 3, 6)) -> Tensor:
+def spatial_pyramid_pool(
+    features: Tensor, rois: Tensor, levels: Sequence[int] = (1, 2, 3, 6), out: Tensor | None = None
+) -> Tensor:
     """Spatial pyramid max pooling of RoIs (SPP-Net, He et al. 2014), all RoIs of all images in one call.
 
     Args:
@@ -198,6 +200,8 @@ def spatial_pyramid_pool(features: Tensor, rois: Tensor, levels: Sequence[int] =
         rois: ``(K, 5)`` rows ``[image_index, x1, y1, x2, y2]`` in feature-map *cell* coordinates with inclusive
             corners (the caller projects image boxes to cells; SPP-Net's detector does the paper's projection).
         levels: pyramid levels; level ``l`` max-pools the window over an ``l x l`` grid of bins.
+        out: an optional ``(K, C * P)`` tensor of ``features``' dtype and device to write the result into (and
+            return), e.g. a buffer reused from chunk to chunk; it must not require grad.
 
     Returns:
         ``(K, C * sum(l * l for l in levels))`` in ``features``' dtype: for each level in order, the ``(C, l, l)``
@@ -226,6 +230,11 @@ def spatial_pyramid_pool(features: Tensor, rois: Tensor, levels: Sequence[int] =
     if not levels or min(levels) < 1:
         raise ValueError(f"levels must be positive integers, got {tuple(levels)}")
     batch, channels, height, width = features.shape
+    shape = (len(rois), channels * sum(level * level for level in levels))
+    if out is not None and (out.shape != shape or out.dtype != features.dtype or out.device != features.device):
+        raise ValueError(f"out must be {shape} {features.dtype} on {features.device}, got {tuple(out.shape)}")
+    if out is not None and not out.is_contiguous():
+        return out.copy_(spatial_pyramid_pool(features, rois, levels))
     rois = rois.to(features.device)
     image = rois[:, 0].long()  # (K,)
     x_lo, x_hi = _window_cells(rois[:, 1::2], width)  # (K,), (K,)
@@ -236,7 +245,7 @@ def spatial_pyramid_pool(features: Tensor, rois: Tensor, levels: Sequence[int] =
             raise IndexError(f"rois name images outside the batch of {batch}")
         from detect.ops.spp import pool_windows  # numba loads on first use
 
-        return pool_windows(features, torch.stack([image, y_lo, y_hi, x_lo, x_hi], dim=1), levels)
+        return pool_windows(features, torch.stack([image, y_lo, y_hi, x_lo, x_hi], dim=1), levels, out)
     table = _range_max_table(features)  # (Ly, Lx, B, H, W, C)
     ly, lx = table.shape[:2]
     ys, ye, xs, xe = _pyramid_bins(y_lo, y_hi, x_lo, x_hi, levels)  # (K, P) each, P = sum(l * l)
@@ -245,7 +254,7 @@ def spatial_pyramid_pool(features: Tensor, rois: Tensor, levels: Sequence[int] =
     base = ((ky * lx + kx) * batch + image[:, None]) * height  # (K, P) -> row 0 of the bin's table entry
     corners = [((base + y) * width + x).reshape(-1) for y in (ys, ye - 2**ky) for x in (xs, xe - 2**kx)]
     bins = _gather_max(table.reshape(-1, channels), corners).view(*ys.shape, channels)  # (K, P, C)
-    pooled = features.new_empty((len(rois), channels * bins.shape[1]))  # (K, C * P)
+    pooled = features.new_empty(shape) if out is None else out  # (K, C * P)
     start = 0
     for level in levels:  # level-major (C, l, l) blocks
         n = level * level

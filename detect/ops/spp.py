@@ -113,13 +113,15 @@ def level_plan(levels: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return as_int(plan_levels), as_int([starts[i] for i in order]), as_int(sources)
 
 
-def pool_windows(features: Tensor, windows: Tensor, levels: Sequence[int]) -> Tensor:
+def pool_windows(features: Tensor, windows: Tensor, levels: Sequence[int], out: Tensor | None = None) -> Tensor:
     """SPP of ``features (B, C, H, W)`` (CPU, float32/float64) over integer ``windows (K, 5)`` rows
     ``[image, y_lo, y_hi, x_lo, x_hi]`` (half-open, non-empty, inside the map; the caller checks): ``(K, C * P)``
-    in ``features``' dtype, the layout of :func:`detect.ops.pooling.spatial_pyramid_pool`."""
+    in ``features``' dtype, the layout of :func:`detect.ops.pooling.spatial_pyramid_pool`; written into ``out``
+    when given (contiguous, that shape and dtype)."""
     channels = features.shape[1]
     bins = sum(level * level for level in levels)
-    out = torch.empty((windows.shape[0], channels * bins), dtype=features.dtype)  # (K, C * P)
+    if out is None:
+        out = torch.empty((windows.shape[0], channels * bins), dtype=features.dtype)  # (K, C * P)
     if windows.shape[0] == 0:
         return out
     maps = features.detach().permute(0, 2, 3, 1).contiguous()  # (B, C, H, W) -> (B, H, W, C)

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from detect.backbones import receptive_field
 from detect.data.shapes import SHAPES_CLASSES
-from detect.detectors.region import SamplingConfig
+from detect.detectors.region import SamplingConfig, chunk_boxes
 from detect.errors import ConfigError
 from detect.detectors.sppnet import TINY_CONFIG, SPPNet, SPPNetConfig, project_boxes, sppnet_alexnet, sppnet_tiny
 from detect.weights import load_detector, write_detector
@@ -177,6 +177,35 @@ def test_save_and_from_weights_round_trip(tmp_path):
     (expected,), _ = model([image], proposals=proposals)
     (actual,), _ = loaded([image], proposals=proposals)
     assert torch.equal(expected.boxes, actual.boxes) and torch.equal(expected.scores, actual.scores)
+
+
+# --- inference in chunks -----------------------------------------------------------------------------------------
+
+
+def test_chunk_boxes_hand_computed():
+    boxes = [torch.zeros(3, 4), torch.zeros(0, 4), torch.arange(20.0).view(5, 4)]
+    chunks = [[len(b) for b in chunk] for chunk in chunk_boxes(boxes, 3)]
+    assert chunks == [[3, 0, 0], [0, 0, 3], [0, 0, 2]]
+    last = list(chunk_boxes(boxes, 3))[-1][2]
+    assert torch.equal(last, torch.arange(12.0, 20.0).view(2, 4))
+    assert list(chunk_boxes([torch.zeros(0, 4)], 4)) == []
+
+
+@pytest.mark.parametrize("scales", [(96,), (64, 96)])
+def test_chunked_inference_equals_one_pass(scales):
+    # Two images of different sizes (two groups) and, with two scales, boxes split between the scales.
+    model = tiny_sppnet(scales=scales, chunk_size=4).eval()
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (70, 90, 3), dtype=np.uint8), rng.integers(0, 256, (90, 60, 3), dtype=np.uint8)]
+    proposals = [torch.tensor(rng.uniform(0, 60, (n, 2))).float() for n in (7, 6)]
+    proposals = [torch.cat([p, p + torch.tensor(rng.uniform(4, 40, (len(p), 2))).float()], 1) for p in proposals]
+    tensors = [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in images]
+    with torch.no_grad():
+        prepared = model.prepare(tensors, with_grad=False)
+        whole = model.heads(model.pool(prepared, proposals))  # one pass, a fresh output tensor
+        chunked = model.classify(prepared, proposals)  # chunks of 4 regions through one reused buffer
+    for expected, actual in zip(whole, chunked):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
 # --- truncated-SVD heads -----------------------------------------------------------------------------------------

@@ -277,6 +277,22 @@ def test_spp_backends_many_windows_split_over_threads(backend):
     np.testing.assert_array_equal(pooled.double().numpy(), _spp_reference(features, rois))
 
 
+@pytest.mark.parametrize("backend", SPP_BACKENDS)
+def test_spp_writes_into_a_given_buffer(backend):
+    features = torch.randn(2, 3, 9, 11)
+    rois = _rois(EDGE_ROIS, "cpu")
+    expected = _spp_reference(features, rois)
+    with dispatch.use_backend(backend):
+        buffer = torch.full((len(EDGE_ROIS), 150), 7.0)
+        assert spatial_pyramid_pool(features, rois, out=buffer) is buffer
+        np.testing.assert_array_equal(buffer.double().numpy(), expected)
+        strided = torch.full((150, len(EDGE_ROIS)), 7.0).T  # not contiguous
+        spatial_pyramid_pool(features, rois, out=strided)
+        np.testing.assert_array_equal(strided.double().numpy(), expected)
+        with pytest.raises(ValueError):
+            spatial_pyramid_pool(features, rois, out=torch.empty(len(EDGE_ROIS), 149))
+
+
 def test_spp_fused_loop_propagates_nan_like_the_reference():
     features = torch.randn(1, 3, 8, 8)
     features[0, 1, 2, 5] = float("nan")
