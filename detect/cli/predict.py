@@ -127,7 +127,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     weights = args.weights or default_weights(args.model)
     if ray_options is not None and args.backend != "torch":
         raise ConfigError("--backend onnxruntime runs with the local engine only")
-    detector = load_model(weights, args.device, args.model, args.backend) if ray_options is None else None
+    backend = {} if args.backend == "torch" else {"backend": args.backend}  # torch: load_model's default
+    detector = load_model(weights, args.device, args.model, **backend) if ray_options is None else None
     class_names = detector.class_names if detector is not None else weights_class_names(weights)
     classes = None if args.classes is None else resolve_classes(args.classes.split(","), class_names)
     options = PredictOptions(
