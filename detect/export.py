@@ -58,6 +58,7 @@ import json
 import math
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -485,17 +486,13 @@ def export(
     ``model``: the loaded detector when the caller already has it (it must come from ``weights``). ``int8``
     (ONNX only) quantises the graph after export (:func:`quantize`) with ``calibration_images`` shapes images.
     """
-    import time
-
-    from detect.inference import load_model
-
     if format not in FORMATS:
         raise ConfigError(f"export format must be one of {FORMATS}, got {format!r}")
     if int8 and format != "onnx":
         raise ConfigError("--int8 applies to ONNX exports only")
     start = time.perf_counter()
     source, sha256 = _source(weights)
-    model = model if model is not None else load_model(weights)
+    model = model if model is not None else registered_weights.load_detector(weights, fold_batchnorm=True)
     model = model.cpu().eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
