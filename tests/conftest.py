@@ -1,9 +1,12 @@
-"""Shared fixtures: a ``device`` fixture (CPU always, CUDA when present) and seeded randomness."""
+"""Shared fixtures: a ``device`` fixture (CPU always, CUDA when present), seeded randomness and one local Ray
+cluster per session."""
 
 from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ settings.register_profile(
 )
 settings.load_profile("ci")
 
+ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -46,3 +50,15 @@ def generator() -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(0)
     return g
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(request: pytest.FixtureRequest) -> ModuleType:
+    """``ray``, initialised once per session as a local 2-CPU cluster (shut down at the end) for every Ray test:
+    the engines' and the API contract's on Ray Serve. Skipped where ray is not installed."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        request.config.add_cleanup(ray.shutdown)
+    return ray

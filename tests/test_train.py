@@ -31,32 +31,9 @@ from detect.train import (
     lr_factor,
 )
 from proposals.selective_search import SelectiveSearchConfig
+from tests.helpers import TINY_SHAPES, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_SHAPES = {"num_images": 8, "image_size": 96, "seed": 0, "max_objects": 2, "object_size": [0.3, 0.5]}
-
-
-def _recipe(tmp_path: Path, **changes) -> dict:
-    """A tiny SPP-Net run on 8 shapes images, evaluated on the same images (a memorisation check)."""
-    recipe = {
-        "detector": "sppnet_tiny",
-        "detector_config": {"proposals": {"max_boxes": 100}},
-        "data": {"shapes": TINY_SHAPES},
-        "val_data": {"shapes": TINY_SHAPES},
-        "optimizer": {"lr": 0.01},
-        "schedule": {"warmup_iterations": 10},
-        "max_iterations": 6,
-        "batch_size": 2,
-        "checkpoint_every": 3,
-        "region_fit_images": 8,
-        "fit_box_regressor": False,
-        "out_dir": str(tmp_path / "run"),
-        "proposal_cache": str(tmp_path / "proposals"),
-    }
-    recipe.update(changes)
-    return recipe
-
-
 def _write(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -173,10 +150,10 @@ def test_proposal_cache_computes_once_per_image_and_config(tmp_path: Path) -> No
 
 def test_resume_gives_the_same_losses(tmp_path: Path) -> None:
     """Stop after 3 iterations (checkpoint), resume in a fresh Trainer to 6: the same rows as a straight run."""
-    straight = override(TrainConfig(), _recipe(tmp_path / "a", val_data=None, log_format="csv"))
+    straight = override(TrainConfig(), tiny_recipe(tmp_path / "a", val_data=None, log_format="csv"))
     Trainer(straight).run(progress=False)
     expected = Trainer(straight).log.rows()
-    split = override(TrainConfig(), _recipe(tmp_path / "b", val_data=None, log_format="csv", max_iterations=3))
+    split = override(TrainConfig(), tiny_recipe(tmp_path / "b", val_data=None, log_format="csv", max_iterations=3))
     Trainer(split).run(progress=False)
     resumed = Trainer(override(split, {"max_iterations": 6}))
     resumed.run(resume=True, progress=False)
@@ -189,7 +166,7 @@ def test_resume_gives_the_same_losses(tmp_path: Path) -> None:
 
 def test_resume_without_checkpoint_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no checkpoint"):
-        Trainer(override(TrainConfig(), _recipe(tmp_path))).run(resume=True, progress=False)
+        Trainer(override(TrainConfig(), tiny_recipe(tmp_path))).run(resume=True, progress=False)
 
 
 def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -211,7 +188,7 @@ def test_train_kill_resume_eval_reaches_map(tmp_path: Path) -> None:
     and ``detect eval`` on the saved weights reaches mAP@0.5 >= 0.6 on its 8 training images (memorisation: the
     check is that the whole pipeline learns, not that it generalises; an untrained model scores near 0). The run
     is deterministic (exact resume), so where the kill lands does not change the result."""
-    recipe = _recipe(
+    recipe = tiny_recipe(
         tmp_path,
         max_iterations=150,
         checkpoint_every=10,
@@ -271,7 +248,7 @@ def test_bundles_a_finished_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     from detect import weights
     from detect.cli import main
 
-    recipe = _recipe(tmp_path, max_iterations=4)
+    recipe = tiny_recipe(tmp_path, max_iterations=4)
     path = _write(tmp_path / "r.yaml", recipe)
     Trainer(load_recipe(path)).run(progress=False)
     summary = json.loads((Path(recipe["out_dir"]) / "summary.json").read_text())

@@ -10,28 +10,15 @@ from __future__ import annotations
 import base64
 import functools
 from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
 
 import httpx
 import pytest
 
 from tests.helpers import StubDetector, free_port, png, running, wait_ready
 
-ROOT = Path(__file__).resolve().parents[2]
 LIMITS = {"max_body_bytes": 200_000, "max_pixels": 250_000, "max_images_per_request": 4, "max_wait_ms": 2.0}
 CT_PNG = "image/png"
 
-
-@pytest.fixture(scope="session")
-def ray_cluster(request: pytest.FixtureRequest) -> ModuleType:
-    """``ray``, initialised once per session (the same cluster as tests/engines/conftest.py's fixture)."""
-    ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-        request.config.add_cleanup(ray.shutdown)
-    return ray
 
 
 @pytest.fixture(scope="module", params=["local", "ray"])
