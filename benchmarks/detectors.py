@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import sys
 import time
@@ -60,8 +61,9 @@ from detect.detectors.faster_rcnn import (  # noqa: E402
 )
 from detect.detectors.region import RegionDetector  # noqa: E402
 from detect.detectors.sppnet import SPPNetConfig  # noqa: E402
+from detect.ops import dispatch  # noqa: E402
 from detect.testing import CLS_SCALE, randomise_frozen_bn  # noqa: E402  (the parity test's recipe)
-from detect.transform import TransformConfig  # noqa: E402
+from detect.transform import TransformConfig, as_image_tensor  # noqa: E402
 from proposals.selective_search import SelectiveSearch, SelectiveSearchConfig  # noqa: E402
 
 BACKBONES = ("alexnet", "vgg16", "tiny")  # region detectors exist for each: DETECTORS["rcnn_<backbone>"]
@@ -80,6 +82,8 @@ class Settings:
     min_size: int
     batches: tuple[int, ...]
     repeats: int
+    svd_ranks: tuple[int, int] = (1024, 256)
+    runs: int = 3
 
 
 # --- stage timing ------------------------------------------------------------------------------------------------
@@ -203,39 +207,78 @@ SPPNET_STAGES: Stages = [
 ]
 
 
-def region_detectors(settings: Settings) -> tuple[RegionDetector, RegionDetector]:
+def region_detectors(settings: Settings) -> tuple[RegionDetector, RegionDetector, RegionDetector]:
+    """R-CNN, SPP-Net and SPP-Net with a truncated-SVD head of ``settings.svd_ranks`` (its factors built from the
+    config with random values, as a compressed weights file is rebuilt: timings do not depend on the values)."""
     torch.manual_seed(0)
     names = [f"class_{k}" for k in range(1, VOC_CLASSES + 1)]
     rcnn = DETECTORS[f"rcnn_{settings.backbone}"](names)
-    sppnet = DETECTORS[f"sppnet_{settings.backbone}"](names, config=SPPNetConfig(settings.backbone, (settings.spp_scale,)))
-    return rcnn.eval(), sppnet.eval()
+    config = SPPNetConfig(settings.backbone, (settings.spp_scale,))
+    sppnet = DETECTORS[f"sppnet_{settings.backbone}"](names, config=config)
+    fc6_rank, fc7_rank = settings.svd_ranks
+    compressed = DETECTORS[f"sppnet_{settings.backbone}"](
+        names, config=dataclasses.replace(config, fc6_rank=fc6_rank, fc7_rank=fc7_rank)
+    )
+    return rcnn.eval(), sppnet.eval(), compressed.eval()
+
+
+def pooling_alone(sppnet: RegionDetector, image: np.ndarray, boxes: Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds of SPP-Net's conv pass (``prepare``: resize, normalise, backbone) and of its pooling of the
+    boxes alone (``pool``: projection and SPP) with the fused loop and with the torch reference, interleaved."""
+    tensor = as_image_tensor(image, torch.device("cpu"))
+    prepared = sppnet.prepare([tensor], with_grad=False)
+
+    def reference() -> object:
+        with dispatch.use_backend("torch"):
+            return sppnet.pool(prepared, [boxes])
+
+    cases = {
+        "conv pass": lambda: sppnet.prepare([tensor], with_grad=False),
+        "SPP pooling": lambda: sppnet.pool(prepared, [boxes]),
+        "SPP pooling (torch reference)": reference,
+    }
+    return median_seconds(cases, repeats)
 
 
 def run_region(settings: Settings) -> list[dict]:
     image = shapes_image(settings.image_size)
     height, width = image.shape[:2]
     boxes = random_proposals(settings.proposals, height, width)
-    rcnn, sppnet = region_detectors(settings)
+    rcnn, sppnet, compressed = region_detectors(settings)
     high = settings.rcnn_proposals
     low = max(high // 2, 1)
+    fc6_rank, fc7_rank = settings.svd_ranks
     print(f"\n== SPP-Net vs R-CNN ({settings.backbone}, random weights): one {height}x{width} shapes image, "
-          f"N={settings.proposals} random proposals; SPP-Net at scale {settings.spp_scale}")
+          f"N={settings.proposals} random proposals; SPP-Net at scale {settings.spp_scale}; 'SPP-Net+SVD' has "
+          f"fc6/fc7 at ranks {fc6_rank}/{fc7_rank}")
 
     def detect(model: RegionDetector, count: int) -> Callable[[], object]:
         return lambda: model(image, proposals=[boxes[:count]])
 
     with torch.inference_mode():
-        cases = {"sppnet": detect(sppnet, settings.proposals), "rcnn_low": detect(rcnn, low)}
-        times = median_seconds({**cases, "rcnn_high": detect(rcnn, high)}, settings.repeats)
+        cases = {"sppnet": detect(sppnet, settings.proposals), "sppnet_svd": detect(compressed, settings.proposals)}
+        cases |= {"rcnn_low": detect(rcnn, low), "rcnn_high": detect(rcnn, high)}
+        times = median_seconds(cases, settings.repeats)
         slope = (times["rcnn_high"] - times["rcnn_low"]) / (high - low)
         rcnn_at_n = times["rcnn_high"] + slope * (settings.proposals - high)
         for count, case in ((low, "rcnn_low"), (high, "rcnn_high")):
             print(f"  R-CNN at K={count:<5} {times[case]:8.3f} s  ({times[case] / count * 1e3:.2f} ms per region)")
         print(f"  R-CNN at N={settings.proposals:<5} {rcnn_at_n:8.3f} s  (extrapolated: linear in the number of "
               f"regions, line through K={low} and K={high}; intercept {times['rcnn_low'] - slope * low:.3f} s)")
-        print(f"  SPP-Net at N={settings.proposals:<3} {times['sppnet']:8.3f} s  (measured)")
-        ratio = rcnn_at_n / times["sppnet"]
-        print(f"  SPP-Net speed-up {ratio:.1f}x per image (target >= 24x)")
+        rows = []
+        for case, label in (("sppnet", "SPP-Net"), ("sppnet_svd", "SPP-Net+SVD")):
+            ratio = rcnn_at_n / times[case]
+            print(f"  {label + ' at N=' + str(settings.proposals):<18} {times[case]:7.3f} s  (measured): "
+                  f"{ratio:.1f}x R-CNN per image (target >= 24x)")
+            rows.append({"case": f"{label} vs R-CNN {settings.backbone} N={settings.proposals}", "ratio": ratio})
+
+        alone = pooling_alone(sppnet, image, boxes, settings.repeats)
+        conv = alone["conv pass"]
+        print(f"  pooling alone (median of {settings.repeats}): conv pass {conv * 1e3:.0f} ms; SPP pooling of "
+              f"{settings.proposals} windows {alone['SPP pooling'] * 1e3:.0f} ms = "
+              f"{alone['SPP pooling'] / conv:.2f}x the conv pass (torch reference "
+              f"{alone['SPP pooling (torch reference)'] * 1e3:.0f} ms = "
+              f"{alone['SPP pooling (torch reference)'] / conv:.2f}x)")
 
         print("  stage split (one instrumented call each):")
         search = SelectiveSearch(SelectiveSearchConfig(max_boxes=settings.proposals))
@@ -246,6 +289,8 @@ def run_region(settings: Settings) -> list[dict]:
               f"({len(found)} boxes; not part of the timings above, which take the fixed boxes)")
         spp_split = stage_split(sppnet, instrument_sppnet, SPPNET_STAGES, detect(sppnet, settings.proposals))
         print(format_split(f"SPP-Net, N={settings.proposals}", spp_split))
+        svd_split = stage_split(compressed, instrument_sppnet, SPPNET_STAGES, detect(compressed, settings.proposals))
+        print(format_split(f"SPP-Net+SVD, N={settings.proposals}", svd_split))
         rcnn_split = stage_split(rcnn, instrument_rcnn, RCNN_STAGES, detect(rcnn, high))
         print(format_split(f"R-CNN, K={high} (x{settings.proposals / high:.1f} for N)", rcnn_split))
         spp_features = sum(spp_split[s] for s in ("resize+normalise", "backbone", "SPP pooling"))
@@ -253,7 +298,7 @@ def run_region(settings: Settings) -> list[dict]:
         print(f"  region features only (conv + pooling, the paper's 'conv time'): R-CNN "
               f"{rcnn_features * settings.proposals / high:.3f} s (scaled to N) vs SPP-Net {spp_features:.3f} s: "
               f"{rcnn_features * settings.proposals / high / spp_features:.1f}x")
-    return [{"case": f"SPP-Net vs R-CNN {settings.backbone} N={settings.proposals}", "ratio": ratio}]
+    return rows
 
 
 # --- Faster R-CNN: ours vs torchvision ---------------------------------------------------------------------------
@@ -321,6 +366,30 @@ def parity(theirs: Sequence[dict], ours: Sequence) -> str:
     return f"DIFFERENT ({count} detections; max |box diff| in order {box_diff:.1e}, as sets {set_diff:.1e})"
 
 
+def worst_of_runs(
+    fns: dict[str, Callable[[], object]], peer: str, runs: int, repeats: int
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """``runs`` independent medians of ``repeats`` interleaved calls each (:func:`median_seconds`, which warms
+    up every function first); returns each function's per-run medians and its worst ratio ``peer / it`` over the
+    runs (the run in which it compared worst)."""
+    medians: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, seconds in median_seconds(fns, repeats).items():
+            medians[name].append(seconds)
+    worst = {name: min(p / t for p, t in zip(medians[peer], medians[name])) for name in fns}
+    return medians, worst
+
+
+def grouping_cost(model: FasterRCNN, images: Sequence[Tensor], repeats: int) -> tuple[float, float]:
+    """Median seconds of the batch's preprocessing with the grouping by padded size (what ``forward`` runs) and
+    with torchvision's padding of the whole batch to its largest image."""
+    times = median_seconds(
+        {"grouped": lambda: model.transform.grouped(list(images)), "padded": lambda: model.transform(list(images))},
+        repeats,
+    )
+    return times["grouped"], times["padded"]
+
+
 def run_faster(settings: Settings) -> list[dict]:
     min_size = settings.min_size
     max_size = round(min_size * 4 / 3)
@@ -331,8 +400,11 @@ def run_faster(settings: Settings) -> list[dict]:
     generator = torch.Generator().manual_seed(2)
     pool = [torch.rand(3, min_size, max_size, generator=generator) for _ in range(max(settings.batches))]
     print(f"\n== Faster R-CNN R50-FPN, ours vs torchvision (random weights, same state dict): {min_size}x{max_size} "
-          f"random images, min_size {min_size}, max_size {max_size}; 'ours+fold' has {count} frozen BNs folded")
+          f"random images, min_size {min_size}, max_size {max_size}; 'ours+fold' has {count} frozen BNs folded "
+          f"(the model as detect.inference.load_model loads it); {settings.runs} runs of {settings.repeats} "
+          f"interleaved calls each, the worst run's ratio counts")
     rows = []
+    per_image: dict[str, dict[int, float]] = defaultdict(dict)
     with torch.inference_mode():
         for batch in settings.batches:
             images = pool[:batch]
@@ -341,19 +413,30 @@ def run_faster(settings: Settings) -> list[dict]:
             def call(name: str) -> Callable[[], object]:
                 return lambda: outputs.__setitem__(name, models[name](images))
 
-            times = median_seconds({name: call(name) for name in models}, settings.repeats)
-            peer = times["torchvision"]
-            print(f"  batch {batch}: torchvision {peer:7.3f} s")
+            medians, worst = worst_of_runs({name: call(name) for name in models}, "torchvision", settings.runs,
+                                           settings.repeats)
+            runs = lambda name: ", ".join(f"{t:.3f}" for t in medians[name])  # noqa: E731
+            print(f"  batch {batch}: torchvision {runs('torchvision')} s")
+            for name in models:
+                per_image[name][batch] = max(medians[name]) / batch
             for name in ("ours", "ours+fold"):
                 detections = outputs[name][0]
-                print(f"  batch {batch}: {name:<11} {times[name]:7.3f} s  ratio {peer / times[name]:5.2f}x  "
+                print(f"  batch {batch}: {name:<11} {runs(name)} s  worst ratio {worst[name]:5.2f}x  "
                       f"detections vs torchvision: {parity(outputs['torchvision'], detections)}")
-                rows.append({"case": f"Faster R-CNN {name} b{batch}", "ratio": peer / times[name]})
-        print(f"  stage split (one instrumented call each, batch {settings.batches[0]}):")
-        images = pool[: settings.batches[0]]
-        for name, model in models.items():
-            split = stage_split(model, instrument_faster, FASTER_STAGES, lambda: model(images))
-            print(format_split(name, split))
+                rows.append({"case": f"Faster R-CNN {name} b{batch} (worst of {settings.runs})", "ratio": worst[name]})
+        if len(settings.batches) > 1:
+            first, last = settings.batches[0], settings.batches[-1]
+            print(f"  seconds per image, batch {last} / batch {first} (slowest runs): " + ", ".join(
+                f"{name} {per_image[name][last] / per_image[name][first]:.2f}" for name in models))
+            grouped, padded = grouping_cost(folded, pool[:last], settings.repeats)
+            print(f"  grouping by padded size at batch {last}, same-size images: transform.grouped {grouped * 1e3:.1f} "
+                  f"ms vs padding to the largest {padded * 1e3:.1f} ms (one group: the same tensors)")
+        for batch in settings.batches:
+            print(f"  stage split per image (one instrumented call each, batch {batch}):")
+            images = pool[:batch]
+            for name, model in models.items():
+                split = stage_split(model, instrument_faster, FASTER_STAGES, lambda: model(images))
+                print(format_split(name, split, scale=1 / batch))
     return rows
 
 
@@ -361,12 +444,13 @@ def run_faster(settings: Settings) -> list[dict]:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    if args.quick:
-        return Settings(args.backbone, 200, 32, 320, (160, 200), 160, (1, 4), args.repeats)  # ignores size flags
+    ranks = tuple(int(r) for r in args.svd_ranks.split(","))
+    if args.quick:  # ignores the size flags
+        return Settings(args.backbone, 200, 32, 320, (160, 200), 160, (1, 4), args.repeats, ranks, args.runs)
     batches = tuple(int(b) for b in args.batches.split(","))
     return Settings(
         args.backbone, args.proposals, args.rcnn_proposals, args.spp_scale, (375, 500), args.min_size, batches,
-        args.repeats,
+        args.repeats, ranks, args.runs,
     )
 
 
@@ -379,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-size", type=int, default=480, help="Faster R-CNN images: min_size x 4/3 min_size")
     parser.add_argument("--batches", default="1,8", help="Faster R-CNN batch sizes, comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (median reported)")
+    parser.add_argument("--runs", type=int, default=3, help="Faster R-CNN: independent runs, the worst counts")
+    parser.add_argument("--svd-ranks", default="1024,256", help="SPP-Net+SVD's fc6,fc7 ranks (Fast R-CNN's)")
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     parser.add_argument("--only", choices=("region", "faster"), help="run one of the two comparisons")
     args = parser.parse_args(argv)

@@ -39,6 +39,14 @@ Decisions:
   before and 81.4 after (one group); 8 mixed sizes (portrait and landscape, 7 padded sizes) 20.8 before, 45.7
   after (less padding); the worst case, 8 widths 160-384 at one height (8 groups, little padding saved), 46.7
   before, 44.4 after (-5 %). SPP-Net groups the same way (same size: 51 before and after; mixed: 11 to 37).
+- CPU inference cuts each padded-size group into passes of at most :data:`CPU_PASS_PIXELS` (2^18, a 512 x 512
+  image) padded pixels, at least one image (:func:`sub_batches`), each through backbone, RPN and head. Measured
+  (ResNet-50-FPN, 2 cores, issue 15): with 8 images of 480 x 640 in one pass the activations (150 MB a tensor at
+  stride 4) and the box head's 8,000 pooled RoIs (400 MB) fit no cache, and the backbone took 1.4-1.6x batch 1's
+  time per image (579-1200 ms against 421-427; batches of 2 and 4 were already slower), for torchvision's model as
+  for ours: that is where batch 8 lost the batch-1 gain. Small images still gain from batching (160 x 213: 59 ms
+  per image in a batch of 4, 105 alone), hence a pixel budget rather than one image per pass. Training,
+  evaluation with targets (losses) and other devices (a GPU gains from large batches) run each group as one batch.
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ from detect.roi_heads import (
     load_fc67,
 )
 from detect.structures import Detections
-from detect.transform import ImageBatch, ImageInput, RCNNTransform, TransformConfig, as_target
+from detect.transform import ImageBatch, ImageInput, PaddedGroup, RCNNTransform, TransformConfig, as_target
 from proposals.anchors import AnchorGenerator
 from proposals.rpn import RegionProposalNetwork, RPNConfig, RPNHead
 
@@ -141,6 +149,8 @@ class FasterRCNN(nn.Module):
             targets = [as_target(t, device) for t in targets]
             check_targets(targets)
         groups = self.transform.grouped(images, targets, device=device)  # one batch per padded size
+        if targets is None and device.type == "cpu":  # CPU inference: passes of at most CPU_PASS_PIXELS
+            groups = [part for group in groups for part in sub_batches(group, images_per_cpu_pass(group.batch))]
         outputs = [self.forward_batch(group.batch, group.targets) for group in groups]
         detections: list[Detections | None] = [None] * sum(len(group.indices) for group in groups)
         for group, (group_detections, _) in zip(groups, outputs):
@@ -167,6 +177,29 @@ class FasterRCNN(nn.Module):
     def backbone_device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
+
+
+CPU_PASS_PIXELS = 1 << 18
+"""Padded pixels per image times images: the most one CPU inference pass takes (see the module docstring)."""
+
+
+def images_per_cpu_pass(batch: ImageBatch) -> int:
+    """How many of ``batch``'s (same-size) images one CPU inference pass takes: at least one, at most
+    :data:`CPU_PASS_PIXELS` padded pixels in all."""
+    height, width = batch.tensors.shape[-2:]
+    return max(1, CPU_PASS_PIXELS // (height * width))
+
+
+def sub_batches(group: PaddedGroup, size: int) -> list[PaddedGroup]:
+    """A padded group cut into groups of at most ``size`` images, in order (views of its tensors, no copy)."""
+    if len(group.indices) <= size:
+        return [group]
+    batch, parts = group.batch, []
+    for lo in range(0, len(group.indices), size):
+        part = slice(lo, lo + size)
+        images = ImageBatch(batch.tensors[part], batch.image_sizes[part], batch.original_sizes[part])
+        parts.append(PaddedGroup(group.indices[part], images, None if group.targets is None else group.targets[part]))
+    return parts
 
 
 def mean_losses(parts: Sequence[Mapping[str, Tensor]], counts: Sequence[int]) -> dict[str, Tensor]:

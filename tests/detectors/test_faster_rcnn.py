@@ -396,3 +396,27 @@ def test_contiguous_chunks_cover_the_rois_in_order() -> None:
     sizes = [sum(len(p) for p in chunk) for chunk in chunks]
     assert sum(sizes) == 15 and max(sizes) - min(sizes) <= 1  # nearly equal
     assert torch.equal(torch.cat([torch.cat(chunk) for chunk in chunks]), torch.cat(proposals))
+
+
+def test_cpu_inference_passes_respect_the_pixel_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from detect.detectors import faster_rcnn
+
+    torch.manual_seed(0)
+    model = DETECTORS["fasterrcnn_tiny"](class_names=("a", "b")).eval()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (160, 192, 3), dtype=np.uint8) for _ in range(3)]  # padded 160 x 192 each
+    alone = [model([image])[0][0] for image in images]  # the reference: each image on its own
+    passes: list[int] = []
+    original = model.forward_batch
+    monkeypatch.setattr(model, "forward_batch", lambda batch, targets: passes.append(len(batch.image_sizes))
+                        or original(batch, targets))
+    monkeypatch.setattr(faster_rcnn, "CPU_PASS_PIXELS", 2 * 160 * 192 + 1)  # room for two images a pass
+    detections, _ = model(images)
+    assert passes == [2, 1]
+    for expected, actual in zip(alone, detections):
+        assert torch.equal(expected.labels, actual.labels)
+        torch.testing.assert_close(actual.boxes, expected.boxes, rtol=0, atol=1e-4)
+        torch.testing.assert_close(actual.scores, expected.scores, rtol=0, atol=1e-5)
+    passes.clear()
+    model(images, targets=[{"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0]]), "labels": torch.tensor([1])}] * 3)
+    assert passes == [3]  # with targets (losses) the group stays one batch
