@@ -17,6 +17,9 @@ Decisions:
   ``Content-Length`` above it is refused before reading anything); the whole body must arrive within
   ``body_timeout_s`` (408 ``body_timeout``); and an answer given before the body was read to the end carries
   ``Connection: close``, so the server closes the connection instead of reading the rest of the upload.
+* Under overload the answer must stay cheap: ``POST /detect`` finding the queue full (or the service not ready)
+  answers 503 before reading the body, so neither the upload nor its parsing is paid for (the connection then
+  closes, see :class:`BodyGuard`).
 * A client that disconnects before its body has arrived is no server error: one log line, and ``/metrics``
   counts it under status 499 (nginx's "client closed request"); nothing is sent.
 * ``POST /detect`` takes ``multipart/form-data`` (files, plus parameters as form fields; ``classes`` repeated or
@@ -206,7 +209,7 @@ def _describe(errors: Sequence[dict]) -> str:
 
 
 def _add_routes(app: FastAPI, service: DetectionService, settings: Settings) -> None:
-    def require_api_key(request: Request) -> None:
+    async def require_api_key(request: Request) -> None:  # async: FastAPI would run a plain def in a thread
         if settings.api_key is None:
             return
         given = request.headers.get("x-api-key", "").encode("latin-1")  # Starlette decodes as Latin-1: the raw bytes
@@ -251,6 +254,7 @@ def _add_routes(app: FastAPI, service: DetectionService, settings: Settings) -> 
     @app.post("/detect", response_model=DetectResponse, dependencies=[Depends(require_api_key)], name="detect")
     async def detect(request: Request) -> dict:
         """Detect objects in one or several images (multipart files, or JSON with base64 data)."""
+        service.admit()  # a full queue or a service not ready refuses before the body is read
         params, sources = await _read_detect_request(request, settings)
         return await service.detect(params, sources)
 
