@@ -1,30 +1,39 @@
 """Detector benchmark: SPP-Net vs R-CNN, and our Faster R-CNN vs torchvision's, measured in the same run.
 
     python benchmarks/detectors.py [--backbone alexnet|vgg16] [--proposals 2000] [--rcnn-proposals 256]
-                                   [--min-size 480] [--batches 1,8] [--repeats 3] [--quick] [--only region|faster]
+                                   [--svd-ranks 1024,256] [--min-size 480] [--batches 1,8] [--repeats 3] [--runs 3]
+                                   [--quick] [--only region|faster|svd-map]
 
 Every model has seeded random weights (nothing is downloaded): timings do not depend on the weights' values, and
 random weights make the Faster R-CNN comparison an exact one (torchvision's model is built from its public pieces
 and its state dict is loaded into ours with ``strict=True``). All times are medians of interleaved runs
 (:func:`benchmarks._timing.median_seconds`) in eval mode under ``torch.inference_mode()``, on the CPU with
-torch's default thread count. Ratios above 1 mean the first-named model is faster. Targets (issue 4):
+torch's default thread count. Ratios above 1 mean the first-named model is faster. Targets (issues 4 and 15):
 
 1. SPP-Net vs R-CNN, same backbone, same image (a synthetic shapes image of PASCAL-like size) and the same N
    proposals (random boxes of realistic sizes, fixed seed): at least 24x faster per image. R-CNN's cost is linear in
    the number of regions (the CNN runs once per warped crop, ``chunk_size`` crops at a time), so it is timed at two
    region counts ``K/2`` and ``K`` (``--rcnn-proposals``; the per-region times show the linearity) and extrapolated
-   to N along the line through the two points. SPP-Net is timed at N directly.
-2. Faster R-CNN R50-FPN, ours (defaults, and a second row with :func:`detect.backbones.fold_frozen_batchnorm`) vs
-   torchvision's ``fasterrcnn_resnet50_fpn``, same weights and images, at each batch size: latency ratio
-   torchvision / ours; no slower at batch 1, at least 1.2x faster at batch 8. The detections are compared (labels
-   equal, boxes and scores within 1e-4).
+   to N along the line through the two points. SPP-Net is timed at N directly, dense and with fc6/fc7 compressed
+   by truncated SVD (``--svd-ranks``, Fast R-CNN's 1024/256 by default). SPP-Net's conv pass and its pooling of the
+   N windows are also timed alone (the fused CPU loop, and the torch reference it replaced).
+2. Faster R-CNN R50-FPN, ours (defaults, and a second row with :func:`detect.backbones.fold_frozen_batchnorm`, the
+   model as ``detect.inference.load_model`` loads it) vs torchvision's ``fasterrcnn_resnet50_fpn``, same weights
+   and images, at each batch size: latency ratio torchvision / ours in ``--runs`` independent runs (each a median of
+   ``--repeats`` interleaved calls), the worst run counting; no slower at batch 1, at least 1.2x faster at batch 8.
+   The detections are compared (labels equal, boxes and scores within 1e-4). Also printed: seconds per image at the
+   largest batch over the smallest, and the cost of grouping images by padded size (same-size images: one group).
 3. The time split per stage of every detector, from one extra instrumented call: forward hooks on the stage
-   modules and wrappers around the stage methods (the detectors record no timings of their own). R-CNN and
-   SPP-Net get the proposals from the caller; their proposal stage is selective search on the same image, timed
-   once apart.
+   modules and wrappers around the stage methods (:class:`detect.compare.StageTimer`; the detectors record no
+   timings of their own). R-CNN and SPP-Net get the proposals from the caller; their proposal stage is selective
+   search on the same image, timed once apart. Faster R-CNN's split is per image at each batch size.
+4. The VOC mAP@0.5 change of truncated SVD: the bundled ``sppnet_shapes`` weights on their held-out shapes split
+   (the manifest's ``eval_data``), dense and at several fc6/fc7 ranks, with the same selective-search proposals
+   for every variant (computed once).
 
-``--quick`` (a smoke run of about two minutes) replaces every size with a small one: N=200, K=32, a ~190-pixel
-image at SPP scale 320, Faster R-CNN at min_size 160 with batches 1 and 4. The last line sums up the ratios.
+``--quick`` (a smoke run of a few minutes) replaces every size with a small one: N=200, K=32, a ~190-pixel image
+at SPP scale 320, Faster R-CNN at min_size 160 with batches 1 and 4, the SVD mAP on 24 held-out images. The last
+line sums up the ratios (and the mAP changes).
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._timing import median_seconds  # noqa: E402
 from detect.backbones import fold_frozen_batchnorm  # noqa: E402
+from detect.compare import StageTimer  # noqa: E402  (the stage timer `detect compare` uses)
 from detect.data.shapes import ShapesConfig, ShapesDataset  # noqa: E402
 from detect.detectors import DETECTORS  # noqa: E402
 from detect.detectors.faster_rcnn import (  # noqa: E402
@@ -84,45 +94,10 @@ class Settings:
     repeats: int
     svd_ranks: tuple[int, int] = (1024, 256)
     runs: int = 3
+    quick: bool = False
 
 
 # --- stage timing ------------------------------------------------------------------------------------------------
-
-
-class StageTimer:
-    """Wall time of named parts of a model, summed over calls: forward hooks on modules, wrappers on methods
-    (instance attributes, removed again by :meth:`remove`). Parts may nest; :func:`stage_split` combines them."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self._undo: list[Callable[[], None]] = []
-
-    def module(self, part: str, module: nn.Module) -> None:
-        starts: list[float] = []
-        pre = module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
-        post = module.register_forward_hook(lambda *_: self._add(part, starts.pop()))
-        self._undo += [pre.remove, post.remove]
-
-    def method(self, part: str, owner: object, name: str) -> None:
-        original = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self._add(part, start)
-
-        setattr(owner, name, timed)
-        self._undo.append(lambda: delattr(owner, name))
-
-    def _add(self, part: str, start: float) -> None:
-        self.seconds[part] += time.perf_counter() - start
-
-    def remove(self) -> None:
-        for undo in reversed(self._undo):
-            undo()
-        self._undo.clear()
 
 
 Stages = list[tuple[str, tuple[str, ...], tuple[str, ...]]]  # (stage, parts added, parts subtracted)
@@ -140,13 +115,7 @@ def stage_split(
     finally:
         total = time.perf_counter() - start
         timer.remove()
-    split = {
-        stage: sum(timer.seconds[p] for p in plus) - sum(timer.seconds[p] for p in minus)
-        for stage, plus, minus in stages
-    }
-    split["other"] = total - sum(split.values())
-    split["total"] = total
-    return split
+    return timer.split(stages, total)
 
 
 def format_split(name: str, split: dict[str, float], scale: float = 1.0) -> str:
@@ -301,6 +270,53 @@ def run_region(settings: Settings) -> list[dict]:
     return rows
 
 
+# --- truncated SVD: the mAP change on shapes ------------------------------------------------------------------
+
+SVD_MAP_RANKS = ((128, None), (64, 64), (64, 16), (32, 32), (16, 16), (8, 8))  # of fc6/fc7 (256 wide)
+
+
+def run_svd_map(settings: Settings) -> list[dict]:
+    """mAP of the bundled ``sppnet_shapes`` dense and compressed at :data:`SVD_MAP_RANKS` on its held-out split."""
+    from detect import weights
+    from detect.train import evaluate_detector
+
+    entry = weights.load_manifest(weights.BUNDLED_DIR)["sppnet_shapes"]
+    shapes = entry.metrics["eval_data"]["shapes"]
+    dataset = ShapesDataset(ShapesConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in shapes.items()}))
+    if settings.quick:
+        dataset = torch.utils.data.Subset(dataset, range(24))
+        dataset.class_names = dataset.dataset.class_names
+    model = weights.load_detector("sppnet_shapes")
+    fc6, fc7 = model.heads.box_head.fc6, model.heads.box_head.fc7
+    cache: dict[object, np.ndarray] = {}
+
+    def proposals(images: list[np.ndarray], targets: list[dict]) -> list[np.ndarray]:
+        for image, target in zip(images, targets):
+            if target["image_id"] not in cache:
+                cache[target["image_id"]] = np.asarray(model.proposer([image])[0], dtype=np.float32)
+        return [cache[t["image_id"]] for t in targets]
+
+    print(f"\n== truncated SVD on shapes: bundled sppnet_shapes (fc6 {fc6.in_features}x{fc6.out_features}, fc7 "
+          f"{fc7.in_features}x{fc7.out_features}), VOC mAP@0.5 on its held-out split ({len(dataset)} images, the "
+          f"manifest's {entry.metrics['voc_map50']:.4f} measured the same way), same proposals for every row")
+    with torch.inference_mode():
+        dense = evaluate_detector(model, dataset, 4, proposals)["mAP"]
+    print(f"  dense                 mAP {dense:.4f}")
+    rows = []
+    for fc6_rank, fc7_rank in SVD_MAP_RANKS:
+        compressed = copy.deepcopy(model)
+        compressed.compress(fc6_rank, fc7_rank)
+        cost = sum(layer.in_features * layer.out_features if rank is None else rank * (layer.in_features +
+                   layer.out_features) for layer, rank in ((fc6, fc6_rank), (fc7, fc7_rank)))
+        dense_cost = fc6.in_features * fc6.out_features + fc7.in_features * fc7.out_features
+        with torch.inference_mode():
+            value = evaluate_detector(compressed, dataset, 4, proposals)["mAP"]
+        print(f"  ranks {str(fc6_rank):>4}/{str(fc7_rank):<4}  mAP {value:.4f}  change {value - dense:+.4f}  "
+              f"fc6+fc7 multiply-adds {cost / dense_cost:.2f}x dense")
+        rows.append({"case": f"SVD {fc6_rank}/{fc7_rank} mAP change", "ratio": value - dense, "unit": "+"})
+    return rows
+
+
 # --- Faster R-CNN: ours vs torchvision ---------------------------------------------------------------------------
 
 
@@ -446,7 +462,7 @@ def run_faster(settings: Settings) -> list[dict]:
 def settings_from(args: argparse.Namespace) -> Settings:
     ranks = tuple(int(r) for r in args.svd_ranks.split(","))
     if args.quick:  # ignores the size flags
-        return Settings(args.backbone, 200, 32, 320, (160, 200), 160, (1, 4), args.repeats, ranks, args.runs)
+        return Settings(args.backbone, 200, 32, 320, (160, 200), 160, (1, 4), args.repeats, ranks, args.runs, True)
     batches = tuple(int(b) for b in args.batches.split(","))
     return Settings(
         args.backbone, args.proposals, args.rcnn_proposals, args.spp_scale, (375, 500), args.min_size, batches,
@@ -466,17 +482,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="Faster R-CNN: independent runs, the worst counts")
     parser.add_argument("--svd-ranks", default="1024,256", help="SPP-Net+SVD's fc6,fc7 ranks (Fast R-CNN's)")
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
-    parser.add_argument("--only", choices=("region", "faster"), help="run one of the two comparisons")
+    parser.add_argument("--only", choices=("region", "faster", "svd-map"), help="run one of the three parts")
     args = parser.parse_args(argv)
     settings = settings_from(args)
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads, "
           f"device cpu; random weights (timings do not depend on them){'; QUICK sizes' if args.quick else ''}")
     rows = []
-    if args.only != "faster":
+    if args.only in (None, "region"):
         rows += run_region(settings)
-    if args.only != "region":
+    if args.only in (None, "faster"):
         rows += run_faster(settings)
-    print("SUMMARY " + "; ".join(f"{row['case']} {row['ratio']:.2f}x" for row in rows))
+    if args.only in (None, "svd-map"):
+        rows += run_svd_map(settings)
+    print("SUMMARY " + "; ".join(
+        f"{row['case']} {row['ratio']:+.4f}" if row.get("unit") == "+" else f"{row['case']} {row['ratio']:.2f}x"
+        for row in rows
+    ))
     return 0
 
 

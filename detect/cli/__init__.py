@@ -1,6 +1,7 @@
 """The ``detect`` command (also ``python -m detect``): all argument parsing and command handlers live in this
 package, one module per group of subcommands (:mod:`.predict`: predict, serve, demo; :mod:`.train`: train, eval;
-:mod:`.weights`; :mod:`.data`; :mod:`.export`); the library modules they call take plain arguments, never argparse.
+:mod:`.weights`; :mod:`.data`; :mod:`.export`; :mod:`.compare`); the library modules they call take plain
+arguments, never argparse.
 
 Exit codes, for every subcommand: 0 all done, 1 some inputs failed, 2 usage or set-up error. Errors of ours
 (:class:`detect.errors.DetectError`) print one ``error[code]: message`` line on stderr, never a traceback.
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from detect import __version__
-from detect.cli import data, export, predict, train, weights
+from detect.cli import compare, data, export, predict, train, weights
 from detect.cli.predict import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 from detect.errors import DetectError
 
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     p.set_defaults(func=_cmd_bench)
 
-    for group in (predict, weights, data, train, export):
+    for group in (predict, weights, data, train, export, compare):
         group.add_parser(sub)
     return parser
 
