@@ -1,7 +1,7 @@
 """Detector benchmark: SPP-Net vs R-CNN, and our Faster R-CNN vs torchvision's, measured in the same run.
 
     python benchmarks/detectors.py [--backbone alexnet|vgg16] [--proposals 2000] [--rcnn-proposals 256]
-                                   [--svd-ranks 1024,256] [--min-size 480] [--batches 1,8] [--repeats 3] [--runs 3]
+                                   [--svd-ranks 1024,256 ...] [--min-size 480] [--batches 1,8] [--repeats 3] [--runs 3]
                                    [--quick] [--only region|faster|svd-map]
 
 Every model has seeded random weights (nothing is downloaded): timings do not depend on the weights' values, and
@@ -15,8 +15,8 @@ torch's default thread count. Ratios above 1 mean the first-named model is faste
    the number of regions (the CNN runs once per warped crop, ``chunk_size`` crops at a time), so it is timed at two
    region counts ``K/2`` and ``K`` (``--rcnn-proposals``; the per-region times show the linearity) and extrapolated
    to N along the line through the two points. SPP-Net is timed at N directly, dense and with fc6/fc7 compressed
-   by truncated SVD (``--svd-ranks``, Fast R-CNN's 1024/256 by default). SPP-Net's conv pass and its pooling of the
-   N windows are also timed alone (the fused CPU loop, and the torch reference it replaced).
+   by truncated SVD (``--svd-ranks``: Fast R-CNN's 1024/256, and 512/256, by default). SPP-Net's conv pass and its
+   pooling of the N windows are also timed alone (the fused CPU loop, and the torch reference it replaced).
 2. Faster R-CNN R50-FPN, ours (defaults, and a second row with :func:`detect.backbones.fold_frozen_batchnorm`, the
    model as ``detect.inference.load_model`` loads it) vs torchvision's ``fasterrcnn_resnet50_fpn``, same weights
    and images, at each batch size: latency ratio torchvision / ours in ``--runs`` independent runs (each a median of
@@ -92,7 +92,7 @@ class Settings:
     min_size: int
     batches: tuple[int, ...]
     repeats: int
-    svd_ranks: tuple[int, int] = (1024, 256)
+    svd_ranks: tuple[tuple[int, int], ...] = ((1024, 256), (512, 256))
     runs: int = 3
     quick: bool = False
 
@@ -176,19 +176,22 @@ SPPNET_STAGES: Stages = [
 ]
 
 
-def region_detectors(settings: Settings) -> tuple[RegionDetector, RegionDetector, RegionDetector]:
-    """R-CNN, SPP-Net and SPP-Net with a truncated-SVD head of ``settings.svd_ranks`` (its factors built from the
-    config with random values, as a compressed weights file is rebuilt: timings do not depend on the values)."""
+def region_detectors(settings: Settings) -> tuple[RegionDetector, RegionDetector, dict[str, RegionDetector]]:
+    """R-CNN, SPP-Net, and SPP-Net with a truncated-SVD head for each pair of ``settings.svd_ranks``, by label (the
+    factors built from the config with random values, as a compressed weights file is rebuilt: timings do not
+    depend on the values)."""
     torch.manual_seed(0)
     names = [f"class_{k}" for k in range(1, VOC_CLASSES + 1)]
     rcnn = DETECTORS[f"rcnn_{settings.backbone}"](names)
     config = SPPNetConfig(settings.backbone, (settings.spp_scale,))
     sppnet = DETECTORS[f"sppnet_{settings.backbone}"](names, config=config)
-    fc6_rank, fc7_rank = settings.svd_ranks
-    compressed = DETECTORS[f"sppnet_{settings.backbone}"](
-        names, config=dataclasses.replace(config, fc6_rank=fc6_rank, fc7_rank=fc7_rank)
-    )
-    return rcnn.eval(), sppnet.eval(), compressed.eval()
+    compressed = {
+        f"SPP-Net+SVD {fc6_rank}/{fc7_rank}": DETECTORS[f"sppnet_{settings.backbone}"](
+            names, config=dataclasses.replace(config, fc6_rank=fc6_rank, fc7_rank=fc7_rank)
+        ).eval()
+        for fc6_rank, fc7_rank in settings.svd_ranks
+    }
+    return rcnn.eval(), sppnet.eval(), compressed
 
 
 def pooling_alone(sppnet: RegionDetector, image: np.ndarray, boxes: Tensor, repeats: int) -> dict[str, float]:
@@ -216,16 +219,16 @@ def run_region(settings: Settings) -> list[dict]:
     rcnn, sppnet, compressed = region_detectors(settings)
     high = settings.rcnn_proposals
     low = max(high // 2, 1)
-    fc6_rank, fc7_rank = settings.svd_ranks
     print(f"\n== SPP-Net vs R-CNN ({settings.backbone}, random weights): one {height}x{width} shapes image, "
-          f"N={settings.proposals} random proposals; SPP-Net at scale {settings.spp_scale}; 'SPP-Net+SVD' has "
-          f"fc6/fc7 at ranks {fc6_rank}/{fc7_rank}")
+          f"N={settings.proposals} random proposals; SPP-Net at scale {settings.spp_scale}; 'SPP-Net+SVD r6/r7' has "
+          f"fc6/fc7 compressed to ranks r6/r7")
 
     def detect(model: RegionDetector, count: int) -> Callable[[], object]:
         return lambda: model(image, proposals=[boxes[:count]])
 
     with torch.inference_mode():
-        cases = {"sppnet": detect(sppnet, settings.proposals), "sppnet_svd": detect(compressed, settings.proposals)}
+        cases = {"SPP-Net": detect(sppnet, settings.proposals)}
+        cases |= {label: detect(model, settings.proposals) for label, model in compressed.items()}
         cases |= {"rcnn_low": detect(rcnn, low), "rcnn_high": detect(rcnn, high)}
         times = median_seconds(cases, settings.repeats)
         slope = (times["rcnn_high"] - times["rcnn_low"]) / (high - low)
@@ -235,9 +238,9 @@ def run_region(settings: Settings) -> list[dict]:
         print(f"  R-CNN at N={settings.proposals:<5} {rcnn_at_n:8.3f} s  (extrapolated: linear in the number of "
               f"regions, line through K={low} and K={high}; intercept {times['rcnn_low'] - slope * low:.3f} s)")
         rows = []
-        for case, label in (("sppnet", "SPP-Net"), ("sppnet_svd", "SPP-Net+SVD")):
-            ratio = rcnn_at_n / times[case]
-            print(f"  {label + ' at N=' + str(settings.proposals):<18} {times[case]:7.3f} s  (measured): "
+        for label in ["SPP-Net", *compressed]:
+            ratio = rcnn_at_n / times[label]
+            print(f"  {label + ' at N=' + str(settings.proposals):<31} {times[label]:7.3f} s  (measured): "
                   f"{ratio:.1f}x R-CNN per image (target >= 24x)")
             rows.append({"case": f"{label} vs R-CNN {settings.backbone} N={settings.proposals}", "ratio": ratio})
 
@@ -258,8 +261,9 @@ def run_region(settings: Settings) -> list[dict]:
               f"({len(found)} boxes; not part of the timings above, which take the fixed boxes)")
         spp_split = stage_split(sppnet, instrument_sppnet, SPPNET_STAGES, detect(sppnet, settings.proposals))
         print(format_split(f"SPP-Net, N={settings.proposals}", spp_split))
-        svd_split = stage_split(compressed, instrument_sppnet, SPPNET_STAGES, detect(compressed, settings.proposals))
-        print(format_split(f"SPP-Net+SVD, N={settings.proposals}", svd_split))
+        for label, model in compressed.items():
+            svd_split = stage_split(model, instrument_sppnet, SPPNET_STAGES, detect(model, settings.proposals))
+            print(format_split(f"{label}, N={settings.proposals}", svd_split))
         rcnn_split = stage_split(rcnn, instrument_rcnn, RCNN_STAGES, detect(rcnn, high))
         print(format_split(f"R-CNN, K={high} (x{settings.proposals / high:.1f} for N)", rcnn_split))
         spp_features = sum(spp_split[s] for s in ("resize+normalise", "backbone", "SPP pooling"))
@@ -272,7 +276,9 @@ def run_region(settings: Settings) -> list[dict]:
 
 # --- truncated SVD: the mAP change on shapes ------------------------------------------------------------------
 
-SVD_MAP_RANKS = ((128, None), (64, 64), (64, 16), (32, 32), (16, 16), (8, 8))  # of fc6/fc7 (256 wide)
+SVD_MAP_RANKS = ((128, None), (64, 64), (64, 16), (32, 16), (16, 16), (8, 8))
+"""fc6/fc7 ranks of the 256-wide shapes model; (64, 16), (32, 16), (16, 16) keep the fractions of the width that
+1024/256, 512/256 and 256/256 keep of AlexNet's 4096 (Fast R-CNN's choice, and half and a quarter of its fc6)."""
 
 
 def run_svd_map(settings: Settings) -> list[dict]:
@@ -301,7 +307,7 @@ def run_svd_map(settings: Settings) -> list[dict]:
           f"manifest's {entry.metrics['voc_map50']:.4f} measured the same way), same proposals for every row")
     with torch.inference_mode():
         dense = evaluate_detector(model, dataset, 4, proposals)["mAP"]
-    print(f"  dense                 mAP {dense:.4f}")
+    print(f"  dense             mAP {dense:.4f}")
     rows = []
     for fc6_rank, fc7_rank in SVD_MAP_RANKS:
         compressed = copy.deepcopy(model)
@@ -311,9 +317,10 @@ def run_svd_map(settings: Settings) -> list[dict]:
         dense_cost = fc6.in_features * fc6.out_features + fc7.in_features * fc7.out_features
         with torch.inference_mode():
             value = evaluate_detector(compressed, dataset, 4, proposals)["mAP"]
-        print(f"  ranks {str(fc6_rank):>4}/{str(fc7_rank):<4}  mAP {value:.4f}  change {value - dense:+.4f}  "
+        label = "/".join("dense" if rank is None else str(rank) for rank in (fc6_rank, fc7_rank))
+        print(f"  ranks {label:<11} mAP {value:.4f}  change {value - dense:+.4f}  "
               f"fc6+fc7 multiply-adds {cost / dense_cost:.2f}x dense")
-        rows.append({"case": f"SVD {fc6_rank}/{fc7_rank} mAP change", "ratio": value - dense, "unit": "+"})
+        rows.append({"case": f"SVD {label} mAP change", "ratio": value - dense, "unit": "+"})
     return rows
 
 
@@ -460,7 +467,7 @@ def run_faster(settings: Settings) -> list[dict]:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    ranks = tuple(int(r) for r in args.svd_ranks.split(","))
+    ranks = tuple(tuple(int(r) for r in pair.split(",")) for pair in args.svd_ranks)
     if args.quick:  # ignores the size flags
         return Settings(args.backbone, 200, 32, 320, (160, 200), 160, (1, 4), args.repeats, ranks, args.runs, True)
     batches = tuple(int(b) for b in args.batches.split(","))
@@ -480,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,8", help="Faster R-CNN batch sizes, comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (median reported)")
     parser.add_argument("--runs", type=int, default=3, help="Faster R-CNN: independent runs, the worst counts")
-    parser.add_argument("--svd-ranks", default="1024,256", help="SPP-Net+SVD's fc6,fc7 ranks (Fast R-CNN's)")
+    parser.add_argument("--svd-ranks", nargs="+", default=["1024,256", "512,256"], metavar="R6,R7",
+                        help="SPP-Net+SVD's fc6,fc7 ranks, one model per pair (default: Fast R-CNN's; half its fc6)")
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     parser.add_argument("--only", choices=("region", "faster", "svd-map"), help="run one of the three parts")
     args = parser.parse_args(argv)
