@@ -11,6 +11,7 @@ from detect.ops.boxes import batched_box_iou, clip_boxes
 from detect.ops.coder import BoxCoder
 from detect.ops.dispatch import _FAST_DTYPES, PARALLEL_WORK
 from detect.ops.nms import grouped_nms, multiclass_nms
+from detect.ops.pooling import spatial_pyramid_pool
 
 __all__ = ["warmup"]
 
@@ -48,6 +49,9 @@ def warmup(devices: tuple[str, ...] | None = None) -> dict[str, float]:
                     coder.decode_per_class(deltas.repeat(1, 2), boxes)
                     clip_boxes(boxes, (50, 60))
                     clip_boxes(boxes[None], torch.tensor([[50, 60]], device=device))
+                    maps = torch.rand(1, 2, 8, 8, generator=g, dtype=dtype).to(device)
+                    rois = torch.tensor([[0.0, 0.0, 0.0, 5.0, 7.0]], dtype=dtype, device=device)
+                    spatial_pyramid_pool(maps, rois)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         spent[name] = time.perf_counter() - start
