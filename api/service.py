@@ -25,8 +25,12 @@ Decisions:
   deadline (``request_timeout_s``) over everything after its body arrived: decoding, queueing, the forward pass
   and building the answer. Past it the request answers 504; its decodes are abandoned (the threads finish
   unobserved) and its jobs still queued are skipped by the dispatcher.
-* **Decoding** runs in anyio's thread pool (Pillow releases the GIL), never on the event loop. The limits of
-  :func:`detect.io.decode_image` are checked from the header before decoding.
+* **Decoding** and building the answers (thresholds, JSON, annotation PNGs) run on the service's own pool of
+  ``request_workers`` threads (default one per core, at most 8), never on the event loop; Pillow releases the
+  GIL. This is CPU work: more threads than cores add no throughput, only memory (images in flight, and a malloc
+  arena per thread). With anyio's pool of 40 threads the server's RSS grew 10 % over a 300 s soak; see
+  ``benchmarks/soak.py``. The limits of :func:`detect.io.decode_image` are checked from the header before
+  decoding.
 * **Latency under load.** Answers that need no forward pass (503, 413, probes) must stay fast while forward
   passes saturate the CPU. Two measured causes of their slow tail are removed: the garbage collector's full
   passes over the models' objects (a service that loaded its own models freezes its heap once ready, see
@@ -391,6 +395,11 @@ def set_torch_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def request_workers(configured: int | None) -> int:
+    """Threads that decode images and build answers: ``configured``, else one per core, at most 8."""
+    return configured or min(8, os.cpu_count() or 1)
+
+
 def freeze_heap() -> None:
     """Collect once, then move every live object (models, imports) to the collector's permanent generation, so
     later full collections scan only what requests allocate. Measured on the bundled models: a full collection
@@ -442,6 +451,7 @@ class DetectionService:
         self.not_ready_reason = "models are loading"
         self.batcher: Batcher | None = None
         self._startup: asyncio.Task | None = None
+        self._workers: ThreadPoolExecutor | None = None
 
     # lifecycle -------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -451,6 +461,7 @@ class DetectionService:
             s.max_batch, s.max_wait_ms, s.queue_size, self.metrics, s.inference_workers, s.torch_threads, s.inference_nice
         )
         self.batcher.start()
+        self._workers = ThreadPoolExecutor(request_workers(s.request_workers), thread_name_prefix="request")
         self._startup = asyncio.get_running_loop().create_task(self._load_and_warm())
 
     async def stop(self) -> None:
@@ -459,6 +470,8 @@ class DetectionService:
             await asyncio.gather(self._startup, return_exceptions=True)
         if self.batcher is not None:
             await self.batcher.stop()
+        if self._workers is not None:
+            self._workers.shutdown(wait=False, cancel_futures=True)
 
     async def _load_and_warm(self) -> None:
         try:
@@ -554,15 +567,14 @@ class DetectionService:
         refinement: Refinement,
         kwargs: dict[str, str],
     ) -> dict:
-        """Decode, queue, wait for the forward passes, build the body. Cancelled at the deadline: decodes are
-        abandoned to their threads, queued jobs cancelled (the dispatcher skips them), the announcement withdrawn.
+        """Decode, queue, wait for the forward passes, build the body. Cancelled at the deadline: decodes not
+        started are dropped and running ones abandoned to their threads, queued jobs cancelled (the dispatcher skips them), the announcement withdrawn.
         A request that finds the queue full is refused before decoding, so overload costs no decoding work."""
         self.batcher.check_room(len(sources), self.settings.retry_after_s)
+        loop = asyncio.get_running_loop()
         ticket = self.batcher.announce(len(sources))
         try:
-            outcomes = await asyncio.gather(
-                *(anyio.to_thread.run_sync(self._decode, i, s, abandon_on_cancel=True) for i, s in sources)
-            )
+            outcomes = await asyncio.gather(*(loop.run_in_executor(self._workers, self._decode, i, s) for i, s in sources))
             if len(outcomes) == 1 and outcomes[0].error is not None:
                 raise outcomes[0].error
             good = [o for o in outcomes if o.image is not None]
@@ -576,9 +588,8 @@ class DetectionService:
                 future.cancel()
             raise
         by_id = dict(zip(map(id, good), inferences))
-        items = await anyio.to_thread.run_sync(
-            lambda: [self._item(o, by_id.get(id(o)), model, refinement, params.annotate) for o in outcomes],
-            abandon_on_cancel=True,
+        items = await loop.run_in_executor(
+            self._workers, lambda: [self._item(o, by_id.get(id(o)), model, refinement, params.annotate) for o in outcomes]
         )
         if len(items) == 1 and "error" in items[0]:
             raise items[0].pop("_exception")

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, gt=0, description="torch intra-op threads, set by the inference thread (default: torch's, one per core)"
     )
+    request_workers: int | None = Field(
+        None, gt=0, le=64, description="threads that decode images and build answers (default: one per core, at most 8)"
+    )
     inference_nice: int = Field(
         10,
         ge=0,
