@@ -32,6 +32,15 @@ def device(request) -> torch.device:
     return torch.device(request.param)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kernels_loaded() -> None:
+    """The fused box kernels are loaded (compiled, on a cold numba cache) once, before any test: no test's timing,
+    deadline or readiness wait pays for it, as no request does in the service."""
+    import detect.ops
+
+    detect.ops.warmup(("cpu",))
+
+
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     """Every test starts from the same random state (Python, NumPy, torch)."""

@@ -251,7 +251,9 @@ def serve(app, timeout: float = 20.0) -> Iterator[str]:
         thread.join(timeout)
 
 
-def wait_ready(client: httpx.Client, timeout: float = 10.0) -> None:
+def wait_ready(client: httpx.Client, timeout: float = 60.0) -> None:
+    """Until ``/readyz`` answers 200; the first server of a run also loads (or, on a cold numba cache, compiles)
+    the fused box kernels."""
     deadline = time.monotonic() + timeout
     while client.get("/readyz").status_code != 200:
         if time.monotonic() > deadline:
