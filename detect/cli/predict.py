@@ -130,7 +130,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     backend = {} if args.backend == "torch" else {"backend": args.backend}  # torch: load_model's default
     detector = load_model(weights, args.device, args.model, **backend) if ray_options is None else None
     class_names = detector.class_names if detector is not None else weights_class_names(weights)
-    classes = None if args.classes is None else resolve_classes(args.classes.split(","), class_names)
+    classes = None if args.classes is None else resolve_classes([c for c in args.classes.split(",") if c.strip()], class_names)
     options = PredictOptions(
         sources=tuple(args.sources),
         out_dir=Path(args.out),
