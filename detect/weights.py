@@ -11,11 +11,10 @@ Decisions:
   the user folder (``$XDG_DATA_HOME/detect/weights``, default ``~/.local/share/detect/weights``; where ``import``
   and ``pull`` write unless told otherwise), then the bundled ``weights/`` of a source checkout. The first folder
   that has a name wins. A path to a ``.safetensors`` file is resolved through the manifest beside it.
-- **Rebuild from the manifest alone.** ``architecture["builder"]`` is a detector name (``fasterrcnn_resnet50_fpn``,
-  ``fasterrcnn_vgg16``, ``rcnn_alexnet``, ``rcnn_vgg16``, ``sppnet_alexnet``, ``sppnet_vgg16``) and
-  ``architecture["config"]`` its frozen config dataclass as a dict; the state dict is then loaded strictly (every
-  key and shape). Frozen BN ``eps`` travels as ``architecture["frozen_bn_eps"]``. The safetensors metadata repeats
-  name, class names, config and eps, so a file still loads with ``<Detector>.from_weights`` on its own.
+- **Rebuild from the manifest alone.** ``architecture["builder"]`` is a detector name of the registry
+  (:data:`detect.detectors.DETECTORS`) and ``architecture["config"]`` its frozen config dataclass as a dict; the
+  state dict is then loaded strictly (every key and shape). Frozen BN ``eps`` travels as ``architecture["frozen_bn_eps"]``. The safetensors metadata repeats
+  name, class names, config and eps, so a file still loads with :func:`load_detector` away from its manifest.
 - **Integrity.** Loading always verifies the SHA-256 (streamed, 1 MiB at a time) first: a mismatch is a
   :class:`ChecksumError`. The weights file and then the manifest are each written to a temporary file and renamed
   into place; manifest updates hold an exclusive ``flock`` on ``manifest.json.lock`` so concurrent saves into one
