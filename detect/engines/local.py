@@ -59,10 +59,9 @@ from detect.engines.outputs import (
     Input,
     Manifest,
     Summary,
-    format_summary,
+    finish_run,
     prepare_output_dir,
     remove_stale_temporaries,
-    write_aggregates,
     write_image_outputs,
 )
 from detect.errors import ConfigError, DetectError, ProposalError, UnreadableFileError
@@ -195,11 +194,7 @@ def run(
         manifest.close()
         if proposal_pool is not None:
             proposal_pool.close()
-    write_aggregates(out_dir, list(manifest.done.values()), options.formats)
-    summary.seconds = time.perf_counter() - start
-    if progress is not None:
-        progress.write("\n" + format_summary(summary) + "\n")
-    return summary
+    return finish_run(out_dir, manifest, options.formats, summary, start, progress)
 
 
 def _batches(items: Sequence[Input], size: int) -> Iterator[Sequence[Input]]:

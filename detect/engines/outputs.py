@@ -27,6 +27,7 @@ import io
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,18 @@ def write_image_outputs(
 
 
 # --- aggregates ----------------------------------------------------------------------------------------------
+def finish_run(
+    out_dir: Path, manifest: Any, formats: Sequence[str], summary: Summary, start: float, progress: TextIO | None
+) -> Summary:
+    """The end of every engine's run: the aggregates rebuilt from every input done so far, the elapsed time, and
+    the summary lines on ``progress``."""
+    write_aggregates(out_dir, list(manifest.done.values()), formats)
+    summary.seconds = time.perf_counter() - start
+    if progress is not None:
+        progress.write("\n" + format_summary(summary) + "\n")
+    return summary
+
+
 def coco_image_id(rel: str, index: int) -> int:
     """COCO's ``image_id``: the number in a COCO-style name (``000000397133.jpg`` -> 397133), else ``index``."""
     stem = Path(rel).stem

@@ -65,10 +65,9 @@ from detect.engines.outputs import (
     Manifest,
     Summary,
     check_formats,
-    format_summary,
+    finish_run,
     prepare_output_dir,
     remove_stale_temporaries,
-    write_aggregates,
     write_image_outputs,
 )
 from detect.errors import ConfigError, DetectError, UnreadableFileError
@@ -161,11 +160,7 @@ def run(
                 _report(progress, summary, total, time.perf_counter() - start)
         finally:
             manifest.close()
-    write_aggregates(out_dir, list(manifest.done.values()), options.formats)
-    summary.seconds = time.perf_counter() - start
-    if progress is not None:
-        progress.write("\n" + format_summary(summary) + "\n")
-    return summary
+    return finish_run(out_dir, manifest, options.formats, summary, start, progress)
 
 
 def _write(row: dict, out_dir: Any, options: PredictOptions, manifest: Manifest, summary: Summary) -> None:
