@@ -284,7 +284,7 @@ SVD_MAP_RANKS = ((128, None), (64, 64), (64, 16), (32, 16), (16, 16), (8, 8))
 def run_svd_map(settings: Settings) -> list[dict]:
     """mAP of the bundled ``sppnet_shapes`` dense and compressed at :data:`SVD_MAP_RANKS` on its held-out split."""
     from detect import weights
-    from detect.train import evaluate_detector
+    from detect.evaluate import evaluate_detector
 
     entry = weights.load_manifest(weights.BUNDLED_DIR)["sppnet_shapes"]
     shapes = entry.metrics["eval_data"]["shapes"]

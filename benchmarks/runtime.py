@@ -109,7 +109,7 @@ def time_model(models: dict[str, object], batch1: list[np.ndarray], batch8: list
 
 def held_out_map(models: dict[str, object]) -> dict[str, float]:
     """VOC mAP@0.5 of each runtime on the bundled model's held-out split (from its manifest entry)."""
-    from detect.train import evaluate_detector
+    from detect.evaluate import evaluate_detector
 
     held_out = resolve("faster_rcnn_shapes").metrics["eval_data"]["shapes"]
     config = ShapesConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in held_out.items()})

@@ -1,4 +1,6 @@
-"""Evaluation: Pascal VOC detection AP, COCO AP through pycocotools, proposal recall and MABO, reports and PR curves.
+"""Evaluation: Pascal VOC detection AP, COCO AP through pycocotools, proposal recall and MABO, reports and PR curves;
+and the evaluation of a model on a data set (:func:`evaluate_detector`, :func:`evaluate_weights` for ``detect eval``,
+with the selective-search :class:`ProposalCache` that region detectors read), which training calls too.
 
 Detection AP (:class:`DetectionEvaluator`) follows the Pascal VOC devkit (``VOCevaldet.m``):
 
@@ -47,6 +49,8 @@ Proposal quality (:func:`proposal_recall`): recall at IoU thresholds and MABO (m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import csv
 import io
 import json
@@ -56,15 +60,21 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from detect import weights
+from detect.data.config import DataConfig, make_dataset
+from detect.detectors.region import RegionDetector
+from detect.inference import resolve_device
 from detect.io import atomic_write
 from detect.ops.boxes import box_iou
 from detect.structures import Detections
+from proposals.selective_search import SelectiveSearch, SelectiveSearchConfig
 
 __all__ = [
     "AP_METHODS",
@@ -76,6 +86,10 @@ __all__ = [
     "format_summary",
     "plot_pr_curves",
     "plot_confusion_matrix",
+    "ProposalCache",
+    "cache_keys",
+    "evaluate_detector",
+    "evaluate_weights",
 ]
 
 AP_METHODS = ("auc", "voc07", "coco101")
@@ -639,3 +653,87 @@ def plot_pr_curves(result: Mapping[str, Any], directory: str | os.PathLike) -> l
         atomic_write(path, buffer.getvalue())
         written.append(path)
     return written
+
+
+# --- evaluating a model on a data set ----------------------------------------------------------------------------
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+def _config_digest(config: Any) -> str:
+    return _digest(json.dumps(dataclasses.asdict(config), sort_keys=True))
+
+class ProposalCache:
+    """Selective search once per original image, stored as ``.npy`` (see the module docstring); ``cache(images,
+    keys)`` gives float32 ``(N_i, 4)`` proposals, computing and storing only the missing ones (in one batch)."""
+
+    def __init__(self, directory: str | Path, config: SelectiveSearchConfig, workers: int | None = 0) -> None:
+        self.directory = Path(directory) / _config_digest(config)
+        self.search = SelectiveSearch(config, workers=workers)
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.npy"
+
+    def __call__(self, images: Sequence[np.ndarray], keys: Sequence[str]) -> list[np.ndarray]:
+        paths = [self.path(key) for key in keys]
+        missing = [i for i, p in enumerate(paths) if not p.exists()]
+        if missing:
+            for i, boxes in zip(missing, self.search([images[i] for i in missing])):
+                buffer = io.BytesIO()
+                np.save(buffer, boxes.cpu().numpy().astype(np.float32))
+                atomic_write(paths[i], buffer.getvalue())
+        return [np.load(p) for p in paths]
+
+def cache_keys(data: DataConfig, targets: Sequence[Mapping[str, Any]]) -> list[str]:
+    digest = _config_digest(data)
+    return [f"{digest}-{t['image_id']}" for t in targets]
+
+@torch.no_grad()
+def evaluate_detector(
+    model: nn.Module,
+    dataset: Any,
+    batch_size: int = 4,
+    proposals: Callable[..., list[np.ndarray]] | None = None,
+    *,
+    score_threshold: float | None = None,
+) -> dict:
+    """VOC AP (area under the curve, IoU 0.5, difficult ignored) of ``model`` on ``dataset``; ``proposals``
+    ``(images, targets) -> boxes`` feeds region detectors. With ``score_threshold``, the whole
+    :meth:`~detect.evaluate.DetectionEvaluator.report` instead (COCO metrics, confusion matrix at that score)."""
+    model.eval()
+    evaluator = DetectionEvaluator(dataset.class_names)
+    for start in range(0, len(dataset), batch_size):
+        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        images, targets = [s[0] for s in samples], [s[1] for s in samples]
+        extra = {"proposals": [torch.from_numpy(p) for p in proposals(images, targets)]} if proposals else {}
+        detections, _ = model(images, **extra)
+        for target, found in zip(targets, detections):
+            evaluator.add(target["image_id"], found, target)
+    return evaluator.compute() if score_threshold is None else evaluator.report(score_threshold)
+
+def evaluate_weights(
+    weights_name: str | Path,
+    data: DataConfig,
+    out: str | Path,
+    batch_size: int = 4,
+    score_threshold: float = 0.5,
+    device: str = "auto",
+) -> dict:
+    """VOC AP, COCO metrics and the confusion matrix (detections scoring at least ``score_threshold``) of trained
+    weights (a file or a registered name) on ``data``, read in the model's class order (a class the model does not
+    know is an error, not a silent shift of labels). Writes ``report.json``, ``pr_curves/`` and
+    ``confusion_matrix.png`` into ``out`` (region detectors' proposals are cached under ``out/proposals``)."""
+    model = weights.load_detector(weights_name).to(resolve_device(device))
+    if data.source != "shapes" and data.class_names is None:
+        data = dataclasses.replace(data, class_names=tuple(model.class_names))
+    dataset = make_dataset(data)
+    proposals = None
+    if isinstance(model, RegionDetector):
+        cache = ProposalCache(Path(out) / "proposals", model.config.proposals)
+        proposals = lambda images, targets: cache(images, cache_keys(data, targets))  # noqa: E731
+    result = evaluate_detector(model, dataset, batch_size, proposals, score_threshold=score_threshold)
+    write_report(result, Path(out) / "report.json")
+    plot_pr_curves(result, Path(out) / "pr_curves")
+    plot_confusion_matrix(result["confusion_matrix"], Path(out) / "confusion_matrix.png")
+    return result

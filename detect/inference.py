@@ -43,6 +43,7 @@ from detect.ops.nms import batched_nms
 from detect.structures import Detections
 
 __all__ = [
+    "resolve_device",
     "BACKENDS",
     "BUNDLED_SUFFIX",
     "Refinement",
@@ -237,3 +238,18 @@ def forward_batch(
             for i, image in enumerate(images)
             for result in forward_batch(detector, [image], None if proposals is None else [proposals[i]], **kwargs)
         ]
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``"auto"`` (CUDA when present) or a torch device name; :class:`ConfigError` for one this machine lacks."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device {name!r}: {err}") from err
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device {name!r}: no such CUDA device here ({torch.cuda.device_count()} found)")
+    return device

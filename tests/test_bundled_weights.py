@@ -7,7 +7,7 @@ import pytest
 
 from detect import weights
 from detect.data.shapes import ShapesConfig, ShapesDataset
-from detect.train import evaluate_detector
+from detect.evaluate import evaluate_detector
 
 ENTRIES = weights.load_manifest(weights.BUNDLED_DIR)
 EXPECTED = {"faster_rcnn_shapes": 0.90, "sppnet_shapes": 0.85, "rcnn_shapes": 0.80}  # issue 5's targets

@@ -256,7 +256,7 @@ def test_int8_stays_within_its_stated_map_change(tmp_path: Path, exported) -> No
     """The quantised bundled model on the held-out shapes split (the manifest's eval data) loses at most
     :data:`detect.export.INT8_MAX_MAP_DROP` of the PyTorch model's VOC mAP@0.5."""
     from detect import weights
-    from detect.train import evaluate_detector
+    from detect.evaluate import evaluate_detector
 
     int8 = export.quantize(exported["faster_rcnn_shapes"], tmp_path / "int8.onnx")
     assert json.loads(export.read_metadata(int8)["detect.quantization"])["calibration_images"] == 16

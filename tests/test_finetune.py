@@ -17,7 +17,7 @@ from detect.config import override
 from detect.detectors.faster_rcnn import COCO_CLASS_NAMES
 from detect.errors import ConfigError
 from detect.finetune import backbone_stages, class_map, freeze_backbone, init_detector
-from detect.train import TrainConfig, Trainer
+from detect.training import TrainConfig, Trainer
 
 CLASS_KEYS = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred.")
 DOG = COCO_CLASS_NAMES.index("dog") + 1  # its row in torchvision's COCO classifier (18)

@@ -20,7 +20,8 @@ from detect.pretrain import (
     heldout_split,
     pretrain_backbone,
 )
-from detect.train import TrainConfig, Trainer, override
+from detect.config import override
+from detect.training import TrainConfig, Trainer
 from tests.helpers import tiny_recipe
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)

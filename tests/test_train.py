@@ -22,8 +22,8 @@ from detect.cli import train as train_cli
 from detect.config import override
 from detect.errors import ConfigError
 from detect.weights import load_detector
-from detect.train import (
-    ProposalCache,
+from detect.evaluate import ProposalCache
+from detect.training import (
     ScheduleConfig,
     TrainConfig,
     Trainer,
@@ -281,7 +281,7 @@ def test_init_backbone_copies_the_donor_body_into_any_detector(tmp_path: Path) -
     the heads keep their own initialisation; a donor whose body does not fit is refused."""
     from detect.detectors.faster_rcnn import TINY_CONFIG, fasterrcnn_tiny
     from detect.detectors import build
-    from detect.train import init_backbone
+    from detect.training import init_backbone
     from detect.weights import write_detector
 
     torch.manual_seed(1)
@@ -450,3 +450,55 @@ def test_missing_tensorboard_or_device_is_a_config_error(tmp_path: Path, monkeyp
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no such CUDA device"):
             Trainer(override(TrainConfig(), _faster_recipe(tmp_path, device="cuda")))
+
+
+# --- run identity and damaged checkpoints (issue 21, items 2 and 7) -----------------------------------------------
+
+
+def test_a_fresh_run_killed_before_its_first_checkpoint_never_resumes_an_older_run(tmp_path: Path, monkeypatch) -> None:
+    """An older run's checkpoint.pt in --out: a fresh run with another seed deletes it at its start, so a kill
+    before its own first checkpoint leaves nothing to resume (was: the older run loaded and saved as the new model)."""
+    old = override(TrainConfig(), tiny_recipe(tmp_path, val_data=None, max_iterations=3))
+    Trainer(old).run(progress=False)
+    checkpoint = Path(old.out_dir) / "checkpoint.pt"
+    assert checkpoint.exists()
+    new = override(old, {"seed": 7})
+
+    def killed(self, batch=None):
+        raise KeyboardInterrupt  # the kill, before the first step of the new run ends
+
+    monkeypatch.setattr(Trainer, "step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(new).run(progress=False)
+    monkeypatch.undo()
+    assert not checkpoint.exists()
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        Trainer(new).run(resume=True, progress=False)
+
+
+def test_resume_refuses_a_checkpoint_of_another_run_naming_both(tmp_path: Path) -> None:
+    old = override(TrainConfig(), tiny_recipe(tmp_path, val_data=None, max_iterations=3))
+    Trainer(old).run(progress=False)
+    other = override(old, {"seed": 7, "optimizer": {"lr": 0.02}})
+    with pytest.raises(ConfigError, match=r"another run \(recipe, seed differ\).*seed 0\].*seed 7\]"):
+        Trainer(other).run(resume=True, progress=False)
+    # where the run writes and how long it goes on are not its identity: resuming to go on longer works
+    Trainer(override(old, {"max_iterations": 4, "workers": 0})).run(resume=True, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "pickle"])
+def test_a_damaged_checkpoint_is_a_clear_error_without_torchs_unpickling_advice(tmp_path: Path, damage: str) -> None:
+    config = override(TrainConfig(), tiny_recipe(tmp_path, val_data=None, max_iterations=3))
+    Trainer(config).run(progress=False)
+    checkpoint = Path(config.out_dir) / "checkpoint.pt"
+    if damage == "truncated":
+        checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    elif damage == "garbage":
+        checkpoint.write_bytes(b"\x00not a checkpoint" * 10)
+    else:
+        torch.save({"model": {}, "iteration": 1, "payload": ConfigError("an object")}, checkpoint)
+    with pytest.raises(ConfigError, match=r"cannot read checkpoint") as info:
+        Trainer(config).run(resume=True, progress=False)
+    assert "weights_only=False" not in str(info.value)
+    if damage == "pickle":
+        assert "not a safe checkpoint" in str(info.value)

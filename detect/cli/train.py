@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from detect import train
+from detect import evaluate, training
 from detect.errors import DetectError
-from detect.evaluate import format_summary, format_table
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -54,8 +53,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides |= {key: value for key in ("init", "device", "workers") if (value := getattr(args, key)) is not None}
     try:
         overrides |= _data_overrides(args)
-        config = train.load_recipe(args.recipe, overrides)
-        result = train.train(config, resume=args.resume)
+        config = training.load_recipe(args.recipe, overrides)
+        result = training.train(config, resume=args.resume)
     except DetectError as err:
         print(f"detect train: {err}", file=sys.stderr)
         return 2
@@ -63,7 +62,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"detect train: {err}", file=sys.stderr)
         return 1
     if result:
-        print(format_table(result))
+        print(evaluate.format_table(result))
     print(f"wrote {Path(config.out_dir) / 'model.safetensors'}")
     return 0
 
@@ -73,7 +72,7 @@ def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
     now): new data replaces every location field of the recipe's, and without ``--val-data`` the recipe's
     validation data (other classes, most likely) gives way to the data's own split."""
     def location(path: str | None, images: str | None = None, annotations: str | None = None) -> dict[str, Any]:
-        train.data_config(path, images, annotations)
+        training.data_config(path, images, annotations)
         return {"source": "auto", "path": path, "split": None, "images_dir": images, "annotations_dir": annotations,
                 "part": "all"}
 
@@ -93,15 +92,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print("detect eval: give --data, or --images and --annotations", file=sys.stderr)
         return 2
     try:
-        data = train.evaluation_data(args.data, args.images, args.annotations)
-        result = train.evaluate_weights(
+        data = training.evaluation_data(args.data, args.images, args.annotations)
+        result = evaluate.evaluate_weights(
             args.weights, data, args.out, args.batch_size, score_threshold=args.score_threshold, device=args.device
         )
     except DetectError as err:
         print(f"detect eval: {err}", file=sys.stderr)
         return 2
-    print(format_table(result))
-    print(format_summary(result))
+    print(evaluate.format_table(result))
+    print(evaluate.format_summary(result))
     print(f"wrote {Path(args.out) / 'report.json'}, {Path(args.out) / 'pr_curves'}/, "
           f"{Path(args.out) / 'confusion_matrix.png'}")
     return 0

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from detect import train, weights
+from detect import training, weights
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -61,7 +61,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_add(args: argparse.Namespace) -> int:
-    entry = train.bundle_run(args.run, args.name, args.dir, args.recipe)
+    entry = training.bundle_run(args.run, args.name, args.dir, args.recipe)
     print(f"registered {entry.name} -> {entry.path} (mAP {entry.metrics.get('voc_map50')})")
     return 0
 

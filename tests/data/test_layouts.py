@@ -304,7 +304,7 @@ def test_train_holds_out_a_seeded_split_and_eval_reports_it(voc: Path, tmp_path:
 def test_yolo_yaml_trains_on_train_and_validates_on_val(tmp_path: Path) -> None:
     """A data.yaml with train and val: the run uses them as shipped (no hold-out)."""
     from detect.config import override
-    from detect.train import TrainConfig, data_splits
+    from detect.training import TrainConfig, data_splits
 
     _yolo_set(tmp_path)
     config = override(TrainConfig(), {"data": {"source": "auto", "path": str(tmp_path / "data.yaml")}})

@@ -1,0 +1,350 @@
+"""The training loop: :class:`Trainer` runs one recipe (pretrain stage, optimisation steps, checkpoints, logs,
+evaluations, the region detectors' closed-form extras, the saved model and summary)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from detect import detectors, weights
+from detect.data.config import DataConfig, make_dataset
+from detect.detectors.region import RegionDetector, RegionFeatures
+from detect.errors import ConfigError
+from detect.evaluate import ProposalCache, cache_keys, evaluate_detector, plot_pr_curves, write_report
+from detect.finetune import InitReport, freeze_backbone, init_detector
+from detect.inference import resolve_device
+from detect.io import atomic_write
+from detect.pretrain import find_backbone, pretrain_backbone
+from detect.progress import Progress
+from detect.training import checkpoints
+from detect.training.config import TrainConfig, detector_config
+from detect.training.data import TrainBatches, batch_loader, data_splits, describe_validation, model_inputs
+from detect.training.logs import MetricsLog, plot_losses, summary_writer, tensorboard_writer
+from detect.training.schedule import lr_factor
+
+__all__ = ["Trainer", "init_backbone", "short_side", "train"]
+
+
+def init_backbone(model: nn.Module, source: str | Path) -> int:
+    """Copy the backbone body of trained weights ``source`` (a ``detect train`` model file or a registered name)
+    into ``model``'s: the region detectors start from the shapes-trained Faster R-CNN's features, as the papers
+    start from ImageNet's. Every body tensor of ``model`` must be found with its shape; returns how many."""
+    donor = weights.load_detector(source)
+    theirs = find_backbone(donor).body.state_dict()
+    body = find_backbone(model).body
+    own = body.state_dict()
+    if bad := [k for k, v in own.items() if k not in theirs or theirs[k].shape != v.shape]:
+        raise ConfigError(f"init_backbone {source}: its backbone does not fit ({bad[:3]})")
+    body.load_state_dict({k: theirs[k] for k in own})
+    return len(own)
+
+def _short_side_field(model: nn.Module) -> str | None:
+    """Where a detector keeps its resize target: ``"scales"`` (SPP-Net's config), ``"min_size"`` (a transform's
+    config) or ``None`` (R-CNN warps regions, no image resize to steer)."""
+    if "scales" in getattr(getattr(model, "config", None), "__dataclass_fields__", {}):
+        return "scales"
+    if "min_size" in getattr(getattr(getattr(model, "transform", None), "config", None), "__dataclass_fields__", {}):
+        return "min_size"
+    return None
+
+@contextmanager
+def short_side(model: nn.Module, side: int | None) -> Iterator[None]:
+    """Make ``side`` the detector's resize target inside the block (multi-scale training), then restore it."""
+    where = _short_side_field(model) if side is not None else None
+    if where is None:
+        yield
+        return
+    owner = model if where == "scales" else model.transform
+    saved = owner.config
+    owner.config = dataclasses.replace(saved, **{where: (int(side),)})
+    try:
+        yield
+    finally:
+        owner.config = saved
+
+class Trainer:
+    """One training run of :class:`TrainConfig` into ``config.out_dir`` (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.out = Path(config.out_dir)
+        self.device = resolve_device(config.device)
+        self.train_data, self.val_data = data_splits(config)
+        self.dataset = make_dataset(self.train_data)
+        self.val_images = describe_validation(self.train_data, self.val_data, self.dataset)
+        self.detector_config = detector_config(config)
+        torch.manual_seed(config.seed)
+        self.model = detectors.build(config.detector, self.dataset.class_names, self.detector_config).to(self.device)
+        self.region = isinstance(self.model, RegionDetector)
+        if config.init_backbone:
+            init_backbone(self.model, config.init_backbone)
+        self.init_report: InitReport | None = None
+        if config.init:
+            self.init_report = init_detector(self.model, config.init)
+            print(self.init_report.summary(), file=sys.stderr)
+        if config.trainable_backbone_layers is not None:
+            freeze_backbone(self.model, config.trainable_backbone_layers)
+        if config.augment.short_sides and _short_side_field(self.model) is None:
+            raise ConfigError(f"augment.short_sides: {config.detector} does not resize images (R-CNN warps regions)")
+        cache_dir = Path(config.proposal_cache) if config.proposal_cache else self.out / "proposals"
+        self.cache = ProposalCache(cache_dir, self.detector_config.proposals) if self.region else None
+        self.batches = TrainBatches(self.dataset, config, self.cache, config.data)
+        if config.tensorboard:
+            summary_writer()  # a missing package is a ConfigError now, before any training
+        self.writer: Any = None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = config.optimizer
+        if opt.name == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
+        self.amp = config.mixed_precision and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.augment = self.batches.augment
+        self.log = MetricsLog(self.out / f"metrics.{config.log_format}", config.log_format)
+        self.evaluations = MetricsLog(self.out / "evaluations.jsonl", "jsonl")
+        self.iteration = 0
+        self.train_seconds = 0.0  # optimisation time so far, carried across resumes in the checkpoint
+        self.pretrain_seconds = 0.0  # the part of it spent in the pretrain stage
+        self.pretrain_heldout: dict[str, float] = {}  # the stage's held-out crop accuracy, chance and crop count
+        self.identity = checkpoints.run_identity(config, self.train_data, self.dataset)
+
+    # -- data --
+
+    def proposals_for(self, data: DataConfig) -> Callable[..., list[np.ndarray]]:
+        return lambda images, targets: self.cache(images, cache_keys(data, targets))
+
+    def batch(self, iteration: int) -> tuple[list[Tensor], list[dict], list[Tensor] | None]:
+        """The augmented images, targets (and proposals) of ``iteration`` on the device: a pure function of the
+        seed and it (what the loader yields, built here in the calling process)."""
+        return model_inputs(self.batches[iteration], self.device)
+
+    # -- TensorBoard --
+
+    def open_writer(self, resume: bool) -> None:
+        """The TensorBoard writer of a ``tensorboard: true`` run (a resumed one drops the events after its
+        checkpoint)."""
+        if self.config.tensorboard and self.writer is None:
+            self.writer = tensorboard_writer(self.out / "tensorboard", purge_step=self.iteration if resume else None)
+
+    def write_scalars(self, group: str, row: Mapping[str, Any]) -> None:
+        """``row``'s numbers as ``group/name`` scalars at its ``iteration`` (nothing without a writer)."""
+        if self.writer is None:
+            return
+        for name, value in row.items():
+            if name != "iteration" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{group}/{name}", value, int(row["iteration"]))
+
+    # -- checkpoints --
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        checkpoints.write_checkpoint(self.checkpoint_path, {
+            "run": self.identity,
+            "iteration": self.iteration,
+            "train_seconds": self.train_seconds,
+            "pretrain_seconds": self.pretrain_seconds,
+            "pretrain_heldout": self.pretrain_heldout,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        })
+
+    def load_checkpoint(self) -> None:
+        state = checkpoints.read_checkpoint(self.checkpoint_path, self.device)
+        checkpoints.check_identity(self.checkpoint_path, state.get("run"), self.identity)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        self.iteration = int(state["iteration"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.pretrain_seconds = float(state.get("pretrain_seconds", 0.0))
+        self.pretrain_heldout = dict(state.get("pretrain_heldout", {}))
+        self.log.truncate(self.iteration)
+        self.evaluations.truncate(self.iteration)
+
+    # -- steps --
+
+    def step(self, batch: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """One optimisation step at ``self.iteration`` on ``batch`` (its :class:`TrainBatches` item, built here
+        when not given); returns the losses as floats."""
+        cfg = self.config
+        batch = batch if batch is not None else self.batches[self.iteration]
+        images, targets, proposals = model_inputs(batch, self.device)
+        lr = cfg.optimizer.lr * lr_factor(cfg.schedule, self.iteration, cfg.max_iterations)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        extra = {"proposals": proposals} if proposals is not None else {}
+        with short_side(self.model, batch["short_side"]), torch.autocast(
+            self.device.type, dtype=torch.float16, enabled=self.amp
+        ):
+            _, losses = self.model(images, targets, **extra)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: {losses}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.optimizer.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optimizer.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.iteration += 1
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        row = {"iteration": self.iteration, "lr": lr, "loss": float(loss.detach()), **values}
+        return row | ({"short_side": batch["short_side"]} if batch["short_side"] is not None else {})
+
+    def run(self, resume: bool = False, progress: bool = True) -> dict:
+        """Train to ``max_iterations`` (from the checkpoint with ``resume``), fit the region detectors' extras,
+        save the model, plot the losses and evaluate; returns the last evaluation (empty without val data)."""
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.load_checkpoint()
+            self.open_writer(resume=True)
+        else:
+            # an older run's files in this folder are not this run's: a stale checkpoint must never be resumed
+            for stale in (self.log.path, self.evaluations.path, self.out / "pretrain.jsonl", self.checkpoint_path):
+                stale.unlink(missing_ok=True)
+            checkpoints.write_run_identity(self.out, self.identity)
+            shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
+            self.open_writer(resume=False)
+            if cfg.pretrain.iterations:
+                self.pretrain(progress)
+        bar = None
+        if progress:
+            bar = Progress(cfg.max_iterations, self.iteration, desc="train", interval=cfg.progress_seconds)
+        loader = batch_loader(self.batches, self.iteration, cfg.workers, self.device.type == "cuda")
+        began = time.perf_counter()
+        for batch in loader:  # waiting for a batch counts: it is what the loader workers are there to hide
+            row = self.step(batch)
+            self.train_seconds += time.perf_counter() - began
+            if self.iteration % cfg.log_every == 0:
+                self.log.append(row)
+                self.write_scalars("train", row)
+            if bar:
+                bar.update(self.iteration, {k.removeprefix("loss_"): v for k, v in row.items() if k.startswith("loss")})
+            if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.max_iterations:
+                self.save_checkpoint()
+            if cfg.eval_every and self.iteration % cfg.eval_every == 0 and self.iteration < cfg.max_iterations:
+                self.write_scalars("val", {"iteration": self.iteration, "mAP": self.evaluate().get("mAP")})
+            began = time.perf_counter()
+        if bar:
+            bar.close()
+        if self.region:
+            began = time.perf_counter()
+            self.fit_region_extras()
+            self.train_seconds += time.perf_counter() - began
+        weights.write_detector(self.model, self.out / "model.safetensors", getattr(self.model, "config", self.detector_config))
+        if rows := self.log.rows():
+            plot_losses(rows, self.out / "loss.png")
+        result = self.evaluate(report=True)
+        self.write_scalars("val", {"iteration": self.iteration, "mAP": result.get("mAP")})
+        if self.writer is not None:
+            self.writer.close()
+        summary = {
+            "detector": cfg.detector,
+            "iterations": self.iteration,
+            "train_seconds": round(self.train_seconds, 1),
+            "pretrain_seconds": round(self.pretrain_seconds, 1),
+            "torch_threads": torch.get_num_threads(),
+            "val_data": dataclasses.asdict(self.val_data) if self.val_data else None,
+            "val_images": self.val_images,
+            "mAP": result.get("mAP"),
+            "pretrain_heldout": self.pretrain_heldout or None,
+            "init": {"source": self.init_report.source, "copied": len(self.init_report.copied),
+                     "mapped": self.init_report.mapped} if self.init_report else None,
+            "workers": cfg.workers,
+        }
+        atomic_write(self.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        return result
+
+    def pretrain(self, progress: bool) -> None:
+        """The recipe's ``pretrain`` stage (:mod:`detect.pretrain`) on the training data, logged to
+        ``pretrain.jsonl``; its time counts in ``train_seconds``. A checkpoint follows, so a resume skips it."""
+        cfg = self.config
+        log = MetricsLog(self.out / "pretrain.jsonl", "jsonl")
+        bar = Progress(cfg.pretrain.iterations, desc="pretrain", interval=cfg.progress_seconds) if progress else None
+
+        def on_step(row: dict[str, float]) -> None:
+            if row["iteration"] % cfg.log_every == 0:
+                log.append(row)
+                self.write_scalars("pretrain", row)
+            if bar:
+                bar.update(int(row["iteration"]), {"loss": row["loss"], "batch accuracy": row["accuracy"]})
+
+        result = pretrain_backbone(find_backbone(self.model), self.dataset, cfg.pretrain, cfg.seed, on_step)
+        if bar:
+            bar.close()
+        self.pretrain_heldout = {k: result[k] for k in ("heldout_accuracy", "heldout_chance", "heldout_crops")}
+        print(
+            f"pretrain: held-out crop accuracy {result['heldout_accuracy']:.3f} "
+            f"(chance {result['heldout_chance']:.3f}, {result['heldout_crops']} crops of images no step drew)",
+            file=sys.stderr,
+        )
+        self.write_scalars("pretrain", {"iteration": cfg.pretrain.iterations, **self.pretrain_heldout})
+        self.pretrain_seconds = result["seconds"]
+        self.train_seconds += result["seconds"]
+        self.save_checkpoint()
+
+    def evaluate(self, report: bool = False) -> dict:
+        """Validation mAP (logged to ``evaluations.jsonl``); with ``report`` also the JSON report and PR plots."""
+        data = self.val_data
+        if data is None:
+            return {}
+        dataset = make_dataset(data)
+        proposals = self.proposals_for(data) if self.region else None
+        result = evaluate_detector(self.model, dataset, self.config.batch_size, proposals)
+        self.evaluations.append({"iteration": self.iteration, "mAP": result["mAP"]})
+        if report:
+            write_report(result, self.out / "report.json")
+            plot_pr_curves(result, self.out / "pr_curves")
+        return result
+
+    @torch.no_grad()
+    def fit_region_extras(self) -> None:
+        """Box regressors (and SVMs) of R-CNN/SPP-Net on the first ``region_fit_images`` training images."""
+        cfg = self.config
+        count = min(cfg.region_fit_images, len(self.dataset))
+        if count == 0 or not (cfg.fit_box_regressor or cfg.fit_svms):
+            return
+        self.model.eval()
+        parts = []
+        for start in range(0, count, cfg.batch_size):
+            samples = [self.dataset[i] for i in range(start, min(start + cfg.batch_size, count))]
+            images, targets = [s[0] for s in samples], [s[1] for s in samples]
+            proposals = [torch.from_numpy(p) for p in self.proposals_for(cfg.data)(images, targets)]
+            model_targets = [
+                {"boxes": torch.as_tensor(t["boxes"]), "labels": torch.as_tensor(t["labels"])} for t in targets
+            ]
+            parts.append(self.model.collect_regions(images, model_targets, proposals))
+        features = RegionFeatures.cat(parts)
+        if cfg.fit_box_regressor:
+            self.model.fit_box_regressor(features.pooled, features.boxes, features.gt_boxes, features.gt_labels)
+        if cfg.fit_svms:
+            generator = torch.Generator().manual_seed(cfg.seed)
+            self.model.fit_svms(features.fc7, features.labels, features.overlaps, generator=generator)
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Run :class:`Trainer` on ``config``; returns the final evaluation (empty without ``val_data``)."""
+    return Trainer(config).run(resume=resume, progress=progress)

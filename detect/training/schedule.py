@@ -1,0 +1,21 @@
+"""The learning-rate schedule: linear warm-up, then step or cosine decay, as a pure function of the iteration (so
+the iteration *is* the scheduler's state and a resumed run continues it exactly)."""
+
+from __future__ import annotations
+
+import math
+
+from detect.training.config import ScheduleConfig
+
+__all__ = ["lr_factor"]
+
+
+def lr_factor(schedule: ScheduleConfig, iteration: int, max_iterations: int) -> float:
+    """The learning-rate multiplier at ``iteration`` (0-based): warm-up times step or cosine decay."""
+    warm = 1.0
+    if iteration < schedule.warmup_iterations:
+        alpha = iteration / schedule.warmup_iterations
+        warm = schedule.warmup_factor * (1 - alpha) + alpha
+    if schedule.kind == "cosine":
+        return warm * 0.5 * (1 + math.cos(math.pi * iteration / max_iterations))
+    return warm * schedule.gamma ** sum(iteration >= m for m in schedule.milestones)
