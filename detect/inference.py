@@ -27,6 +27,7 @@ import base64
 import io
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,17 +143,20 @@ def check_thresholds(
         raise ConfigError(f"max detections must be at least 1, got {max_detections}")
 
 
+_CLASS_ID = re.compile(r"[0-9]{1,6}")  # str.isdigit() takes "²" and "١", and int() of 5,000 digits raises
+
+
 def resolve_classes(classes: Iterable[str | int], class_names: Sequence[str]) -> tuple[int, ...]:
-    """1-based class ids for names or ids (``"3"`` counts as an id); :class:`UnknownClassError` otherwise. An
-    empty filter would keep nothing, which no caller means: it is a :class:`ConfigError` (omit the filter to keep
-    every class)."""
+    """1-based class ids for names or ids (``"3"`` counts as an id: ASCII digits only, so ``"²"`` or ``"١"`` are
+    names, and unknown ones); :class:`UnknownClassError` otherwise. An empty filter would keep nothing, which no
+    caller means: it is a :class:`ConfigError` (omit the filter to keep every class)."""
     classes = list(classes)
     if not classes:
         raise ConfigError("the class filter is empty; name at least one class, or omit the filter to keep all")
     ids = []
     for value in classes:
         text = str(value).strip()
-        if text.isdigit() and 1 <= int(text) <= len(class_names):
+        if _CLASS_ID.fullmatch(text) and 1 <= int(text) <= len(class_names):
             ids.append(int(text))
         elif text in class_names:
             ids.append(class_names.index(text) + 1)

@@ -113,3 +113,44 @@ def test_explicit_pair_and_class_list(tmp_path: Path, capsys: pytest.CaptureFixt
     code, out, _ = _run(["--images", str(tmp_path / "pics"), "--annotations", str(tmp_path / "xml"),
                          "--classes", "nothing"], capsys)
     assert code == 1 and "not one of ['nothing']" in out
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the header is whole: only decoding the pixels fails
+
+
+def test_a_truncated_jpeg_is_a_problem(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Headers only called it clean; training then stopped at it (issue 21, item 5)."""
+    shapes = ShapesDataset(ShapesConfig(num_images=3, image_size=64, max_objects=2, seed=1))
+    write_voc(shapes, tmp_path / "voc")
+    _truncate(tmp_path / "voc" / "JPEGImages" / "000001.jpg")
+    code, out, _ = _run([str(tmp_path / "voc")], capsys)
+    assert code == 1
+    assert "000001.jpg" in out and "truncated" in out
+
+
+@pytest.mark.parametrize(
+    ("names", "flagged"),
+    [
+        (["raccoon", "racoon"], [["raccoon", "racoon"]]),
+        (["Dog", "dog"], [["Dog", "dog"]]),
+        (["traffic light", "traffic_light"], [["traffic light", "traffic_light"]]),
+        (["cat", "car", "bus"], []),  # short real names one letter apart are not typos
+        (["motorbike", "motorbikes", "person"], [["motorbike", "motorbikes"]]),
+    ],
+)
+def test_likely_typos_in_class_names(names: list[str], flagged: list[list[str]]) -> None:
+    from detect.data.check import likely_typos
+
+    assert [t["classes"] for t in likely_typos(names)] == flagged
+
+
+def test_data_check_reports_a_class_typo(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _image(tmp_path / "images" / "a.png", 64, 64)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "classes.txt").write_text("raccoon\nracoon\n")
+    (tmp_path / "labels" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n1 0.3 0.3 0.2 0.2\n")
+    code, out, _ = _run([str(tmp_path)], capsys)
+    assert code == 0  # a warning: the data is readable as it is
+    assert "classes 'raccoon' and 'racoon' are 1 letter(s) apart (1 and 1 objects): one class spelt twice?" in out

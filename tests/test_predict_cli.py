@@ -41,7 +41,8 @@ def write(path: Path, data: bytes) -> Path:
 
 
 def manifest(out: Path) -> dict[str, dict]:
-    return {r["input"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    lines = map(json.loads, (out / "manifest.jsonl").read_text().splitlines())
+    return {r["input"]: r for r in lines if "input" in r}  # the first line records the run's settings
 
 
 def outputs(out: Path, suffix: str = ".json") -> list[str]:
@@ -99,11 +100,14 @@ def test_each_format_parses_back(tmp_path: Path) -> None:
     detector = StubDetector()
     options = PredictOptions((str(src / "000000000042.png"),), out, formats=("jsonl", "coco", "yolo", "csv"), save_images=True)
     run(options, detector, progress=None)
-    empty = PredictOptions((str(src / "empty.png"),), out, refinement=Refinement(class_ids=(3,)), formats=options.formats, resume=True)
+    empty = PredictOptions((str(src / "empty.png"),), tmp_path / "out2", refinement=Refinement(class_ids=(3,)),
+                           formats=options.formats)
     run(empty, detector, progress=None)  # no bird: an empty output
 
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert [(r["file"], len(r["detections"])) for r in lines] == [("000000000042.png", 3), ("empty.png", 0)]
+    assert [(r["file"], len(r["detections"])) for r in lines] == [("000000000042.png", 3)]
+    lines = [json.loads(line) for line in (tmp_path / "out2" / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["file"], len(r["detections"])) for r in lines] == [("empty.png", 0)]
     coco = json.loads((out / "coco_results.json").read_text())
     assert {c["image_id"] for c in coco} == {42}
     assert [c["bbox"] for c in coco][0] == [0.0, 0.0, 20.0, 10.0]  # xywh of [0, 0, 20, 10]
@@ -112,8 +116,8 @@ def test_each_format_parses_back(tmp_path: Path) -> None:
     assert rows[2]["class_name"] == "dog"
     cls, cx, cy, w, h, score = (out / "000000000042.png.txt").read_text().splitlines()[0].split()
     assert (int(cls), float(cx) * 40, float(cy) * 20, float(w) * 40, float(h) * 20, float(score)) == (0, 10, 5, 20, 10, 0.9)
-    assert (out / "empty.png.txt").read_text() == ""
-    assert json.loads((out / "empty.png.json").read_text())["detections"] == []
+    assert (tmp_path / "out2" / "empty.png.txt").read_text() == ""
+    assert json.loads((tmp_path / "out2" / "empty.png.json").read_text())["detections"] == []
     assert Image.open(out / "000000000042.png.annotated.png").size == (40, 20)
 
 
@@ -155,7 +159,7 @@ def test_kill_and_resume_gives_exactly_one_output_per_input(tmp_path: Path) -> N
     child = subprocess.Popen([sys.executable, "-c", _CHILD, str(src), str(out)], cwd=ROOT, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        while not (out / "manifest.jsonl").is_file() or len((out / "manifest.jsonl").read_text().splitlines()) < 5:
+        while not (out / "manifest.jsonl").is_file() or len((out / "manifest.jsonl").read_text().splitlines()) < 6:  # settings + 5
             assert time.monotonic() < deadline and child.poll() is None, "the child finished or stalled"
             time.sleep(0.02)
     finally:

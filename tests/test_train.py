@@ -502,3 +502,34 @@ def test_a_damaged_checkpoint_is_a_clear_error_without_torchs_unpickling_advice(
     assert "weights_only=False" not in str(info.value)
     if damage == "pickle":
         assert "not a safe checkpoint" in str(info.value)
+
+
+def _voc_with_a_truncated_jpeg(tmp_path: Path) -> Path:
+    from detect.data.shapes import ShapesConfig, ShapesDataset, write_voc
+
+    write_voc(ShapesDataset(ShapesConfig(**TINY_SHAPES)), tmp_path / "voc")
+    jpeg = tmp_path / "voc" / "JPEGImages" / "000002.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    return tmp_path / "voc"
+
+
+def test_on_error_skip_drops_and_lists_an_unreadable_image(tmp_path: Path, capsys) -> None:
+    """A truncated JPEG (valid header) is dropped before training with on_error: skip, listed on stderr and counted
+    in summary.json (was: the run stopped at it, at its first evaluation, with no model)."""
+    voc = _voc_with_a_truncated_jpeg(tmp_path)
+    data = {"source": "auto", "path": str(voc), "on_error": "skip", "val_fraction": 0.5}
+    config = override(TrainConfig(), tiny_recipe(tmp_path, data=data, val_data=None, max_iterations=1))
+    Trainer(config).run(progress=False)
+    err = capsys.readouterr().err
+    assert "skipped 1 item(s) (on_error: skip)" in err and "000002.jpg" in err and "truncated" in err
+    summary = json.loads((Path(config.out_dir) / "summary.json").read_text())
+    assert summary["skipped"]["count"] == 1 and "000002.jpg" in summary["skipped"]["items"][0]
+
+
+def test_on_error_raise_stops_before_training_at_an_unreadable_image(tmp_path: Path) -> None:
+    from detect.errors import DatasetError
+
+    voc = _voc_with_a_truncated_jpeg(tmp_path)
+    config = override(TrainConfig(), tiny_recipe(tmp_path, data={"source": "auto", "path": str(voc)}, val_data=None))
+    with pytest.raises(DatasetError, match="000002.jpg.*truncated"):
+        Trainer(config)

@@ -142,6 +142,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         resume=args.resume,
         workers=args.workers,
         proposal_workers=args.proposal_workers,
+        model=f"{args.model}:{weights}:{args.backend}",
     )
     if ray_options is None:
         summary = run(options, detector, progress=sys.stderr)

@@ -3,9 +3,14 @@
 Decisions:
 - The set is opened with ``on_error="skip"`` so that every problem is listed, not only the first; the statistics
   cover what a training run with ``on_error: skip`` would use.
-- Every image is checked on disk from its header only (:func:`detect.io.probe_image`, nothing decoded): a missing
-  or unreadable file, or a size other than the annotation's, is a problem. Only an image whose stored sides are the
-  annotation's swapped is decoded, to apply its EXIF rotation.
+- Every image is decoded in full, as training will (a truncated JPEG has a valid header and fails only when its
+  pixels are read): a missing, unreadable or truncated file, or a size other than the annotation's, is a problem.
+  The header (:func:`detect.io.probe_image`) gives the stored size; an image whose stored sides are the
+  annotation's swapped is compared after its EXIF rotation.
+- Class names that differ only in case, or by one or two letters in a long name (``racoon`` beside ``raccoon``),
+  are flagged as likely typos (:func:`likely_typos`, ``likely_typos`` in the report): each silently becomes a
+  class of its own in training. They are warnings, not problems (``cat`` and ``car`` are both real classes), so
+  they do not change the exit code.
 - Box sizes use COCO's area ranges on the box area: small below 32², medium below 96², large from 96² pixels.
 """
 
@@ -23,7 +28,7 @@ from detect.data.layouts import detect_layout, open_dataset
 from detect.errors import DetectError, ImageError
 from detect.io import probe_image
 
-__all__ = ["check_dataset", "format_check", "SMALL_AREA", "LARGE_AREA"]
+__all__ = ["check_dataset", "format_check", "likely_typos", "SMALL_AREA", "LARGE_AREA"]
 
 SMALL_AREA = 32**2
 LARGE_AREA = 96**2
@@ -67,7 +72,39 @@ def check_dataset(
         "box_sizes": _box_sizes(boxes),
         "image_sizes": _image_sizes(sizes),
         "problems": problems,
+        "likely_typos": likely_typos(dataset.class_names, counts),
     }
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions), by the two-row dynamic programme."""
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def likely_typos(class_names: Sequence[str], counts: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Pairs of class names that are probably one class spelt twice: equal but for case, spaces, ``-`` and ``_``;
+    or one edit apart where the shorter has at least 5 letters; or two apart from 8 letters. Each entry has both
+    names, their object counts (when given) and a message."""
+    found = []
+    counts = list(counts) if counts is not None else [None] * len(class_names)
+    norm = lambda name: "".join(c for c in name.casefold() if c not in " -_")  # noqa: E731
+    for i, a in enumerate(class_names):
+        for j in range(i + 1, len(class_names)):
+            b = class_names[j]
+            shorter = min(len(a), len(b))
+            distance = _edit_distance(a.casefold(), b.casefold())
+            if norm(a) == norm(b) or (distance == 1 and shorter >= 5) or (distance == 2 and shorter >= 8):
+                how = "differ only in case or separators" if norm(a) == norm(b) else f"are {distance} letter(s) apart"
+                objects = f" ({counts[i]} and {counts[j]} objects)" if counts[i] is not None else ""
+                found.append({"classes": [a, b], "objects": [counts[i], counts[j]],
+                              "message": f"classes {a!r} and {b!r} {how}{objects}: one class spelt twice?"})
+    return found
 
 
 def _image_size(dataset: Any, i: int, problems: list[dict]) -> tuple[int, int] | None:
@@ -79,18 +116,18 @@ def _image_size(dataset: Any, i: int, problems: list[dict]) -> tuple[int, int] |
         return None
     try:
         info = probe_image(path)
+        upright = read_image(path, str(path)).shape[:2]  # in full: a truncated file fails only here
     except ImageError as e:
         problems.append({"file": str(path), "message": f"{path}: {e.message}"})
+        return None
+    except DetectError as e:  # read_image's DatasetError around the decoder's error
+        problems.append({"file": str(path), "message": e.message})
         return None
     stored = (info.height, info.width)
     if expected is None or stored == expected:
         return stored
-    if stored[::-1] == expected:  # maybe an EXIF rotation: decode to see the upright size
-        try:
-            if read_image(path, str(path)).shape[:2] == expected:
-                return expected
-        except DetectError:
-            pass
+    if stored[::-1] == expected and upright == expected:  # an EXIF rotation
+        return expected
     problems.append({
         "file": str(path),
         "message": f"{path}: image is {stored[1]}x{stored[0]} but its annotation says {expected[1]}x{expected[0]}",
@@ -160,6 +197,10 @@ def format_check(report: dict[str, Any]) -> str:
     problems = report["problems"]
     lines.append(f"problems: {len(problems)}" + ("" if problems else " (clean)"))
     lines += [f"  {p['message']}" for p in problems]
+    typos = report.get("likely_typos") or []
+    if typos:
+        lines.append(f"likely typos in class names: {len(typos)}")
+        lines += [f"  {t['message']}" for t in typos]
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from detect.data.layouts import Layout, Subset, detect_layout, holdout, open_dat
 from detect.data.shapes import ShapesConfig, ShapesDataset
 from detect.errors import ConfigError
 
-__all__ = ["DATA_SOURCES", "DataConfig", "data_config", "data_layout", "make_dataset"]
+__all__ = ["DATA_SOURCES", "DataConfig", "data_config", "data_layout", "make_dataset", "readable_part"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +86,27 @@ def data_config(path: str | None, images_dir: str | None = None, annotations_dir
     config = DataConfig(source="auto", path=path, images_dir=images_dir, annotations_dir=annotations_dir)
     data_layout(config)
     return config
+
+
+def readable_part(dataset: Any, config: DataConfig) -> tuple[Any, list[str]]:
+    """``dataset`` without the images that do not decode, and a message for each one dropped.
+
+    Data on disk is decoded in full once, before a run starts (a truncated JPEG passes every header check and
+    fails only when its pixels are read, which used to end a run at its first evaluation). With ``on_error:
+    "raise"`` the first such image is the :class:`~detect.errors.DatasetError`, now rather than hours later; with
+    ``"skip"`` each is dropped and listed. The shapes set is drawn, never read: it is returned as it is."""
+    from detect.errors import DetectError
+
+    if config.source == "shapes":
+        return dataset, []
+    keep, dropped = [], []
+    for i in range(len(dataset)):
+        try:
+            dataset[i]
+        except DetectError as err:
+            if config.on_error == "raise":
+                raise
+            dropped.append(err.message)
+        else:
+            keep.append(i)
+    return (dataset if not dropped else Subset(dataset, keep)), dropped

@@ -62,9 +62,10 @@ from detect.engines.outputs import (
     finish_run,
     prepare_output_dir,
     remove_stale_temporaries,
+    result_settings,
     write_image_outputs,
 )
-from detect.errors import ConfigError, DetectError, ProposalError, UnreadableFileError
+from detect.errors import ConfigError, DetectError, OutputError, ProposalError, UnreadableFileError
 from detect.inference import Refinement, annotate, encode_png, forward_batch
 from detect.io import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, decode_image
 from detect.progress import Progress
@@ -162,6 +163,7 @@ class PredictOptions:
     proposal_workers: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_side: int = DEFAULT_MAX_SIDE
+    model: str = ""  # what produced the results (weights and family), recorded in the manifest for --resume
 
 
 # --- the run -------------------------------------------------------------------------------------------------
@@ -174,7 +176,7 @@ def run(
     start = time.perf_counter()
     out_dir = prepare_output_dir(options.out_dir)
     collected = collect_inputs(options.sources, out_dir, options.recursive)
-    manifest = Manifest(out_dir, options.resume)
+    manifest = Manifest(out_dir, options.resume, result_settings(options))
     remove_stale_temporaries(out_dir)
     summary = Summary()
     pending = [i for i in collected.inputs if manifest.done.get(i.path) != i.rel or not (out_dir / f"{i.rel}.json").is_file()]
@@ -326,7 +328,11 @@ def _process(
             _fail(manifest, summary, item, result)
             continue
         detections = options.refinement.apply(result.to("cpu"))
-        _write_outputs(out_dir, item, image, detections, detector.class_names, options)
+        try:
+            _write_outputs(out_dir, item, image, detections, detector.class_names, options)
+        except OutputError as err:  # this input's outputs only: the run goes on and writes its aggregates
+            _fail(manifest, summary, item, err)
+            continue
         manifest.record(item)
         summary.images += 1
         summary.detections += len(detections)

@@ -17,6 +17,15 @@ Decisions:
   keeps the images without detections, and is what ``ray.data.read_parquet``/``pandas`` users expect. It needs
   ``pyarrow`` (in the ``[ray]`` extra); :func:`check_formats` says so before any work starts. File names that
   are not UTF-8 (surrogate escapes) are stored with backslash escapes, as Arrow strings must be UTF-8.
+* **A resumed run is the same run.** The first line of ``manifest.jsonl`` records the settings that shape the
+  results (:func:`result_settings`: the model, thresholds, class filter, formats, annotated copies, decode
+  limits); ``--resume`` with other settings is a :class:`ConfigError` naming each setting that differs (exit 2),
+  never a folder of mixed results. (A manifest from before this record resumes as before.)
+* **COCO image ids are unique in a run** (:func:`coco_image_ids`): a file whose stem is a plain number
+  (``000000397133.jpg``) keeps that number, COCO's convention, when no other file of the run has the same one;
+  every other file (``b.jpg``, or both of ``2.jpg`` and ``sub/2.jpg``) gets a number above all of those, in sorted
+  order. ``coco_images.json`` beside ``coco_results.json`` records the mapping (COCO's ``images`` section: id,
+  file name, width, height), so results join with a ground truth by name as well as by id.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from detect.io import atomic_write
 
 FORMATS = ("jsonl", "coco", "yolo", "csv", "parquet")
 MANIFEST = "manifest.jsonl"
+COCO_IMAGES = "coco_images.json"
 AGGREGATE_FILES = {
     "jsonl": "predictions.jsonl",
     "coco": "coco_results.json",
@@ -109,7 +119,10 @@ def remove_stale_temporaries(out_dir: Path) -> None:
     """Delete the temporary files (``.<name>.<random>.tmp``) that :func:`atomic_write` leaves when a run is killed."""
     for path in out_dir.rglob(".*.tmp"):
         if path.is_file() and not path.is_symlink():
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # a folder the run cannot write: its inputs fail one by one, with the reason
+                pass
 
 
 # --- per-image files -----------------------------------------------------------------------------------------
@@ -131,12 +144,16 @@ def write_image_outputs(
     out_dir: Path, rel: str, result: dict, formats: Sequence[str], annotated_png: bytes | None = None
 ) -> None:
     """The files of one input: ``<rel>.txt`` (YOLO), ``<rel>.annotated.png`` when given, then ``<rel>.json``
-    (``result`` as ``json.dumps`` writes it), last, as it marks the input complete."""
-    if "yolo" in formats:
-        atomic_write(out_dir / f"{rel}.txt", yolo_lines(result).encode())
-    if annotated_png is not None:
-        atomic_write(out_dir / f"{rel}.annotated.png", annotated_png)
-    atomic_write(out_dir / f"{rel}.json", json.dumps(result).encode())
+    (``result`` as ``json.dumps`` writes it), last, as it marks the input complete. A folder that cannot be written
+    (permissions, a file in the way, a full disk) is an :class:`OutputError` for this input alone."""
+    try:
+        if "yolo" in formats:
+            atomic_write(out_dir / f"{rel}.txt", yolo_lines(result).encode())
+        if annotated_png is not None:
+            atomic_write(out_dir / f"{rel}.annotated.png", annotated_png)
+        atomic_write(out_dir / f"{rel}.json", json.dumps(result).encode())
+    except OSError as err:
+        raise OutputError(f"cannot write the outputs of {rel}: {err.strerror or err}") from None
 
 
 # --- aggregates ----------------------------------------------------------------------------------------------
@@ -152,10 +169,27 @@ def finish_run(
     return summary
 
 
-def coco_image_id(rel: str, index: int) -> int:
-    """COCO's ``image_id``: the number in a COCO-style name (``000000397133.jpg`` -> 397133), else ``index``."""
+def _numbered(rel: str) -> int | None:
+    """The number a COCO-style name carries (``000000397133.jpg`` -> 397133): ASCII digits only, at most 15."""
     stem = Path(rel).stem
-    return int(stem) if stem.isdigit() else index
+    return int(stem) if 0 < len(stem) <= 15 and stem.isascii() and stem.isdigit() else None
+
+
+def coco_image_ids(rels: Sequence[str]) -> dict[str, int]:
+    """Unique COCO ``image_id`` per relative path (see the module docstring): numbered names keep their number
+    when it is theirs alone, every other name gets the next number above all kept ones, in sorted order."""
+    numbers = {rel: _numbered(rel) for rel in rels}
+    counts: dict[int, int] = {}
+    for number in numbers.values():
+        if number is not None:
+            counts[number] = counts.get(number, 0) + 1
+    ids = {rel: n for rel, n in numbers.items() if n is not None and counts[n] == 1}
+    following = max(ids.values(), default=0) + 1
+    for rel in sorted(rels):
+        if rel not in ids:
+            ids[rel] = following
+            following += 1
+    return ids
 
 
 def write_aggregates(out_dir: Path, done: Sequence[str], formats: Sequence[str]) -> None:
@@ -167,22 +201,31 @@ def write_aggregates(out_dir: Path, done: Sequence[str], formats: Sequence[str])
     writers = {"jsonl": _jsonl, "coco": _coco, "csv": _csv, "parquet": _parquet}
     for name in wanted:
         atomic_write(out_dir / AGGREGATE_FILES[name], writers[name](results))
+    if "coco" in wanted:
+        atomic_write(out_dir / COCO_IMAGES, _coco_images(results))
 
 
 def _jsonl(results: list[tuple[str, dict]]) -> bytes:
     return "".join(json.dumps({"file": rel, **r}) + "\n" for rel, r in results).encode()
 
 
+def _coco_images(results: list[tuple[str, dict]]) -> bytes:
+    ids = coco_image_ids([rel for rel, _ in results])
+    images = [{"id": ids[rel], "file_name": rel, "width": r["width"], "height": r["height"]} for rel, r in results]
+    return json.dumps(images).encode("utf-8", "surrogateescape")
+
+
 def _coco(results: list[tuple[str, dict]]) -> bytes:
+    ids = coco_image_ids([rel for rel, _ in results])
     coco = [
         {
-            "image_id": coco_image_id(rel, i),
+            "image_id": ids[rel],
             "file_name": rel,
             "category_id": d["class_id"],
             "bbox": [d["box"][0], d["box"][1], d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]],
             "score": d["score"],
         }
-        for i, (rel, r) in enumerate(results)
+        for rel, r in results
         for d in r["detections"]
     ]
     return json.dumps(coco).encode()
@@ -227,13 +270,45 @@ def _parquet(results: list[tuple[str, dict]]) -> bytes:
 
 
 # --- the manifest --------------------------------------------------------------------------------------------
+def result_settings(options: Any) -> dict[str, Any]:
+    """The settings of a batch run that shape its outputs (recorded in the manifest, compared on ``--resume``)."""
+    refinement = options.refinement
+    return {
+        "model": getattr(options, "model", ""),
+        "score_threshold": refinement.score_threshold,
+        "iou_threshold": refinement.iou_threshold,
+        "max_detections": refinement.max_detections,
+        "classes": list(refinement.class_ids) if refinement.class_ids is not None else None,
+        "formats": sorted(options.formats),
+        "save_images": bool(options.save_images),
+        "max_pixels": options.max_pixels,
+        "max_side": options.max_side,
+    }
+
+
+def check_settings(path: Path, theirs: dict[str, Any] | None, ours: dict[str, Any]) -> None:
+    """:class:`ConfigError` naming every setting in which a resumed run differs from the run that wrote ``path``."""
+    if theirs is None:
+        return
+    keys = set(theirs) | set(ours)
+    if not (theirs.get("model") and ours.get("model")):
+        keys.discard("model")  # a library caller that does not describe its model: the other settings still count
+    differ = [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in sorted(keys) if theirs.get(k) != ours.get(k)]
+    if differ:
+        raise ConfigError(f"--resume: {path.parent} was written with other settings ({'; '.join(differ)}); "
+                          "resume with the same settings, or write to a new --out")
+
+
 class Manifest:
     """``DIR/manifest.jsonl``: one ``{"input", "output", "status", "code"?, "reason"?}`` record per input."""
 
-    def __init__(self, out_dir: Path, resume: bool) -> None:
+    def __init__(self, out_dir: Path, resume: bool, settings: dict[str, Any] | None = None) -> None:
         self.path = out_dir / MANIFEST
         self.done: dict[str, str] = {}  # input path -> rel, last status done
         self.recorded: set[str] = set()  # inputs given a record by this run
+        fresh = not (resume and self.path.is_file())
+        if not fresh and settings is not None:
+            check_settings(self.path, self._settings(), settings)
         if resume and self.path.is_file():
             for record in self._records():
                 if record.get("status") == "done":
@@ -244,6 +319,17 @@ class Manifest:
             self.path.unlink()
         out_dir.mkdir(parents=True, exist_ok=True)
         self._file: TextIO = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (closed by close())
+        if fresh and settings is not None:
+            self._file.write(json.dumps({"settings": settings}) + "\n")
+
+    def _settings(self) -> dict[str, Any] | None:
+        """The settings line a run wrote first (``None`` for a manifest of an older version)."""
+        with self.path.open(encoding="utf-8", errors="replace") as handle:
+            try:
+                first = json.loads(handle.readline())
+            except ValueError:
+                return None
+        return first.get("settings") if isinstance(first, dict) else None
 
     def _records(self) -> Iterator[dict]:
         for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():

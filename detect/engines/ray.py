@@ -68,9 +68,10 @@ from detect.engines.outputs import (
     finish_run,
     prepare_output_dir,
     remove_stale_temporaries,
+    result_settings,
     write_image_outputs,
 )
-from detect.errors import ConfigError, DetectError, UnreadableFileError
+from detect.errors import ConfigError, DetectError, OutputError, UnreadableFileError
 
 RAY_MISSING = "--engine ray needs Ray, which is not installed: pip install 'detect[ray]'"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -145,7 +146,7 @@ def run(
     summary = Summary()
     with connected(ray_options.address) as ray:
         inputs, failures = list_inputs(ray, options.sources, str(out_dir), options.recursive)
-        manifest = Manifest(out_dir, options.resume)
+        manifest = Manifest(out_dir, options.resume, result_settings(options))
         remove_stale_temporaries(out_dir)
         pending = [i for i in inputs if manifest.done.get(i.path) != i.rel or not (out_dir / f"{i.rel}.json").is_file()]
         summary.skipped = len(inputs) - len(pending)
@@ -174,7 +175,11 @@ def _write(row: dict, out_dir: Any, options: PredictOptions, manifest: Manifest,
         _fail(manifest, summary, item, row["code"], row["reason"])
         return
     result = json.loads(row["result"])
-    write_image_outputs(out_dir, item.rel, result, options.formats, row["annotated"])
+    try:
+        write_image_outputs(out_dir, item.rel, result, options.formats, row["annotated"])
+    except OutputError as err:  # this input's outputs only: the run goes on and writes its aggregates
+        _fail(manifest, summary, item, err.code, err.message)
+        return
     manifest.record(item)
     summary.images += 1
     summary.detections += len(result["detections"])

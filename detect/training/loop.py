@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from detect import detectors, weights
-from detect.data.config import DataConfig, make_dataset
+from detect.data.config import DataConfig, make_dataset, readable_part
 from detect.detectors.region import RegionDetector, RegionFeatures
 from detect.errors import ConfigError
 from detect.evaluate import ProposalCache, cache_keys, evaluate_detector, plot_pr_curves, write_report
@@ -81,7 +81,11 @@ class Trainer:
         self.out = Path(config.out_dir)
         self.device = resolve_device(config.device)
         self.train_data, self.val_data = data_splits(config)
-        self.dataset = make_dataset(self.train_data)
+        self.dataset, self.skipped = self._open(self.train_data, "training")
+        self.val_dataset = None
+        if self.val_data is not None:
+            self.val_dataset, skipped = self._open(self.val_data, "validation")
+            self.skipped = list(dict.fromkeys(self.skipped + skipped))  # a hold-out split shares its problems
         self.val_images = describe_validation(self.train_data, self.val_data, self.dataset)
         self.detector_config = detector_config(config)
         torch.manual_seed(config.seed)
@@ -121,6 +125,25 @@ class Trainer:
         self.identity = checkpoints.run_identity(config, self.train_data, self.dataset)
 
     # -- data --
+
+    @staticmethod
+    def _open(data: DataConfig, role: str) -> tuple[Any, list[str]]:
+        """The data set of ``data`` with what ``on_error: skip`` dropped (annotations and images that do not
+        decode) listed on stderr, every item, as the README promises; a likely typo in the class names is said."""
+        from detect.data.check import likely_typos
+
+        dataset, unreadable = readable_part(make_dataset(data), data)
+        inner = dataset
+        while not hasattr(inner, "problems") and hasattr(inner, "dataset"):  # through hold-out and readable subsets
+            inner = inner.dataset
+        skipped = [p.message for p in getattr(inner, "problems", ())] + unreadable
+        if skipped:
+            print(f"{role} data: skipped {len(skipped)} item(s) (on_error: skip):", file=sys.stderr)
+            for message in skipped:
+                print(f"  {message}", file=sys.stderr)
+        for typo in likely_typos(dataset.class_names) if data.source != "shapes" else ():
+            print(f"{role} data: warning: {typo['message']}", file=sys.stderr)
+        return dataset, skipped
 
     def proposals_for(self, data: DataConfig) -> Callable[..., list[np.ndarray]]:
         return lambda images, targets: self.cache(images, cache_keys(data, targets))
@@ -270,6 +293,7 @@ class Trainer:
             "torch_threads": torch.get_num_threads(),
             "val_data": dataclasses.asdict(self.val_data) if self.val_data else None,
             "val_images": self.val_images,
+            "skipped": {"count": len(self.skipped), "items": self.skipped},
             "mAP": result.get("mAP"),
             "pretrain_heldout": self.pretrain_heldout or None,
             "init": {"source": self.init_report.source, "copied": len(self.init_report.copied),
@@ -312,7 +336,7 @@ class Trainer:
         data = self.val_data
         if data is None:
             return {}
-        dataset = make_dataset(data)
+        dataset = self.val_dataset
         proposals = self.proposals_for(data) if self.region else None
         result = evaluate_detector(self.model, dataset, self.config.batch_size, proposals)
         self.evaluations.append({"iteration": self.iteration, "mAP": result["mAP"]})

@@ -64,7 +64,8 @@ def files(out: Path) -> dict[str, bytes]:
 
 
 def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    return [r for r in lines if "input" in r]  # the first line records the run's settings
 
 
 def one_thread_local(src: Path, out: Path, weights: Path, **changes) -> None:
