@@ -15,7 +15,13 @@ Decisions:
 - An unknown key raises :class:`ConfigError` naming its dotted path (``detector_config.rpn.'nms'``) and the known
   keys; so does a value the dataclass rejects (its ``TypeError``/``ValueError``); a ``ConfigError`` raised by a
   dataclass's own checks passes through unchanged.
-- Imports only the standard library and :mod:`detect.errors`, so every layer can use it.
+- Imports only the standard library, PyYAML and :mod:`detect.errors`, so every layer can use it.
+- YAML is read by :func:`load_yaml` only: PyYAML's safe loader, with YAML's aliases capped. An alias is a
+  reference, so ten nested levels of ten references each make a 400-byte file whose tree has 10^10 values (the
+  "billion laughs"); every consumer that walks it (overrides, digests, JSON) then works for minutes. The composed
+  document's tree size is counted with shared nodes counted once per reference (memoised, so counting is cheap)
+  and a document over :data:`MAX_YAML_VALUES` values, or with more than :data:`MAX_YAML_ALIASES` aliases, is a
+  :class:`ConfigError` before anything is built.
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ from typing import Any, TypeVar
 
 from detect.errors import ConfigError
 
-__all__ = ["override", "from_dict", "to_json"]
+__all__ = ["override", "from_dict", "to_json", "load_yaml", "MAX_YAML_VALUES", "MAX_YAML_ALIASES"]
+
+MAX_YAML_VALUES = 100_000  # values in the expanded tree of one YAML document
+MAX_YAML_ALIASES = 1_000  # alias references in one YAML document
 
 C = TypeVar("C")
 
@@ -82,3 +91,60 @@ def _dataclass_in(hint: Any) -> type | None:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return next((arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)), None)
     return None
+
+
+def load_yaml(text: str, source: str = "YAML") -> Any:
+    """The YAML document in ``text`` (PyYAML's safe types), refusing alias bombs (see the module docstring);
+    :class:`ConfigError` names ``source`` for a document that does not parse or is too large."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        aliases = _count_aliases(text)
+        if aliases > MAX_YAML_ALIASES:
+            raise ConfigError(f"{source}: {aliases} YAML aliases (at most {MAX_YAML_ALIASES})")
+        size = _tree_size(node, {})
+        if size > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{source}: its YAML aliases expand to {size:,} values (at most {MAX_YAML_VALUES:,}); "
+                "write the values out instead of nesting references"
+            )
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
+
+
+def _count_aliases(text: str) -> int:
+    """Alias tokens (``*name``) in ``text``, counted by PyYAML's scanner (not a regular expression)."""
+    import yaml
+
+    return sum(isinstance(token, yaml.AliasToken) for token in yaml.scan(text, Loader=yaml.SafeLoader))
+
+
+def _tree_size(node: Any, seen: dict[int, int]) -> int:
+    """Values in the tree ``node`` stands for, a shared node counted at every reference; memoised by identity,
+    capped so the count itself stays small."""
+    import yaml
+
+    known = seen.get(id(node))
+    if known is not None:
+        return known
+    seen[id(node)] = 1  # a node that refers to itself (recursive alias) counts once
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            size += _tree_size(child, seen)
+            if size > MAX_YAML_VALUES:
+                break
+    elif isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            size += _tree_size(key, seen) + _tree_size(value, seen)
+            if size > MAX_YAML_VALUES:
+                break
+    seen[id(node)] = size
+    return size

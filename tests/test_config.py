@@ -108,3 +108,39 @@ def test_bundled_manifest_configs_load_and_write_back_unchanged(name: str) -> No
     assert {k: v for k, v in written.items() if k not in architecture["config"]} == {
         k: defaults[k] for k in written if k not in architecture["config"]
     }
+
+
+# --- YAML aliases (issue 21, item 9) ---------------------------------------------------------------------------------
+
+
+def _laughs(levels: int) -> str:
+    """Nine nested levels of ten aliases each: ~400 bytes that stand for 10^9 values."""
+    names = "abcdefghijk"
+    lines = ["a: &a [lol]"]
+    for k in range(1, levels + 1):
+        lines.append(f"{names[k]}: &{names[k]} [" + ",".join([f"*{names[k - 1]}"] * 10) + "]")
+    return "\n".join(lines) + f"\nz: *{names[levels]}\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    import time
+
+    from detect.training import load_recipe
+
+    text = _laughs(9)
+    assert len(text) < 500
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    began = time.process_time()
+    with pytest.raises(ConfigError, match="YAML aliases expand to"):
+        load_recipe(path)
+    assert time.process_time() - began < 1.0  # counted, not expanded (was seconds, x10 per level)
+
+
+def test_yaml_aliases_of_normal_size_still_work() -> None:
+    from detect.config import load_yaml
+
+    document = load_yaml("base: &b {lr: 0.01, momentum: 0.9}\ncopy: *b\nlist: [*b, *b]\n")
+    assert document["copy"] == {"lr": 0.01, "momentum": 0.9} and len(document["list"]) == 2
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml("a: [unclosed", "x.yaml")

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 
 from detect.data import OnError
-from detect.errors import DatasetError
+from detect.config import load_yaml
+from detect.errors import ConfigError, DatasetError
 
 __all__ = ["LAYOUTS", "Layout", "Subset", "detect_layout", "holdout", "open_dataset", "yolo_data_yaml"]
 
@@ -230,8 +230,8 @@ def _coco_images(json_path: Path, root: Path) -> Path:
 
 def _is_yolo_yaml(path: Path) -> bool:
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        document = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, ConfigError, UnicodeDecodeError):
         return False
     return isinstance(document, dict) and "names" in document and "train" in document
 
@@ -326,8 +326,8 @@ def yolo_data_yaml(path: Path) -> dict:
     """An Ultralytics ``data.yaml`` as a dict with ``root`` (its ``path`` resolved against the file's folder) and
     ``names`` as a tuple; :class:`DatasetError` for a file that is not one."""
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        document = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, ConfigError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: cannot read YAML ({e})", path=str(path)) from e
     if not isinstance(document, dict) or "train" not in document or "names" not in document:
         raise DatasetError(f"{path}: a YOLO data.yaml needs 'train' and 'names'", path=str(path))

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import yaml
 
 from detect.data import OnError, ProblemLog, read_image
-from detect.errors import DatasetError, ImageError
+from detect.config import load_yaml
+from detect.errors import ConfigError, DatasetError, ImageError
 from detect.io import probe_image
 
 __all__ = ["YoloDataset", "read_class_names", "list_images", "ultralytics_label_path"]
@@ -148,8 +148,8 @@ def read_class_names(root: Path) -> tuple[str, ...]:
     if not data_yaml.is_file():
         raise DatasetError(f"{root}: no classes.txt or data.yaml for the class names; pass class_names")
     try:
-        names = (yaml.safe_load(data_yaml.read_text(encoding="utf-8")) or {}).get("names")
-    except (yaml.YAMLError, AttributeError, UnicodeDecodeError) as e:
+        names = (load_yaml(data_yaml.read_text(encoding="utf-8"), str(data_yaml)) or {}).get("names")
+    except (ConfigError, AttributeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{data_yaml}: not a YAML mapping ({e})", path=str(data_yaml)) from e
     if isinstance(names, dict) and sorted(names) == list(range(len(names))):
         names = [names[k] for k in range(len(names))]

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from detect import weights
+from detect.config import load_yaml
 from detect.errors import ConfigError, WeightsError
 
 __all__ = ["bundle_run"]
@@ -37,8 +37,9 @@ def bundle_run(
     if recipe is not None:
         recipe_path = Path(recipe)
         try:
-            recipe_entry = {"path": recipe_path.as_posix(), "contents": yaml.safe_load(recipe_path.read_text("utf-8"))}
-        except (OSError, yaml.YAMLError) as err:
+            contents = load_yaml(recipe_path.read_text("utf-8"), f"recipe {recipe_path}")
+            recipe_entry = {"path": recipe_path.as_posix(), "contents": contents}
+        except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"cannot read recipe {recipe_path}: {err}") from err
     metrics = {
         "voc_map50": summary.get("mAP"),

@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from detect import detectors
-from detect.config import override
+from detect.config import load_yaml, override
 from detect.data.augment import AugmentConfig
 from detect.data.config import DataConfig
 from detect.errors import ConfigError
@@ -118,8 +117,8 @@ def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     """A :class:`TrainConfig` from a YAML recipe (then ``overrides``, same shape); the detector config is built
     once here so that its errors surface before training starts."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
+        data = load_yaml(Path(path).read_text(encoding="utf-8"), f"recipe {path}") or {}
+    except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read recipe {path}: {err}") from err
     config = override(override(TrainConfig(), data), overrides)
     detector_config(config)

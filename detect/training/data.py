@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor
 
+from detect.config import load_yaml
 from detect.data.augment import Augment
 from detect.data.config import DataConfig, data_config, data_layout, make_dataset
+from detect.errors import ConfigError
 from detect.evaluate import ProposalCache, cache_keys
 from detect.training.config import TrainConfig, load_recipe
 
@@ -59,8 +60,8 @@ def evaluation_data(spec: str | None, images_dir: str | None = None, annotations
 
 def _is_data_yaml(path: str) -> bool:
     try:
-        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        document = load_yaml(Path(path).read_text(encoding="utf-8"), path)
+    except (OSError, ConfigError, UnicodeDecodeError):
         return False
     return isinstance(document, dict) and "names" in document and "train" in document
 
