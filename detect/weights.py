@@ -51,6 +51,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from detect import bundled
 from detect import detectors
 from detect.backbones import fold_frozen_batchnorm, read_state_dict
 from detect.config import from_dict, to_json
@@ -85,7 +86,7 @@ __all__ = [
 
 ENV_VAR = "DETECT_WEIGHTS_DIR"
 MANIFEST = "manifest.json"
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "weights"
+BUNDLED_DIR = bundled.weights_dir()  # the checkout's weights/, or the wheel's copy (detect.bundled)
 _FORMAT = 1
 _CHUNK = 1 << 20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")

@@ -11,6 +11,7 @@ from typing import Any
 
 
 from detect import detectors
+from detect.bundled import recipe_path
 from detect.config import load_yaml, override
 from detect.data.augment import AugmentConfig
 from detect.data.config import DataConfig
@@ -117,7 +118,7 @@ def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     """A :class:`TrainConfig` from a YAML recipe (then ``overrides``, same shape); the detector config is built
     once here so that its errors surface before training starts."""
     try:
-        data = load_yaml(Path(path).read_text(encoding="utf-8"), f"recipe {path}") or {}
+        data = load_yaml(recipe_path(path).read_text(encoding="utf-8"), f"recipe {path}") or {}
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read recipe {path}: {err}") from err
     config = override(override(TrainConfig(), data), overrides)
