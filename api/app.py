@@ -245,7 +245,7 @@ def _add_routes(app: FastAPI, service: DetectionService, settings: Settings) -> 
                     "version": m.version,
                     "class_names": list(m.detector.class_names),
                     "proposals": list(m.proposals),
-                    "device": settings.device,
+                    "device": service.device,
                 }
                 for m in service.models.values()
             ],

@@ -35,7 +35,7 @@ def run_demo(
     family: str = "faster_rcnn",
     weights: str | None = None,
     num_images: int = 6,
-    device: str = "cpu",
+    device: str = "auto",
     progress: bool = True,
 ) -> dict:
     """Draw the samples, detect, write the outputs and return ``{"mAP", "images", "detections", "out"}``."""
