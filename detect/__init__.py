@@ -11,9 +11,9 @@ from typing import Any
 from detect.errors import DetectError
 
 __version__ = "0.1.0"
-__all__ = ["DetectError", "Detections", "Detector", "Results", "__version__"]
+__all__ = ["DetectError", "Detections", "Detector", "Result", "__version__"]
 
-_LAZY = {"Detections": "detect.structures", "Detector": "detect.detector", "Results": "detect.detector"}
+_LAZY = {"Detections": "detect.structures", "Detector": "detect.detector", "Result": "detect.detector"}
 
 
 def __getattr__(name: str) -> Any:
