@@ -68,7 +68,7 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 def _text_colour(fill: tuple[int, int, int]) -> tuple[int, int, int]:
     luminance = 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]
-    return (0, 0, 0) if luminance > 140 else (255, 255, 255)
+    return (0, 0, 0) if luminance > 128 else (255, 255, 255)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ function colourOf(classId) {
 
 function textColourOf(classId) {
   const [r, g, b] = PALETTE[(classId - 1) % PALETTE.length];
-  return 0.299 * r + 0.587 * g + 0.114 * b > 140 ? "#000" : "#fff";
+  return 0.299 * r + 0.587 * g + 0.114 * b > 128 ? "#000" : "#fff";
 }
 
 // "Words for the status. code: message" for an HTTP status and the service's error body (or none).
