@@ -37,7 +37,7 @@ class DetectParams(BaseModel):
         ge=0.0,
         le=1.0,
         allow_inf_nan=False,
-        description="keep detections scoring at least this (null or omitted: 0.25; 0: everything the model keeps)",
+        description="keep detections scoring at least this (omitted: 0.25; 0: everything the model keeps)",
     )
     iou_threshold: float | None = Field(
         None, gt=0.0, le=1.0, allow_inf_nan=False, description="per-class NMS; stricter than the model's only"
