@@ -268,7 +268,7 @@ def running(detector: Any = None, wait: bool = True, **overrides: Any) -> Iterat
     from api.app import create_app
     from api.settings import Settings
 
-    settings = Settings(**{"max_wait_ms": 2.0, **overrides})
+    settings = Settings(**{"max_wait_ms": 2.0, "device": "cpu", **overrides})  # the stub runs on the CPU
     app = create_app(settings, {"stub": detector or StubDetector()})
     with serve(app) as url, httpx.Client(base_url=url, timeout=15) as client:
         if wait:
