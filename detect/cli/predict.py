@@ -70,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "by clients as UTF-8 bytes in X-API-Key). An invalid setting is one error line and exit 2.",
     )
     p.add_argument("--weights", help="serve this one model: a weights file or registered name (instead of DETECT_MODELS)")
-    p.add_argument("--model", help="its name in the API (default: the file's stem, or the registered name); "
+    p.add_argument("--model", help="its name in the API (default: its detector family, e.g. faster_rcnn); "
                                    "with DETECT_MODELS instead of --weights: the default model")
     p.add_argument("--device", help=f"{DEVICE_HELP} (default: DETECT_DEVICE, else auto)")
     p.add_argument("--host", default="127.0.0.1")
