@@ -28,6 +28,12 @@ Decisions:
   is one limit with one answer, 413 ``too_many_images``, for JSON and multipart at any count: the form parser
   stops at the first file past it.
 * The API key is compared as UTF-8 bytes with the header's raw bytes, in constant time.
+* ``GET /`` is a web page for people (``api/static/``: plain HTML, CSS and JavaScript, no build step, nothing
+  fetched from elsewhere). It uses the public ``GET /models`` and ``POST /detect`` like any client, with the API
+  key typed into it. ``/docs`` (Swagger UI) and ``/redoc`` load their scripts from this app too, from the assets
+  the ``fastapi-offline`` package ships (MIT), so they work where the service has no internet; ReDoc's Google
+  fonts are left out, and a Content-Security-Policy keeps these pages from loading anything from elsewhere
+  (ReDoc's footer logo would come from its CDN). The page, its assets and the docs are open like the probes: they hold no data.
 * The OpenAPI document describes what the route really accepts: JSON fields may be ``null`` (meaning omitted);
   form fields are text, so in ``multipart/form-data`` they are not nullable (omit one instead), and ``images``
   is required with at most ``image_limit`` files.
@@ -41,13 +47,16 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -65,7 +74,13 @@ log = logging.getLogger("detect.api")
 
 CLIENT_CLOSED = 499  # nginx's status for "client closed request": counted in /metrics, never sent
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
-_KNOWN_PATHS = frozenset({"/detect", "/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+_KNOWN_PATHS = frozenset({"/", "/detect", "/models", "/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json"})
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# The page and the docs pages may load nothing from elsewhere (ReDoc would fetch a logo from its CDN otherwise).
+PAGE_POLICY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; font-src 'self' data:; worker-src 'self' blob:"
+)
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 422, 503, 504)
 }
@@ -164,10 +179,13 @@ def create_app(settings: Settings | None = None, detectors: dict[str, Any] | Non
         yield
         await service.stop()
 
-    app = FastAPI(title="detect", version=__version__, lifespan=lifespan, responses=_ERROR_RESPONSES)
+    app = FastAPI(
+        title="detect", version=__version__, lifespan=lifespan, responses=_ERROR_RESPONSES, docs_url=None, redoc_url=None
+    )
     app.state.service = service
     _add_error_handlers(app)
     _add_routes(app, service, settings)
+    _add_pages(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"])
     app.add_middleware(BodyGuard, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
@@ -245,7 +263,7 @@ def _add_routes(app: FastAPI, service: DetectionService, settings: Settings) -> 
                     "version": m.version,
                     "class_names": list(m.detector.class_names),
                     "proposals": list(m.proposals),
-                    "device": settings.device,
+                    "device": service.device,
                 }
                 for m in service.models.values()
             ],
@@ -257,6 +275,46 @@ def _add_routes(app: FastAPI, service: DetectionService, settings: Settings) -> 
         service.admit()  # a full queue or a service not ready refuses before the body is read
         params, sources = await _read_detect_request(request, settings)
         return await service.detect(params, sources)
+
+
+def _add_pages(app: FastAPI) -> None:
+    """The web page at ``/`` and the offline ``/docs`` and ``/redoc`` (see the module docstring)."""
+    import fastapi_offline
+
+    docs_assets = Path(fastapi_offline.__file__).resolve().parent / "static"
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=docs_assets), name="docs-assets")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers={"Content-Security-Policy": PAGE_POLICY})
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return _same_origin_only(get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title="detect - Swagger UI",
+            swagger_js_url=f"{root}/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}/docs-assets/swagger-ui.css",
+            swagger_favicon_url=f"{root}/docs-assets/favicon.png",
+        ))
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return _same_origin_only(get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title="detect - ReDoc",
+            redoc_js_url=f"{root}/docs-assets/redoc.standalone.js",
+            redoc_favicon_url=f"{root}/docs-assets/favicon.png",
+            with_google_fonts=False,
+        ))
+
+
+def _same_origin_only(response: HTMLResponse) -> HTMLResponse:
+    response.headers["Content-Security-Policy"] = PAGE_POLICY
+    return response
 
 
 async def _read_detect_request(request: Request, settings: Settings) -> tuple[DetectParams, list[tuple[str | None, bytes | str]]]:

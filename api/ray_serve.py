@@ -43,6 +43,7 @@ from ray import serve
 from api.app import create_app
 from api.settings import Settings
 from detect.errors import ConfigError
+from detect.inference import resolve_device
 
 DEPLOYMENT = "detect"
 STARTUP_TIMEOUT_S = 600.0
@@ -81,7 +82,8 @@ class Scaling:
 def deployment_options(settings: Settings, scaling: Scaling) -> dict[str, Any]:
     """Serve deployment options: scaling, back-pressure and each replica's resources and environment."""
     env = {k: v for k, v in os.environ.items() if k.startswith("DETECT_")}
-    actor: dict[str, Any] = {"num_cpus": settings.torch_threads or 1, "num_gpus": 1 if settings.device.startswith("cuda") else 0}
+    gpu = resolve_device(settings.device).startswith("cuda")  # "auto": a GPU per replica when the driver sees CUDA
+    actor: dict[str, Any] = {"num_cpus": settings.torch_threads or 1, "num_gpus": 1 if gpu else 0}
     if env:
         actor["runtime_env"] = {"env_vars": env}
     return {"name": DEPLOYMENT, "max_ongoing_requests": settings.queue_size, "ray_actor_options": actor, **scaling.options(settings)}

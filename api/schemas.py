@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from detect.inference import DEFAULT_SCORE_THRESHOLD
+
 ProposalMethod = Literal["selective_search", "rpn"]
 
 
@@ -30,7 +32,13 @@ class DetectParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="a name from GET /models; the server's default when omitted")
-    score_threshold: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
+    score_threshold: float | None = Field(
+        DEFAULT_SCORE_THRESHOLD,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="keep detections scoring at least this (omitted: 0.25; 0: everything the model keeps)",
+    )
     iou_threshold: float | None = Field(
         None, gt=0.0, le=1.0, allow_inf_nan=False, description="per-class NMS; stricter than the model's only"
     )

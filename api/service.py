@@ -37,7 +37,9 @@ Decisions:
   :func:`freeze_heap`; injected detectors leave the embedding process's collector alone), and the scheduler
   running forward passes before the event loop (``DETECT_INFERENCE_NICE`` lowers the inference threads'
   priority on Linux, see :func:`init_inference_thread`). Figures in ``benchmarks/soak.py``.
-* **Readiness.** Loading and warm-up failures keep the service not ready (``/readyz`` and every ``/detect``
+* **Readiness.** When every model is loaded and warmed up, ``/readyz`` turns 200 and the service logs one line
+  ``ready: serving NAME (N classes), ... on DEVICE at http://HOST:PORT ...`` (:meth:`DetectionService.ready_line`).
+  Loading and warm-up failures keep the service not ready (``/readyz`` and every ``/detect``
   answer 503 ``not_ready``); the message names the model and the error code, never a file-system path (the
   full message goes to the server log). A model whose warm-up forward fails is not ready either.
 * **Per-image failures.** In a request with several images each one fails alone: its item carries ``error``
@@ -89,9 +91,10 @@ from detect.errors import (
 from detect.io import decode_image
 from detect.ops import warmup as ops_warmup
 from detect.detectors import families
+from detect.drawing import draw_detections
 from detect.inference import (
+    DEFAULT_SCORE_THRESHOLD,
     Refinement,
-    annotate,
     bundled_weights_name,
     forward_batch,
     load_model,
@@ -99,6 +102,7 @@ from detect.inference import (
     proposal_methods,
     registered_names,
     resolve_classes,
+    resolve_device,
 )
 from detect.structures import Detections
 
@@ -452,6 +456,7 @@ class DetectionService:
         self.batcher: Batcher | None = None
         self._startup: asyncio.Task | None = None
         self._workers: ThreadPoolExecutor | None = None
+        self.address: str | None = None  # where clients reach the service, for the ready line (set by `detect serve`)
 
     # lifecycle -------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -496,6 +501,13 @@ class DetectionService:
         if self._injected is None:
             await anyio.to_thread.run_sync(freeze_heap)
         self.ready = True
+        log.info("%s", self.ready_line())
+
+    def ready_line(self) -> str:
+        """The one log line saying the service answers now (``/readyz`` is 200): its models, device and address."""
+        models = ", ".join(f"{m.name} ({len(m.detector.class_names)} classes)" for m in self.models.values())
+        where = f" at {self.address} (page {self.address}/, API docs {self.address}/docs)" if self.address else ""
+        return f"ready: serving {models} on {self.device}{where}"
 
     async def _warm_up(self, model: LoadedModel, image: np.ndarray) -> None:
         try:
@@ -509,13 +521,18 @@ class DetectionService:
         models = {}
         for name, spec in configured_models(self.settings).items():
             try:
-                detector = load_model(spec.weights, self.settings.device, spec.family, self.settings.backend)
+                detector = load_model(spec.weights, self.device, spec.family, self.settings.backend)
                 models[name] = LoadedModel.wrap(name, detector, registered_weights.version(spec.weights))
             except Exception as err:  # a broken file or a bug: this model stays unserved, the service not ready
                 raise ModelFailure(name, "to load", err) from err
         return models
 
     # queries ---------------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        """The models' device: ``settings.device`` with ``auto`` resolved (CUDA when present)."""
+        return resolve_device(self.settings.device)
+
     @property
     def default_model(self) -> str | None:
         return self.settings.default_model or next(iter(self.models), None)
@@ -545,6 +562,8 @@ class DetectionService:
         if len(sources) > self.settings.image_limit:
             raise too_many_images(self.settings.image_limit, len(sources))
         model = self.model(params.model)
+        if params.score_threshold is None:  # JSON null means omitted: the default for people
+            params = params.model_copy(update={"score_threshold": DEFAULT_SCORE_THRESHOLD})
         refinement = Refinement(
             params.score_threshold,
             params.iou_threshold,
@@ -623,7 +642,7 @@ class DetectionService:
         detections = refinement.apply(inference.detections.to("cpu"))
         item = {"id": outcome.id, **detections.to_json(model.detector.class_names)}
         if draw:
-            item["annotated_png"] = png_base64(annotate(outcome.image, detections, model.detector.class_names))
+            item["annotated_png"] = png_base64(draw_detections(outcome.image, detections, model.detector.class_names))
         post_s = time.perf_counter() - start
         stages = inference.detections.extras.get("timings_ms")
         timings = {"decode": outcome.decode_s * 1e3, "queue": inference.queue_s * 1e3}

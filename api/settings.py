@@ -35,7 +35,7 @@ class ModelSpec(BaseModel):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DETECT_", frozen=True, env_ignore_empty=True)
 
-    device: str = "cpu"
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     backend: Literal["torch", "onnxruntime"] = Field(
         "torch", description="runtime of the models: torch, or onnxruntime (pip install 'detect[onnx]'; an .onnx "
         "weights file from `detect export`, other weights exported once into the cache)"

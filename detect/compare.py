@@ -40,7 +40,8 @@ from detect.detectors.faster_rcnn import FasterRCNN
 from detect.detectors.rcnn import RCNN
 from detect.detectors.sppnet import SPPNet
 from detect.errors import ConfigError
-from detect.inference import Refinement, annotate, default_weights, load_model
+from detect.drawing import draw_detections
+from detect.inference import Refinement, default_weights, load_model
 from detect.structures import Detections
 
 __all__ = [
@@ -171,7 +172,7 @@ def compare(
     images: Sequence[np.ndarray],
     weights: Mapping[str, str] | None = None,
     *,
-    device: str = "cpu",
+    device: str = "auto",
     score_threshold: float = 0.5,
     sppnet_ranks: tuple[int | None, int | None] | None = None,
 ) -> list[DetectorRun]:
@@ -246,7 +247,7 @@ def side_by_side(images: Sequence[np.ndarray], runs: Sequence[DetectorRun]) -> I
     for index, image in enumerate(images):
         for column, run in enumerate(runs):
             left = column * width
-            canvas.paste(annotate(image, run.detections[index], run.class_names), (left, top + _HEADER))
+            canvas.paste(draw_detections(image, run.detections[index], run.class_names), (left, top + _HEADER))
             milliseconds = run.seconds["total"] * 1e3 / len(images)
             caption = f"{run.label}: {milliseconds:.0f} ms/image, {len(run.detections[index])} found"
             draw.text((left + 4, top + 5), caption, fill=(0, 0, 0))

@@ -3,7 +3,7 @@
 The README's main job. It writes ``--num-images`` scenes of the synthetic shapes set (a seed no training or
 validation split uses) as a VOC folder under ``OUT/samples``, runs ``detect predict`` on them with bundled weights
 (``faster_rcnn_shapes`` unless ``--weights`` names others) into ``OUT/detections`` (JSON lines, COCO results and
-annotated PNG copies), then scores the written detections against the drawn objects and prints a VOC mAP@0.5
+annotated JPEG copies, as the samples are JPEGs), then scores the written detections against the drawn objects and prints a VOC mAP@0.5
 line. Nothing is downloaded.
 
 Decisions: the samples are drawn at 320 pixels (twice the training size: the detectors resize inside, and bigger
@@ -35,7 +35,7 @@ def run_demo(
     family: str = "faster_rcnn",
     weights: str | None = None,
     num_images: int = 6,
-    device: str = "cpu",
+    device: str = "auto",
     progress: bool = True,
 ) -> dict:
     """Draw the samples, detect, write the outputs and return ``{"mAP", "images", "detections", "out"}``."""

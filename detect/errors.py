@@ -75,6 +75,14 @@ class UnreadableFileError(ImageError):
     http_status = 422
 
 
+class UnsupportedInputError(ImageError):
+    """A Python object given as an image that is none of the kinds :class:`detect.Detector` takes (a path, bytes,
+    a PIL image, an ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` ``uint8`` array, or a list of those)."""
+
+    code = "unsupported_input"
+    http_status = 422
+
+
 # --- models and weights ------------------------------------------------------------------------------------
 class WeightsError(DetectError):
     """A weights file is missing, fails its checksum, or does not match the architecture."""
@@ -90,6 +98,12 @@ class ConfigError(DetectError):
     code = "config_error"
     http_status = 422
     exit_code = 2
+
+
+class WeightsNotFoundError(WeightsError):
+    """A weights path that names no file."""
+
+    code = "weights_not_found"
 
 
 class ChecksumError(WeightsError):

@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from detect import weights
 from detect.data.config import DataConfig, make_dataset
 from detect.detectors.region import RegionDetector
-from detect.inference import resolve_device
+from detect.inference import torch_device
 from detect.io import atomic_write
 from detect.ops.boxes import box_iou
 from detect.structures import Detections
@@ -724,7 +724,7 @@ def evaluate_weights(
     weights (a file or a registered name) on ``data``, read in the model's class order (a class the model does not
     know is an error, not a silent shift of labels). Writes ``report.json``, ``pr_curves/`` and
     ``confusion_matrix.png`` into ``out`` (region detectors' proposals are cached under ``out/proposals``)."""
-    model = weights.load_detector(weights_name).to(resolve_device(device))
+    model = weights.load_detector(weights_name).to(torch_device(device))
     if data.source != "shapes" and data.class_names is None:
         data = dataclasses.replace(data, class_names=tuple(model.class_names))
     dataset = make_dataset(data)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from detect import weights as registered_weights
 from detect.detectors import DETECTORS, families
@@ -44,11 +44,11 @@ from detect.ops.nms import batched_nms
 from detect.structures import Detections
 
 __all__ = [
-    "resolve_device",
+    "torch_device",
     "BACKENDS",
     "BUNDLED_SUFFIX",
+    "DEFAULT_SCORE_THRESHOLD",
     "Refinement",
-    "annotate",
     "bundled_weights_name",
     "check_thresholds",
     "default_weights",
@@ -59,9 +59,16 @@ __all__ = [
     "proposal_methods",
     "registered_names",
     "resolve_classes",
+    "resolve_device",
 ]
 
 BUNDLED_SUFFIX = "_shapes"
+DEFAULT_SCORE_THRESHOLD = 0.25
+"""The score threshold people get by default (``detect predict``, :class:`detect.Detector`, ``POST /detect``).
+Models keep a low threshold of their own (0.01 for the bundled ones) because evaluation needs the whole
+precision-recall curve; shown to a person, those low-scoring boxes are noise (32 boxes per photo on average
+with the bundled Faster R-CNN at 0.01). A request's threshold can only tighten the model's, so 0 asks for
+everything the model keeps."""
 
 
 BACKENDS = ("torch", "onnxruntime")
@@ -69,12 +76,12 @@ BACKENDS = ("torch", "onnxruntime")
 
 def load_model(
     weights: str | os.PathLike,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     family: str | None = None,
     backend: str = "torch",
 ) -> Any:
     """The detector of ``weights`` (a registered name or a file, see :func:`detect.weights.load_detector`) for
-    inference: eval mode on ``device``, frozen BatchNorm folded. ``family``, when given, must be a known family
+    inference: eval mode on ``device`` (``"auto"``: :func:`resolve_device`), frozen BatchNorm folded. ``family``, when given, must be a known family
     (:class:`UnknownModelError` otherwise); the weights themselves say which detector they hold.
 
     ``backend`` ``"onnxruntime"`` runs the model with ONNX Runtime (:mod:`detect.export`): ``weights`` is then an
@@ -87,6 +94,7 @@ def load_model(
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     is_onnx = Path(weights).suffix.lower() == ".onnx"
+    device = resolve_device(device)
     if backend == "torch":
         if is_onnx:
             raise ConfigError(f"{weights} is an ONNX export: run it with the onnxruntime backend")
@@ -94,6 +102,14 @@ def load_model(
     from detect import export
 
     return export.load_onnx(weights if is_onnx else export.cached_onnx(weights), device)
+
+
+def resolve_device(device: str | torch.device) -> str:
+    """``"auto"`` (the default everywhere): ``"cuda"`` when torch sees a GPU, else ``"cpu"``; any other name is
+    returned as given (a device this machine lacks is refused when the model moves there)."""
+    if str(device) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
 
 
 def bundled_weights_name(family: str) -> str:
@@ -202,16 +218,6 @@ class Refinement:
         return result
 
 
-def annotate(image: np.ndarray, detections: Detections, class_names: Sequence[str]) -> Image.Image:
-    """A copy of ``image`` (RGB ``uint8``) with each box and its ``name score`` label drawn on it."""
-    canvas = Image.fromarray(image)
-    draw = ImageDraw.Draw(canvas)
-    for item in detections.to_json(class_names)["detections"]:
-        draw.rectangle(item["box"], outline=(255, 32, 32), width=2)
-        draw.text((item["box"][0] + 2, item["box"][1] + 1), f"{item['class_name']} {item['score']:.2f}", fill=(255, 255, 0))
-    return canvas
-
-
 def encode_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -244,7 +250,7 @@ def forward_batch(
         ]
 
 
-def resolve_device(name: str | torch.device) -> torch.device:
+def torch_device(name: str | torch.device) -> torch.device:
     """``"auto"`` (CUDA when present) or a torch device name; :class:`ConfigError` for one this machine lacks."""
     if isinstance(name, torch.device):
         return name

@@ -192,15 +192,17 @@ class StubDetector:
     * ``[0, 0, W/2, H/2 * 0.8]`` class 1 (cat), score 0.6 - IoU 0.8 with the first
     * ``[W/2, H/2, W, H]`` class 2 (dog), score 0.3
 
-    ``delay`` seconds of sleep per forward; ``gate`` (an Event) blocks every forward until set; ``batches``
+    ``scores`` of the three boxes (default 0.9, 0.6, 0.3); ``delay`` seconds of sleep per forward; ``gate`` (an Event) blocks every forward until set; ``batches``
     records each forward's batch size.
     """
 
     name = "stub"
     class_names = CLASS_NAMES
 
-    def __init__(self, delay: float = 0.0, gate: threading.Event | None = None) -> None:
-        self.delay, self.gate, self.batches = delay, gate, []
+    def __init__(
+        self, delay: float = 0.0, gate: threading.Event | None = None, scores: tuple[float, float, float] = (0.9, 0.6, 0.3)
+    ) -> None:
+        self.delay, self.gate, self.batches, self.scores = delay, gate, [], scores
 
     def __call__(self, images: list[np.ndarray], **kwargs: Any) -> tuple[list[Detections], dict]:
         if self.gate is not None:
@@ -215,7 +217,7 @@ class StubDetector:
             boxes = torch.tensor(
                 [[0, 0, w / 2, h / 2], [0, 0, w / 2, h / 2 * 0.8], [w / 2, h / 2, w, h]], dtype=torch.float32
             )
-            out.append(Detections(boxes, torch.tensor([0.9, 0.6, 0.3]), torch.tensor([1, 1, 2]), (h, w)))
+            out.append(Detections(boxes, torch.tensor(self.scores), torch.tensor([1, 1, 2]), (h, w)))
         return out, {}
 
 
@@ -266,7 +268,7 @@ def running(detector: Any = None, wait: bool = True, **overrides: Any) -> Iterat
     from api.app import create_app
     from api.settings import Settings
 
-    settings = Settings(**{"max_wait_ms": 2.0, **overrides})
+    settings = Settings(**{"max_wait_ms": 2.0, "device": "cpu", **overrides})  # the stub runs on the CPU
     app = create_app(settings, {"stub": detector or StubDetector()})
     with serve(app) as url, httpx.Client(base_url=url, timeout=15) as client:
         if wait:

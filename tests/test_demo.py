@@ -33,8 +33,9 @@ def test_demo_writes_annotated_images_and_json(tmp_path: Path, registered: Path,
     assert report["images"] == 2 and report["failed"] == 0 and 0.0 <= report["mAP"] <= 1.0
     images = sorted((out / "samples" / "JPEGImages").glob("*.jpg"))
     assert len(images) == 2 and len(list((out / "samples" / "Annotations").glob("*.xml"))) == 2
-    annotated = sorted((out / "detections").glob("*.annotated.png"))
+    annotated = sorted((out / "detections").glob("*.jpg.annotated.jpg"))  # a JPEG input keeps its format
     assert len(annotated) == 2 and Image.open(annotated[0]).size == (DEMO_SIZE, DEMO_SIZE)
+    assert Image.open(annotated[0]).format == "JPEG"
     lines = (out / "detections" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 2 and all(json.loads(line)["width"] == DEMO_SIZE for line in lines)
     assert isinstance(json.loads((out / "detections" / "coco_results.json").read_text()), list)

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -223,7 +224,7 @@ def test_default_weights_are_the_registered_shapes_model(
 
     out = tmp_path / "o1"
     assert cli.main(["predict", str(image), "--out", str(out), "--model", "rcnn", "--proposal-workers", "0"]) == 0
-    assert loaded == [("rcnn_shapes", "cpu", "rcnn")]
+    assert loaded == [("rcnn_shapes", "auto", "rcnn")]  # the device default: CUDA when present
     assert json.loads((out / "a.png.json").read_text())["width"] == 40
 
     for family in ("faster_rcnn", "sppnet"):
@@ -231,3 +232,51 @@ def test_default_weights_are_the_registered_shapes_model(
         err = capsys.readouterr().err
         assert "error[weights_error]" in err and f"'{family}_shapes'" in err and "detect weights list" in err
     assert len(loaded) == 1  # nothing was loaded for the unregistered defaults
+
+
+def test_defaults_for_people(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Without --out a run writes runs/predict, then runs/predict2; the score threshold is 0.25 unless
+    --score-threshold says otherwise (0: everything the model keeps); the last line says where the results are."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(predict, "load_model", lambda *a, **k: StubDetector(scores=(0.9, 0.2, 0.05)))
+    image = write(tmp_path / "in" / "a.png", png(40, 20))
+    weights = ["--weights", "unused"]
+
+    assert cli.main(["predict", str(image), *weights]) == 0
+    first = json.loads((tmp_path / "runs" / "predict" / "a.png.json").read_text())
+    assert [d["score"] for d in first["detections"]] == [0.9]
+    assert capsys.readouterr().err.rstrip().splitlines()[-1] == f"saved 1 result to {Path('runs') / 'predict'}"
+
+    assert cli.main(["predict", str(image), "--score-threshold", "0", *weights]) == 0
+    second = json.loads((tmp_path / "runs" / "predict2" / "a.png.json").read_text())
+    assert [round(d["score"], 2) for d in second["detections"]] == [0.9, 0.2, 0.05]
+    assert capsys.readouterr().err.rstrip().endswith(f"saved 1 result to {Path('runs') / 'predict2'}")
+
+    assert cli.main(["predict", str(image), "--resume", *weights]) == 2  # resuming needs the run's folder
+    assert "error[config_error]: --resume needs --out" in capsys.readouterr().err
+
+
+def test_annotated_copy_keeps_the_input_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JPEG's annotated copy is a JPEG (quality 90), a PNG's a PNG; the stub's best box (class 1) is drawn in the
+    first palette colour, with the chosen line width."""
+    from detect.drawing import PALETTE
+
+    monkeypatch.setattr(predict, "load_model", lambda *a, **k: StubDetector(scores=(0.9, 0.2, 0.05)))
+    photo = write(tmp_path / "in" / "photo.jpg", jpeg(200, 100))
+    shot = write(tmp_path / "in" / "shot.png", png(200, 100, value=0))
+    out = tmp_path / "out"
+    args = ["predict", str(photo), str(shot), "--out", str(out), "--weights", "x", "--save-images", "--line-width", "3"]
+    assert cli.main(args) == 0
+    jpeg_copy, png_copy = Image.open(out / "photo.jpg.annotated.jpg"), Image.open(out / "shot.png.annotated.png")
+    assert (jpeg_copy.format, jpeg_copy.size, png_copy.format, png_copy.size) == ("JPEG", (200, 100), "PNG", (200, 100))
+    assert not (out / "photo.jpg.annotated.png").exists()
+    pixels = np.asarray(png_copy)
+    # the box [0, 0, 100, 50]: its bottom edge is rows 48-50 (3 px, inside the box's last row) in the class colour,
+    # the rows either side untouched
+    assert [tuple(pixels[y, 60]) for y in (48, 49, 50)] == [PALETTE[0]] * 3
+    assert tuple(pixels[47, 60]) == tuple(pixels[51, 60]) == (0, 0, 0)
+
+    no_labels = tmp_path / "plain"
+    assert cli.main([*args[:4], str(no_labels), "--weights", "x", "--save-images", "--hide-labels"]) == 0
+    drawn = np.asarray(Image.open(no_labels / "photo.jpg.annotated.jpg")).astype(int)
+    assert np.abs(drawn[10:40, 10:90] - np.array([50, 60, 70])).max() <= 8  # inside the box: the photo, no label

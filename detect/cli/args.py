@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2  # all done; some inputs failed; usage or set-up error
+
 
 def positive_int(text: str) -> int:
     value = int(text)

@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sppnet-svd", type=ranks, metavar="R6,R7",
                    help="compress SPP-Net's fc6/fc7 by truncated SVD to these ranks first (e.g. 64,16)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="detections shown and drawn (default 0.5)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present; the default), cpu, cuda, cuda:1, ...")
     p.set_defaults(func=_cmd_compare)
 
 

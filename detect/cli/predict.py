@@ -8,38 +8,55 @@ import sys
 from pathlib import Path
 
 from detect import demo
-from detect.cli.args import non_negative_int, positive_int
+from detect.cli.args import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, non_negative_int, positive_int
 from detect.detectors import families
+from detect.drawing import Style
 from detect.engines.local import PredictOptions, default_proposal_workers, run
-from detect.engines.outputs import FORMATS, check_formats, prepare_output_dir
+from detect.engines.outputs import FORMATS, check_formats, next_run_dir, prepare_output_dir
 from detect.errors import ConfigError
-from detect.inference import BACKENDS, Refinement, check_thresholds, default_weights, load_model, resolve_classes
+from detect.inference import (
+    BACKENDS,
+    DEFAULT_SCORE_THRESHOLD,
+    Refinement,
+    check_thresholds,
+    default_weights,
+    load_model,
+    resolve_classes,
+    resolve_device,
+)
 
-EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+__all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "add_parser"]
+DEVICE_HELP = "auto (CUDA when present; the default), cpu, cuda, cuda:1, ..."
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``predict``, ``serve`` and ``demo``."""
     p = sub.add_parser("predict", help="detect objects in image files and folders, writing results under --out")
     p.add_argument("sources", nargs="+", metavar="SRC", help="image files, folders or glob patterns")
-    p.add_argument("--out", required=True, help="output folder (mirrors the input tree)")
+    p.add_argument("--out", help="output folder, mirroring the input tree (default: runs/predict, or runs/predict2, "
+                                 "... when that exists)")
     p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
     p.add_argument("--model", default="faster_rcnn", choices=families(), help="detector family")
     p.add_argument("--weights", help="registered weights name or weights file (default: the bundled <model>_shapes)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     _add_backend_option(p, "torch")
     p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--workers", type=positive_int, default=2, help="image decoding threads")
     p.add_argument("--proposal-workers", type=non_negative_int, default=default_proposal_workers(),
                    help="selective search processes for rcnn/sppnet (default: 0 on 1-2 CPUs, else min(4, CPUs - 1); "
                         "0: in-process)")
-    p.add_argument("--score-threshold", type=float)
+    p.add_argument("--score-threshold", type=float, help=f"keep detections scoring at least this (default "
+                   f"{DEFAULT_SCORE_THRESHOLD}; 0 keeps everything the model keeps, e.g. for evaluation)")
     p.add_argument("--iou-threshold", type=float)
     p.add_argument("--max-detections", type=positive_int)
     p.add_argument("--classes", help="comma-separated class names or 1-based ids to keep (default: all; a list "
                                       "naming no class is refused)")
     p.add_argument("--format", action="append", choices=FORMATS, help="output format (repeatable; default jsonl)")
-    p.add_argument("--save-images", action="store_true", help="also write annotated copies (<name>.annotated.png)")
+    p.add_argument("--save-images", action="store_true", help="also write annotated copies (<name>.annotated.jpg for "
+                                                               "a JPEG, else the input's format or PNG)")
+    p.add_argument("--line-width", type=positive_int, help="box lines in pixels (default: scaled to the image)")
+    p.add_argument("--hide-labels", action="store_true", help="draw boxes without their labels")
+    p.add_argument("--hide-scores", action="store_true", help="draw class names without their scores")
     p.add_argument("--resume", action="store_true", help="skip inputs the manifest records as done")
     _add_engine_options(p)
     p.set_defaults(func=_cmd_predict)
@@ -52,6 +69,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "DETECT_BODY_TIMEOUT_S, DETECT_KEEP_ALIVE_S), DETECT_MAX_HEADER_BYTES and DETECT_API_KEY (sent "
                     "by clients as UTF-8 bytes in X-API-Key). An invalid setting is one error line and exit 2.",
     )
+    p.add_argument("--weights", help="serve this one model: a weights file or registered name (instead of DETECT_MODELS)")
+    p.add_argument("--model", help="its name in the API (default: its detector family, e.g. faster_rcnn); "
+                                   "with DETECT_MODELS instead of --weights: the default model")
+    p.add_argument("--device", help=f"{DEVICE_HELP} (default: DETECT_DEVICE, else auto)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -64,7 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="faster_rcnn", choices=families(), help="detector family")
     p.add_argument("--weights", help="registered weights name or file (default: the bundled <model>_shapes)")
     p.add_argument("--num-images", type=positive_int, default=6, help="sample images to draw (default 6)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=_cmd_demo)
 
 
@@ -123,7 +144,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     formats = tuple(dict.fromkeys(args.format or ["jsonl"]))
     check_formats(formats)
     ray_options = _ray_options(args)
-    prepare_output_dir(args.out)
+    if args.out is None and args.resume:
+        raise ConfigError("--resume needs --out (the folder of the run to resume)")
+    out = Path(args.out) if args.out is not None else next_run_dir()
+    prepare_output_dir(out)
     weights = args.weights or default_weights(args.model)
     if ray_options is not None and args.backend != "torch":
         raise ConfigError("--backend onnxruntime runs with the local engine only")
@@ -131,14 +155,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     detector = load_model(weights, args.device, args.model, **backend) if ray_options is None else None
     class_names = detector.class_names if detector is not None else weights_class_names(weights)
     classes = None if args.classes is None else resolve_classes([c for c in args.classes.split(",") if c.strip()], class_names)
+    score = DEFAULT_SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
     options = PredictOptions(
         sources=tuple(args.sources),
-        out_dir=Path(args.out),
+        out_dir=out,
         recursive=args.recursive,
         batch_size=args.batch_size,
-        refinement=Refinement(args.score_threshold, args.iou_threshold, args.max_detections, classes),
+        refinement=Refinement(score, args.iou_threshold, args.max_detections, classes),
         formats=formats,
         save_images=args.save_images,
+        style=Style(args.line_width, args.hide_labels, args.hide_scores),
         resume=args.resume,
         workers=args.workers,
         proposal_workers=args.proposal_workers,
@@ -149,11 +175,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     else:
         from detect.engines import ray as ray_engine
 
-        model = ray_engine.ModelSource(weights, args.device, args.model)
+        model = ray_engine.ModelSource(weights, resolve_device(args.device), args.model)  # auto: as this machine
         summary = ray_engine.run(options, model, ray_options, progress=sys.stderr)
     if summary.images + summary.failed + summary.skipped == 0:
         print("error[no_inputs]: no image found in the given sources", file=sys.stderr)
         return EXIT_USAGE
+    done = summary.images + summary.skipped
+    print(f"saved {done} result{'s' if done != 1 else ''} to {out}", file=sys.stderr)
     return EXIT_PARTIAL if summary.failed else EXIT_OK
 
 
@@ -178,16 +206,51 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from api.service import check_weights
     from api.settings import Settings
 
+    from api.settings import ModelSpec
+
     settings = read_settings(Settings)
+    update: dict[str, object] = {}
     if args.backend is not None:
-        settings = settings.model_copy(update={"backend": args.backend})
+        update["backend"] = args.backend
+    if args.device is not None:
+        update["device"] = args.device
+    if args.weights is not None:  # one model, no DETECT_MODELS JSON needed
+        name = args.model or weights_family(args.weights)
+        update |= {"models": {name: ModelSpec(family=weights_family(args.weights), weights=args.weights)}, "default_model": name}
+    elif args.model is not None:
+        update["default_model"] = args.model
+    settings = settings.model_copy(update=update)
     check_weights(settings)
     if args.engine == "ray":
         return _serve_on_ray(args, settings)
     if args.address is not None or args.replicas is not None or args.autoscale is not None:
         raise ConfigError("--address, --replicas and --autoscale need --engine ray")
-    uvicorn.Server(server_config(create_app(settings), settings, args.host, args.port, log_level=args.log_level)).run()
+    app = create_app(settings)
+    app.state.service.address = f"http://{_url_host(args.host)}:{args.port}"
+    uvicorn.Server(server_config(app, settings, args.host, args.port, log_level=args.log_level)).run()
     return EXIT_OK
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def weights_family(weights: str) -> str:
+    """The detector family of registered weights or a weights file (a torchvision checkpoint is Faster R-CNN);
+    a :class:`WeightsError` (exit 2) when the weights are neither."""
+    from detect import weights as registered_weights
+    from detect.detectors import DETECTORS
+
+    try:
+        name = registered_weights.resolve(weights).architecture.get("builder")
+    except registered_weights.WeightsError:
+        if not Path(weights).is_file():
+            raise
+        try:
+            name = registered_weights.saved_architecture(weights)[0]
+        except (registered_weights.WeightsError, OSError, ValueError):
+            name = None  # not ours: a torchvision checkpoint, which load_detector reads as Faster R-CNN
+    return DETECTORS[name].family if name in DETECTORS else "faster_rcnn"
 
 
 def read_settings(settings_class: type) -> object:

@@ -8,7 +8,8 @@ Decisions for the batch run (:func:`run`):
   input's extension is kept, so ``a.jpg`` and ``a.png`` give ``a.jpg.json`` and ``a.png.json``; relative paths of
   normalised absolute paths under a common root contain no ``..``, so nothing is written outside ``DIR``.
   That per-image JSON is the one output per input (``detections: []`` when nothing is found); ``yolo`` adds
-  ``<rel>.txt`` beside it, ``--save-images`` ``<rel>.annotated.png``. The aggregate formats (``jsonl``,
+  ``<rel>.txt`` beside it, ``--save-images`` ``<rel>.annotated.<ext>``
+  (a JPEG input's copy is a JPEG, see :mod:`detect.drawing`). The aggregate formats (``jsonl``,
   ``coco``, ``csv``) are rebuilt at the end of every run from the per-image JSON of all inputs done so far,
   so a resumed run still produces complete files.
 * **One writer.** Output folder, per-image files, manifest and aggregates are written by
@@ -66,7 +67,8 @@ from detect.engines.outputs import (
     write_image_outputs,
 )
 from detect.errors import ConfigError, DetectError, OutputError, ProposalError, UnreadableFileError
-from detect.inference import Refinement, annotate, encode_png, forward_batch
+from detect.drawing import Style, draw_detections, encode_like
+from detect.inference import Refinement, forward_batch
 from detect.io import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, decode_image
 from detect.progress import Progress
 from detect.structures import Detections
@@ -158,6 +160,7 @@ class PredictOptions:
     refinement: Refinement = Refinement()
     formats: tuple[str, ...] = ("jsonl",)
     save_images: bool = False
+    style: Style = Style()
     resume: bool = False
     workers: int = 2
     proposal_workers: int = 0
@@ -341,7 +344,9 @@ def _process(
 def _write_outputs(
     out_dir: Path, item: Input, image: np.ndarray, detections: Detections, class_names: Sequence[str], options: PredictOptions
 ) -> None:
-    annotated = encode_png(annotate(image, detections, class_names)) if options.save_images else None
+    annotated = None
+    if options.save_images:
+        annotated = encode_like(draw_detections(image, detections, class_names, options.style), item.rel)
     write_image_outputs(out_dir, item.rel, detections.to_json(class_names), options.formats, annotated)
 
 

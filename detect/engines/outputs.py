@@ -9,7 +9,7 @@ Decisions:
   :class:`Manifest` writes files. A result that arrives twice (a Ray task retried after its actor died) is
   written once: the engine checks :meth:`Manifest.has_result` first.
 * **Per-image files are the truth.** ``<rel>.json`` is written last, after ``<rel>.txt`` (YOLO) and
-  ``<rel>.annotated.png``, and its manifest record after it, so ``done`` implies complete outputs. Aggregates are
+  ``<rel>.annotated.<ext>``, and its manifest record after it, so ``done`` implies complete outputs. Aggregates are
   rebuilt from the per-image JSON at the end of every run (a resumed run included), sorted by relative path, so
   they do not depend on the order results arrived in.
 * **Parquet** (``--format parquet``, ``predictions.parquet``) has one row per image: ``file``, ``width``,
@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from detect.drawing import annotated_suffix
 from detect.errors import ConfigError, DetectError, OutputError
 from detect.io import atomic_write
 
@@ -115,6 +116,21 @@ def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
     return path
 
 
+DEFAULT_RUN_DIR = Path("runs") / "predict"
+
+
+def next_run_dir(base: str | os.PathLike = DEFAULT_RUN_DIR) -> Path:
+    """The output folder of a run given no ``--out``: ``base`` when it does not exist yet, else the first of
+    ``base2``, ``base3``, ... that does not, so a run never mixes its outputs with an earlier run's."""
+    base = Path(base)
+    if not base.exists():
+        return base
+    number = 2
+    while (candidate := base.with_name(f"{base.name}{number}")).exists():
+        number += 1
+    return candidate
+
+
 def remove_stale_temporaries(out_dir: Path) -> None:
     """Delete the temporary files (``.<name>.<random>.tmp``) that :func:`atomic_write` leaves when a run is killed."""
     for path in out_dir.rglob(".*.tmp"):
@@ -141,16 +157,17 @@ def yolo_lines(result: dict) -> str:
 
 
 def write_image_outputs(
-    out_dir: Path, rel: str, result: dict, formats: Sequence[str], annotated_png: bytes | None = None
+    out_dir: Path, rel: str, result: dict, formats: Sequence[str], annotated: bytes | None = None
 ) -> None:
-    """The files of one input: ``<rel>.txt`` (YOLO), ``<rel>.annotated.png`` when given, then ``<rel>.json``
-    (``result`` as ``json.dumps`` writes it), last, as it marks the input complete. A folder that cannot be written
-    (permissions, a file in the way, a full disk) is an :class:`OutputError` for this input alone."""
+    """The files of one input: ``<rel>.txt`` (YOLO), ``<rel>.annotated.<ext>`` when given (encoded in the input's
+    format by :func:`detect.drawing.encode_like`, so ``<ext>`` is :func:`detect.drawing.annotated_suffix`'s), then
+    ``<rel>.json`` (``result`` as ``json.dumps`` writes it), last, as it marks the input complete. A folder that
+    cannot be written (permissions, a file in the way, a full disk) is an :class:`OutputError` for this input alone."""
     try:
         if "yolo" in formats:
             atomic_write(out_dir / f"{rel}.txt", yolo_lines(result).encode())
-        if annotated_png is not None:
-            atomic_write(out_dir / f"{rel}.annotated.png", annotated_png)
+        if annotated is not None:
+            atomic_write(out_dir / f"{rel}.annotated{annotated_suffix(rel)}", annotated)
         atomic_write(out_dir / f"{rel}.json", json.dumps(result).encode())
     except OSError as err:
         raise OutputError(f"cannot write the outputs of {rel}: {err.strerror or err}") from None

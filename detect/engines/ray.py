@@ -71,6 +71,7 @@ from detect.engines.outputs import (
     result_settings,
     write_image_outputs,
 )
+from detect.drawing import Style
 from detect.errors import ConfigError, DetectError, OutputError, UnreadableFileError
 
 RAY_MISSING = "--engine ray needs Ray, which is not installed: pip install 'detect[ray]'"
@@ -294,6 +295,7 @@ def _results(
             "model": ModelSource(model.weights, "cuda" if gpus >= 1 else model.device, model.family),
             "refinement": options.refinement,
             "save_images": options.save_images,
+            "style": options.style,
             "threads": max(1, int(ray_options.cpus_per_actor)),
         },
     )
@@ -357,7 +359,7 @@ def decode_source(path: str, max_pixels: int, max_side: int) -> np.ndarray:
 class Detector:
     """A Ray Data actor: one model, loaded once; each call runs one micro-batch and returns its JSON results."""
 
-    def __init__(self, model: ModelSource, refinement: Any, save_images: bool, threads: int) -> None:
+    def __init__(self, model: ModelSource, refinement: Any, save_images: bool, threads: int, style: Any = None) -> None:
         import torch
 
         from detect.inference import load_model
@@ -365,6 +367,7 @@ class Detector:
         torch.set_num_threads(threads)
         self.detector = load_model(model.weights, model.device, model.family)
         self.refinement, self.save_images = refinement, save_images
+        self.style = style if style is not None else Style()
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
@@ -382,7 +385,7 @@ class Detector:
     def _row(self, row: dict, result: Any, image: np.ndarray | None) -> dict:
         import json
 
-        from detect.inference import annotate, encode_png
+        from detect.drawing import draw_detections, encode_like
 
         out = {"path": row["path"], "rel": row["rel"], "code": row["code"], "reason": row["reason"], "result": None, "annotated": None}
         if isinstance(result, DetectError):
@@ -391,5 +394,7 @@ class Detector:
             detections = self.refinement.apply(result.to("cpu"))
             out["result"] = json.dumps(detections.to_json(self.detector.class_names))
             if self.save_images:
-                out["annotated"] = encode_png(annotate(image, detections, self.detector.class_names))
+                out["annotated"] = encode_like(
+                    draw_detections(image, detections, self.detector.class_names, self.style), row["rel"]
+                )
         return out

@@ -23,7 +23,7 @@ from detect.detectors.region import RegionDetector, RegionFeatures
 from detect.errors import ConfigError
 from detect.evaluate import ProposalCache, cache_keys, evaluate_detector, plot_pr_curves, write_report
 from detect.finetune import InitReport, freeze_backbone, init_detector
-from detect.inference import resolve_device
+from detect.inference import torch_device
 from detect.io import atomic_write
 from detect.pretrain import find_backbone, pretrain_backbone
 from detect.progress import Progress
@@ -79,7 +79,7 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.out = Path(config.out_dir)
-        self.device = resolve_device(config.device)
+        self.device = torch_device(config.device)
         self.train_data, self.val_data = data_splits(config)
         self.dataset, self.skipped = self._open(self.train_data, "training")
         self.val_dataset = None

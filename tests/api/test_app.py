@@ -266,3 +266,21 @@ def test_api_key_and_cors() -> None:
         assert "access-control-allow-origin" not in client.options(
             "/detect", headers={"origin": "http://evil.example", "access-control-request-method": "POST"}
         ).headers
+
+
+def test_default_score_threshold_is_for_people(caplog: pytest.LogCaptureFixture) -> None:
+    """Omitted (or null), the score threshold is 0.25, echoed in the parameters; 0 returns all the model keeps.
+    The service logs one ``ready`` line, with its models, when /readyz turns 200."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="detect.api"), running(StubDetector(scores=(0.9, 0.2, 0.05))) as c:
+        files = {"images": ("a.png", png(40, 20), "image/png")}
+        default = c.post("/detect", files=files).json()
+        everything = c.post("/detect", files=files, data={"score_threshold": "0"}).json()
+        nulled = c.post("/detect", json={"images": [{"data": base64.b64encode(png(40, 20)).decode()}], "score_threshold": None}).json()
+    assert default["parameters"]["score_threshold"] == 0.25 and nulled["parameters"]["score_threshold"] == 0.25
+    assert [d["score"] for d in default["images"][0]["detections"]] == [0.9]
+    assert [d["score"] for d in nulled["images"][0]["detections"]] == [0.9]
+    assert [round(d["score"], 2) for d in everything["images"][0]["detections"]] == [0.9, 0.2, 0.05]
+    ready = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ready:")]
+    assert ready == [f"ready: serving stub ({len(StubDetector.class_names)} classes) on cpu"]
