@@ -35,6 +35,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from detect import detectors
 from detect.data.shapes import ShapesConfig, ShapesDataset
 from detect.detectors.faster_rcnn import FasterRCNN
 from detect.detectors.rcnn import RCNN
@@ -56,7 +57,7 @@ __all__ = [
     "side_by_side",
 ]
 
-FAMILIES = (("rcnn", "R-CNN"), ("sppnet", "SPP-Net"), ("faster_rcnn", "Faster R-CNN"))
+FAMILIES = detectors.generations()  # (family, paper title), oldest first: the registry's, not a second table
 """The three generations in paper order: family name and the label the table and the picture use."""
 
 STAGES = ("proposals", "features", "pooling", "heads", "NMS")

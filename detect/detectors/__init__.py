@@ -89,6 +89,16 @@ def families() -> tuple[str, ...]:
     return tuple(dict.fromkeys(e.family for e in DETECTORS.values()))
 
 
+def generations() -> tuple[tuple[str, str], ...]:
+    """``(family, paper title)`` in the order the papers appeared (R-CNN, SPP-Net, Faster R-CNN): the columns of
+    ``detect compare``; read from each family's model class (``title``, ``published``)."""
+    first = {}
+    for e in DETECTORS.values():
+        first.setdefault(e.family, e.cls)
+    ordered = sorted(first.items(), key=lambda item: item[1].published)
+    return tuple((family, cls.title) for family, cls in ordered)
+
+
 def entry(name: str) -> DetectorEntry:
     """The registry entry of detector ``name``; :class:`ConfigError` naming the known ones otherwise."""
     if name not in DETECTORS:

@@ -116,6 +116,9 @@ class FasterRCNN(nn.Module):
     """A Faster R-CNN detector; see the module docstring. Build one with a builder of the registry (:mod:`detect.detectors`); load trained weights with
     :func:`detect.weights.load_detector`."""
 
+    title = "Faster R-CNN"  # the paper's name, in tables and pictures (detect compare)
+    published = 2015  # orders the generations: R-CNN (CVPR 2014), SPP-Net (ECCV 2014), Faster R-CNN (NIPS 2015)
+
     def __init__(
         self,
         backbone: Backbone,

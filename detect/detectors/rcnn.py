@@ -102,6 +102,9 @@ class RCNN(RegionDetector):
     :func:`rcnn_vgg16`, or pass any conv net that maps ``(k, 3, S, S)`` crops to a map ``pool5`` reduces to a fixed
     size."""
 
+    title = "R-CNN"  # the paper's name, in tables and pictures (detect compare)
+    published = 2014  # orders the generations: R-CNN (CVPR 2014), SPP-Net (ECCV 2014), Faster R-CNN (NIPS 2015)
+
 
     def __init__(
         self,

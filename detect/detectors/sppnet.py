@@ -179,6 +179,9 @@ class SPPNet(RegionDetector):
     whose cell ``i`` is centred at pixel ``stride * i + offset``; see the module docstring. Build the paper's with
     :func:`sppnet_alexnet` or :func:`sppnet_vgg16`."""
 
+    title = "SPP-Net"  # the paper's name, in tables and pictures (detect compare)
+    published = 2014.5  # orders the generations: R-CNN (CVPR 2014), SPP-Net (ECCV 2014), Faster R-CNN (NIPS 2015)
+
 
     def __init__(
         self,

@@ -84,3 +84,12 @@ def test_a_detector_added_by_one_module_and_one_line_is_everywhere(
 
     assert configured_models(Settings())["mine"].weights == "mine_shapes"
     capsys.readouterr()
+
+
+def test_compare_takes_its_columns_from_the_registry() -> None:
+    """One family table (issue 21, item 11): detect compare's columns are the registry's families, oldest paper
+    first, titled by their model classes."""
+    from detect import compare, detectors
+
+    assert compare.FAMILIES == (("rcnn", "R-CNN"), ("sppnet", "SPP-Net"), ("faster_rcnn", "Faster R-CNN"))
+    assert {family for family, _ in compare.FAMILIES} == set(detectors.families())
