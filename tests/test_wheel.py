@@ -58,4 +58,4 @@ def test_a_wheel_install_runs_the_demo_and_finds_the_recipes(tmp_path: Path) -> 
                           capture_output=True, text=True, timeout=600)
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert "VOC mAP@0.5" in demo.stdout + demo.stderr
-    assert (work / "demo" / "predictions.jsonl").is_file()
+    assert (work / "demo" / "detections" / "predictions.jsonl").is_file()
