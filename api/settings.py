@@ -48,6 +48,17 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(16, gt=0, description="capped by queue_size (see image_limit)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     max_side: int = Field(DEFAULT_MAX_SIDE, gt=0)
+    decode_budget_bytes: int = Field(
+        384 * 1024 * 1024,
+        gt=0,
+        description="decoded images in flight across all requests (decoding's peak, estimated from the header, then "
+        "the decoded arrays until their answer): an image that does not fit waits, at most decode_wait_s, then 503 "
+        "(api/memory.py). The default decodes two 40 MP RGB PNGs at once",
+    )
+    decode_wait_s: float = Field(10.0, ge=0, description="how long an image waits for the decoding budget; then 503")
+    decode_max_side: int = Field(
+        2000, gt=0, description="long side images are decoded at (at least) for models that declare no input size (R-CNN)"
+    )
 
     max_batch: int = Field(8, gt=0, description="images per forward pass")
     inference_workers: int = Field(1, ge=1, le=8, description="forward passes that may run at once (threads)")
