@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import os
 import sys
 from pathlib import Path
@@ -55,6 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--insecure", action="store_true",
+                   help="serve beyond loopback without DETECT_API_KEY on purpose (silences the warning)")
     _add_backend_option(p, None)
     _add_serve_engine_options(p)
     p.set_defaults(func=_cmd_serve)
@@ -180,6 +184,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = read_settings(Settings)
     if args.backend is not None:
         settings = settings.model_copy(update={"backend": args.backend})
+    warning = exposure_warning(args.host, settings.api_key is not None, args.insecure)
+    if warning is not None:
+        logging.getLogger("detect.serve").warning("%s", warning)
     check_weights(settings)
     if args.engine == "ray":
         return _serve_on_ray(args, settings)
@@ -187,6 +194,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--address, --replicas and --autoscale need --engine ray")
     uvicorn.Server(server_config(create_app(settings), settings, args.host, args.port, log_level=args.log_level)).run()
     return EXIT_OK
+
+
+def exposure_warning(host: str, has_key: bool, insecure: bool) -> str | None:
+    """The warning for a service reachable beyond this machine with no API key (``None`` when the host is
+    loopback, a key is set, or ``--insecure`` says it is meant)."""
+    if has_key or insecure or _is_loopback(host):
+        return None
+    return (f"serving on {host} without an API key: anyone who can reach this address can use the service; set "
+            f"DETECT_API_KEY (clients send it in X-API-Key), or pass --insecure to serve openly on purpose")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def read_settings(settings_class: type) -> object:
