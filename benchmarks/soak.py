@@ -67,9 +67,7 @@ import json
 import os
 import random
 import sys
-import struct
 import tempfile
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +81,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.service import choose_weights, server, status_kib  # noqa: E402
+from detect.testing import zero_png  # noqa: E402
 
 BODY_LIMIT = 2 * 1024 * 1024
 SOAK_MIX = {"valid": 0.80, "corrupt": 0.08, "oversized": 0.06, "disconnect": 0.06}
@@ -99,18 +98,6 @@ def multipart_request(host: str, image: bytes, declared: int | None = None) -> b
     head = (f"POST /detect HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=soak\r\n"
             f"Content-Length: {declared if declared is not None else len(body)}\r\nConnection: close\r\n\r\n")
     return head.encode() + body
-
-
-def zero_png(width: int, height: int) -> bytes:
-    """An all-zero RGB PNG compressed row by row: 40 MP in about 116 KB, 120 MB once decoded."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    packer = zlib.compressobj(9)
-    row = b"\x00" + bytes(width * 3)
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 @dataclass(frozen=True)

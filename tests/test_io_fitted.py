@@ -19,9 +19,15 @@ from PIL import Image
 
 from detect.errors import ImageError
 from detect.io import DEFAULT_MAX_PIXELS, decode_fitted, decode_image, plan_decode, reduction_factor
-from tests.test_io import encode, png_by_hand
+from detect.testing import zero_png
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def encode(image: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
 
 
 def noise(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -97,7 +103,7 @@ def test_exif_rotation_gives_the_upright_original_size() -> None:
 
 def test_pillow_bomb_guard_message_quotes_our_limit() -> None:
     """Before the fix the 413 said Pillow's 89478485 pixels, a limit the service does not have."""
-    header = png_by_hand(10_000, 10_000)  # above Pillow's warning level
+    header = zero_png(10_000, 10_000, rows=0)  # above Pillow's warning level
     with pytest.raises(ImageError) as caught:
         decode_image(header)
     assert caught.value.code == "image_too_large"
@@ -106,22 +112,15 @@ def test_pillow_bomb_guard_message_quotes_our_limit() -> None:
 
 PEAK_SCRIPT = textwrap.dedent(
     """
-    import json, sys, zlib, struct
+    import json, sys
     from detect.io import decode_fitted, plan_decode
+    from detect.testing import zero_png
 
     def high_water():  # VmHWM: this process's own peak (ru_maxrss would include the parent's, from before exec)
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    width, height = 8000, 5000  # 40 MP, all zero: a ~116 KB file
-    packer = zlib.compressobj(9)
-    row = b"\\x00" + bytes(width * 3)
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    data = (b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    data = zero_png(8000, 5000)  # 40 MP, all zero: a ~116 KB file
     fit = None if sys.argv[1] == "full" else (800, 1333)
     before = high_water()
     plan = plan_decode(data, fit)

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import struct
-import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -23,6 +20,7 @@ from api.app import create_app
 from api.memory import MemoryBudget, decode_fit, to_original
 from api.settings import Settings
 from detect.errors import ImageTooLargeError, ServiceBusyError
+from detect.testing import zero_png
 from tests.helpers import StubDetector, png, serve, wait_ready
 
 
@@ -44,18 +42,6 @@ class SizedStub(StubDetector):
     def __call__(self, images, **kwargs):
         self.seen += [image.shape[:2] for image in images]
         return super().__call__(images, **kwargs)
-
-
-def zero_png(width: int, height: int) -> bytes:
-    """An all-zero RGB PNG, compressed row by row: 40 MP in about 116 KB."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    packer = zlib.compressobj(9)
-    row = b"\x00" + bytes(width * 3)
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 # --- the budget alone ----------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import httpx
 import pytest
 import uvicorn
 
+from detect.testing import zero_png
 from tests.helpers import png, running
-from tests.test_io import png_by_hand
 
 KEY = {"x-api-key": "s3cret"}
 DOCS = ("/docs", "/redoc", "/openapi.json")
@@ -60,7 +60,7 @@ def test_a_refused_cors_preflight_answers_in_the_error_shape() -> None:
 
 def test_the_413_of_a_huge_header_quotes_our_pixel_limit() -> None:
     with running() as client:  # the default limit, 40 MP; Pillow's own guard (89 MP) fires first on 10^8 pixels
-        bomb = png_by_hand(10_000, 10_000)
+        bomb = zero_png(10_000, 10_000, rows=0)
         error = error_of(client.post("/detect", files={"images": ("b.png", bomb, "image/png")}), 413)
         assert error["code"] == "image_too_large" and "40000000" in error["message"] and "89478485" not in error["message"]
 
