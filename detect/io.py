@@ -295,7 +295,7 @@ def _prepare(image: ImageFile.ImageFile, fmt: str, fit: Fit | None) -> DecodePla
     decoded = width * height
     stored = decoded * _STORED_BYTES.get(image.mode, 4)
     if reduce > 1 and _reducible(image):
-        converted = 0
+        converted = decoded * 4 if image.mode in ("RGBA", "LA") else 0  # Pillow reduces alpha premultiplied (a copy)
     elif image.mode in ("I", "F"):
         converted = decoded * 26  # float64 copies and masks of the range stretch (:func:`_stretch_to_eight`)
     elif image.mode in _SIXTEEN_BIT_MODES:
@@ -310,9 +310,13 @@ def _prepare(image: ImageFile.ImageFile, fmt: str, fit: Fit | None) -> DecodePla
 
 
 def _reducible(image: Image.Image) -> bool:
-    """Whether ``image`` can be box-reduced before its conversion to 8-bit RGB (grey and RGB without a colour key,
-    32-bit integer and float grey, whose range stretch then runs on the reduced pixels)."""
-    return image.mode in ("I", "F") or (image.mode in ("L", "RGB") and not image.has_transparency_data)
+    """Whether ``image`` can be box-reduced before its conversion to 8-bit RGB: grey and RGB without a colour key;
+    RGBA and LA, which Pillow reduces premultiplied, so compositing the reduced image over the background is the
+    block mean of the composited pixels (compositing is linear in premultiplied colour and alpha); and 32-bit
+    integer and float grey, whose range stretch then runs on the reduced pixels."""
+    if image.mode in ("I", "F", "RGBA", "LA"):
+        return True
+    return image.mode in ("L", "RGB") and not image.has_transparency_data
 
 
 @contextmanager

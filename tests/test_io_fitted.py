@@ -77,6 +77,18 @@ def test_a_reduced_png_is_the_block_mean_of_the_full_decode(mode: str) -> None:
     assert np.abs(fitted.pixels - reference).max() <= 1.0
 
 
+def test_a_reduced_translucent_png_is_the_block_mean_of_the_composited_full_decode() -> None:
+    """RGBA is reduced premultiplied, then composited: the same as compositing, then averaging, up to the
+    roundings of premultiplying, un-premultiplying and compositing (2 levels)."""
+    pixels = np.concatenate([noise(150, 203), noise(150, 203, seed=5)[:, :, :1]], axis=2)  # random alpha
+    data = encode(Image.fromarray(pixels, "RGBA"), "PNG")
+    plan = plan_decode(data, (20, 40))
+    assert plan.peak_bytes < 150 * 203 * (4 + 4 + 8) + 1  # the pixels, one premultiplied copy, small ones
+    fitted = decode_fitted(data, (20, 40))
+    assert fitted.factor == 7
+    assert np.abs(fitted.pixels - block_means(decode_image(data), 7)).max() <= 2.0
+
+
 def test_a_large_jpeg_is_dct_scaled_never_decoded_at_full_size() -> None:
     pixels = np.kron(noise(96, 128, seed=1), np.ones((32, 32, 1), np.uint8))  # 3072x4096, flat 32 px blocks
     data = encode(Image.fromarray(pixels), "JPEG", quality=95)
