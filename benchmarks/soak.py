@@ -49,6 +49,12 @@ the run; bundled ``faster_rcnn_shapes``, 160 px JPEG, defaults otherwise), ``pyt
 * overload, 60 s at 249.8 req/s (3x): 14861 sent, all answered (4164 200s at 69.4 req/s, 10697 503s), no 500,
   **p99 of the 503s 10.1 ms** (p50 1.3 ms, max 36.8 ms).
 
+Hostile memory (issue 21; same machine at load average 8-26, ``--skip-soak --skip-overload``): before the
+decoding budget and decoding for the model's input size, ONE upload of the 40 MP zero PNG raised the server's
+peak RSS by 1948 MiB and took 12.7 s; now one upload adds 153 MiB (0.9 s) and 16 concurrent uploads, twice,
+add 325-389 MiB above an idle ~1000 MiB (28-31 of 32 answered 200, the rest 503 after waiting 10 s for the
+budget on the saturated machine; none lost, no 500).
+
 What the first runs found, and the fixes in ``api/``: 13 of 987 oversized uploads got a connection reset
 instead of their 413 (the lingering close of ``api/server.py``); the server's RSS grew 10 % in 300 s with
 decoding on anyio's 40 threads (a pool of one thread per core, ``DETECT_REQUEST_WORKERS``: flat); the p99 of
