@@ -22,6 +22,10 @@ same inputs with the same :mod:`detect.errors` codes. Decisions:
   stretched onto 0..255. 16-bit colour PNGs are reduced by Pillow itself to the high byte (``v >> 8``, within
   one level of ``round(v / 257)``). CMYK (Adobe-inverted included), YCbCr, LAB and palettes use Pillow's
   conversions; no ICC colour management is applied.
+* **Decoding for a detector** (:func:`decode_fitted`, :func:`plan_decode`): an image at least twice a detector's
+  input size is reduced while decoding (JPEG by DCT scaling, others by an integer box filter before any other
+  full-size copy), and the peak memory is estimated from the header first, so a service can budget it. Smaller
+  images, and :func:`decode_image`, decode at full size exactly as before.
 * **EXIF orientation** (tag 274, values 1-8) is read from the opened file and applied with the same
   transposes as ``ImageOps.exif_transpose``. That function is not used because it also re-serialises the EXIF
   block, after transposing in place, and raises on tags Pillow cannot write back; a missing, malformed or
@@ -281,7 +285,7 @@ _STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;1
 def _prepare(image: ImageFile.ImageFile, fmt: str, fit: Fit | None) -> DecodePlan:
     """Choose the reduction for ``fit``, apply a JPEG's DCT scaling to the opened (not yet decoded) image, and
     estimate the peak memory of decoding it. Deterministic: :func:`plan_decode` and :func:`decode_fitted` agree."""
-    info = ImageInfo(image.format or fmt, image.width, image.height, image.mode, 1)
+    info = ImageInfo(image.format or fmt, image.width, image.height, image.mode, 1)  # frames: not counted here
     factor = reduction_factor(image.width, image.height, fit)
     draft = 1
     if factor > 1 and isinstance(image, JpegImagePlugin.JpegImageFile):
