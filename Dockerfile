@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
 # The detection service. CPU PyTorch by default:
 #   docker build -t detect .
-#   docker run -p 8000:8000 detect
+#   docker run -p 8000:8000 -e DETECT_API_KEY="$(openssl rand -hex 32)" detect
+# The container listens on 0.0.0.0: without DETECT_API_KEY anyone who reaches the port can use it, and `detect
+# serve` logs a warning saying so (`--insecure` in the command silences it, for a service that is open on purpose).
 # GPU: CUDA wheels, which carry the CUDA runtime (the host driver comes in with --gpus all):
 #   docker build -t detect:gpu --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .
 #   docker run --gpus all -e DETECT_DEVICE=cuda -p 8000:8000 detect:gpu

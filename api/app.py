@@ -27,13 +27,21 @@ Decisions:
   else is 415. Every file part of a form is an image. The image limit (:attr:`api.settings.Settings.image_limit`)
   is one limit with one answer, 413 ``too_many_images``, for JSON and multipart at any count: the form parser
   stops at the first file past it.
-* The API key is compared as UTF-8 bytes with the header's raw bytes, in constant time.
+* The API key is compared as UTF-8 bytes with the header's raw bytes, in constant time. When one is set it
+  guards ``/docs``, ``/redoc`` and ``/openapi.json`` (which describe the service to whoever reads them) and
+  ``/metrics`` as well, unless ``DETECT_PUBLIC_DOCS`` / ``DETECT_PUBLIC_METRICS`` open them (:class:`KeyGuard`;
+  a browser cannot send the header, so a team that wants Swagger UI in a browser opens the docs). The probes
+  stay open for orchestrators.
+* A refused CORS preflight answers in the error shape (400 ``cors_refused``), not Starlette's plain text.
+* ``POST /detect`` takes its parameters in the body: a query parameter it does not know is 422
+  ``invalid_request`` (it used to be ignored silently, so a misspelt option did nothing without a word).
 * ``GET /`` is a web page for people (``api/static/``: plain HTML, CSS and JavaScript, no build step, nothing
   fetched from elsewhere). It uses the public ``GET /models`` and ``POST /detect`` like any client, with the API
   key typed into it. ``/docs`` (Swagger UI) and ``/redoc`` load their scripts from this app too, from the assets
   the ``fastapi-offline`` package ships (MIT), so they work where the service has no internet; ReDoc's Google
   fonts are left out, and a Content-Security-Policy keeps these pages from loading anything from elsewhere
-  (ReDoc's footer logo would come from its CDN). The page, its assets and the docs are open like the probes: they hold no data.
+  (ReDoc's footer logo would come from its CDN). The page and its assets are open like the probes (they hold no
+  data and ask for the key themselves); the docs follow the key rule above.
 * The OpenAPI document describes what the route really accepts: JSON fields may be ``null`` (meaning omitted);
   form fields are text, so in ``multipart/form-data`` they are not nullable (omit one instead), and ``images``
   is required with at most ``image_limit`` files.
@@ -55,10 +63,10 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import ValidationError
-from starlette.datastructures import FormData, UploadFile
+from pydantic import SecretStr, ValidationError
+from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
@@ -85,6 +93,8 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 415, 422, 503, 504)
 }
 _MAX_FORM_FIELDS = 64
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+DETECT_QUERY_PARAMETERS: frozenset[str] = frozenset()  # every parameter of POST /detect is in its body
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -139,6 +149,50 @@ class BodyGuard:
         await self.app(scope, guarded_receive, guarded_send)
 
 
+def key_matches(given: bytes, key: SecretStr) -> bool:
+    """The header's raw bytes against the key's UTF-8 bytes, in constant time."""
+    return hmac.compare_digest(given, key.get_secret_value().encode("utf-8"))
+
+
+class KeyGuard:
+    """401 ``unauthorized`` on ``paths`` without the right ``X-API-Key``: the routes FastAPI adds itself (the
+    docs) and ``/metrics``, when the key is set and they are not opened (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, paths: frozenset[str], key: SecretStr) -> None:
+        self.app, self.paths, self.key = app, paths, key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            given = next((value for name, value in scope["headers"] if name == b"x-api-key"), b"")
+            if not key_matches(given, self.key):
+                refusal = error_response(401, UnauthorizedError.code, "a valid X-API-Key header is required")
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class JSONCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS handling, but a refused preflight answers 400 in the error shape (its CORS headers kept)."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")  # e.g. "origin, method"
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        message = f"CORS preflight refused: this origin, method or header is not allowed ({refused})"
+        return error_response(response.status_code, "cors_refused", message, headers)
+
+
+def refuse_unknown_query(request: Request, known: frozenset[str]) -> None:
+    """422 ``invalid_request`` naming the first query parameter not in ``known``."""
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        where = f"takes {', '.join(sorted(known))}" if known else "takes its parameters in the body"
+        raise RequestValidationError(
+            [{"loc": ("query", unknown[0]), "msg": f"unknown query parameter ({request.method} {request.url.path} {where})", "type": "extra_forbidden"}]
+        )
+
+
 class MetricsMiddleware:
     """Counts requests by path and status, and times them (``/metrics`` itself included). The outermost of our
     middlewares: an exception nothing handled is logged here once, with its traceback, and answers 500."""
@@ -186,8 +240,11 @@ def create_app(settings: Settings | None = None, detectors: dict[str, Any] | Non
     _add_error_handlers(app)
     _add_routes(app, service, settings)
     _add_pages(app)
+    guarded = (frozenset() if settings.public_docs else DOCS_PATHS) | (frozenset() if settings.public_metrics else {"/metrics"})
+    if settings.api_key is not None and guarded:
+        app.add_middleware(KeyGuard, paths=guarded, key=settings.api_key)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"])
+        app.add_middleware(JSONCORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"])
     app.add_middleware(BodyGuard, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware, service=service)
     _document_detect_body(app, settings)
@@ -231,7 +288,7 @@ def _add_routes(app: FastAPI, service: DetectionService, settings: Settings) -> 
         if settings.api_key is None:
             return
         given = request.headers.get("x-api-key", "").encode("latin-1")  # Starlette decodes as Latin-1: the raw bytes
-        if not hmac.compare_digest(given, settings.api_key.get_secret_value().encode("utf-8")):
+        if not key_matches(given, settings.api_key):
             raise UnauthorizedError("a valid X-API-Key header is required")
 
     @app.get("/healthz", response_model=Health, tags=["probes"])
@@ -272,6 +329,7 @@ def _add_routes(app: FastAPI, service: DetectionService, settings: Settings) -> 
     @app.post("/detect", response_model=DetectResponse, dependencies=[Depends(require_api_key)], name="detect")
     async def detect(request: Request) -> dict:
         """Detect objects in one or several images (multipart files, or JSON with base64 data)."""
+        refuse_unknown_query(request, DETECT_QUERY_PARAMETERS)
         service.admit()  # a full queue or a service not ready refuses before the body is read
         params, sources = await _read_detect_request(request, settings)
         return await service.detect(params, sources)

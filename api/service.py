@@ -74,6 +74,7 @@ from typing import Any
 import anyio
 import numpy as np
 
+from api.memory import MemoryBudget, Reservation, decode_fit, to_original
 from api.schemas import DetectParams
 from api.settings import ModelSpec, Settings
 from detect import weights as registered_weights
@@ -88,7 +89,7 @@ from detect.errors import (
     UnsupportedProposalsError,
     WeightsError,
 )
-from detect.io import decode_image
+from detect.io import Fit, decode_fitted, plan_decode
 from detect.ops import warmup as ops_warmup
 from detect.detectors import families
 from detect.drawing import draw_detections
@@ -441,6 +442,8 @@ class ImageOutcome:
     image: np.ndarray | None = None
     error: DetectError | None = None
     decode_s: float = 0.0
+    factor: int = 1  # the image was decoded ``factor`` times smaller than the original (api/memory.py)
+    original_size: tuple[int, int] | None = None  # (H, W) upright
 
 
 class DetectionService:
@@ -457,6 +460,7 @@ class DetectionService:
         self._startup: asyncio.Task | None = None
         self._workers: ThreadPoolExecutor | None = None
         self.address: str | None = None  # where clients reach the service, for the ready line (set by `detect serve`)
+        self.budget = MemoryBudget(settings.decode_budget_bytes, settings.decode_wait_s, settings.retry_after_s)
 
     # lifecycle -------------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -592,8 +596,30 @@ class DetectionService:
         self.batcher.check_room(len(sources), self.settings.retry_after_s)
         loop = asyncio.get_running_loop()
         ticket = self.batcher.announce(len(sources))
+        held: list[Reservation] = []  # released when the answer is built, or when abandoned decodes end
         try:
-            outcomes = await asyncio.gather(*(loop.run_in_executor(self._workers, self._decode, i, s) for i, s in sources))
+            return await self._decoded_answer(params, sources, model, refinement, kwargs, ticket, held)
+        finally:
+            for reservation in held:
+                reservation.release()
+
+    async def _decoded_answer(
+        self,
+        params: DetectParams,
+        sources: Sequence[tuple[str | None, bytes | str]],
+        model: LoadedModel,
+        refinement: Refinement,
+        kwargs: dict[str, str],
+        ticket: Ticket,
+        held: list[Reservation],
+    ) -> dict:
+        loop = asyncio.get_running_loop()
+        fit = decode_fit(model.detector, self.settings.decode_max_side)
+        try:
+            outcomes = await asyncio.gather(*(self._decode_in_budget(i, s, fit, held) for i, s in sources))
+            busy = next((o.error for o in outcomes if isinstance(o.error, ServiceBusyError)), None)
+            if busy is not None:  # like a full queue: the request is refused whole
+                raise busy
             if len(outcomes) == 1 and outcomes[0].error is not None:
                 raise outcomes[0].error
             good = [o for o in outcomes if o.image is not None]
@@ -620,16 +646,48 @@ class DetectionService:
             "images": items,
         }
 
-    def _decode(self, image_id: str | None, source: bytes | str) -> ImageOutcome:
+    async def _decode_in_budget(
+        self, image_id: str | None, source: bytes | str, fit: Fit, held: list[Reservation]
+    ) -> ImageOutcome:
+        """Read the header, reserve the decoding's memory from the budget (waiting for it if need be), decode
+        reduced for ``fit``, keep the decoded array's bytes reserved (see :mod:`api.memory`)."""
+        loop = asyncio.get_running_loop()
         start = time.perf_counter()
+        planned = await loop.run_in_executor(self._workers, self._plan, source, fit)
+        if isinstance(planned, DetectError):
+            return ImageOutcome(image_id, error=planned)
+        data, peak_bytes = planned
+        planning_s = time.perf_counter() - start
+        try:
+            reservation = await self.budget.acquire(peak_bytes)
+        except DetectError as err:
+            return ImageOutcome(image_id, error=err)
+        held.append(reservation)
+        decoding = loop.run_in_executor(self._workers, self._decode, image_id, data, fit)
+        reservation.covers(decoding)
+        outcome = await decoding
+        reservation.resize(0 if outcome.image is None else outcome.image.nbytes)
+        outcome.decode_s += planning_s
+        return outcome
+
+    def _plan(self, source: bytes | str, fit: Fit) -> tuple[bytes, int] | DetectError:
+        """The image's bytes (base64 decoded) and its decoding's estimated peak memory, from the header."""
         try:
             data = _b64decode(source) if isinstance(source, str) else source
-            image = decode_image(data, max_pixels=self.settings.max_pixels, max_side=self.settings.max_side)
+            plan = plan_decode(data, fit, self.settings.max_pixels, self.settings.max_side)
+        except DetectError as err:
+            return err
+        return data, plan.peak_bytes
+
+    def _decode(self, image_id: str | None, data: bytes, fit: Fit) -> ImageOutcome:
+        start = time.perf_counter()
+        try:
+            fitted = decode_fitted(data, fit, self.settings.max_pixels, self.settings.max_side)
         except DetectError as err:
             return ImageOutcome(image_id, error=err)
         seconds = time.perf_counter() - start
         self.metrics.observe_stage("decode", seconds)
-        return ImageOutcome(image_id, image, decode_s=seconds)
+        return ImageOutcome(image_id, fitted.pixels, decode_s=seconds, factor=fitted.factor, original_size=fitted.original_size)
 
     def _item(
         self, outcome: ImageOutcome, inference: Inference | None, model: LoadedModel, refinement: Refinement, draw: bool
@@ -640,8 +698,9 @@ class DetectionService:
             return {"id": outcome.id, "error": {"code": error.code, "message": error.message}, "_exception": error}
         start = time.perf_counter()
         detections = refinement.apply(inference.detections.to("cpu"))
-        item = {"id": outcome.id, **detections.to_json(model.detector.class_names)}
-        if draw:
+        original = to_original(detections, outcome.factor, outcome.original_size or detections.image_size)
+        item = {"id": outcome.id, **original.to_json(model.detector.class_names)}
+        if draw:  # drawn on the decoded pixels: smaller than the original when it was decoded reduced
             item["annotated_png"] = png_base64(draw_detections(outcome.image, detections, model.detector.class_names))
         post_s = time.perf_counter() - start
         stages = inference.detections.extras.get("timings_ms")

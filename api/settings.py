@@ -6,8 +6,11 @@ list``, or a file), e.g. ``{"faster_rcnn": {"family": "faster_rcnn", "weights": 
 Unset or empty, the server serves the bundled shapes models: each registered ``<family>_shapes`` entry under its
 family name (``faster_rcnn``, ``sppnet``, ``rcnn``), ``faster_rcnn`` the default (see
 :func:`api.service.configured_models`). An empty variable counts as unset, for every setting. List-valued
-settings (``DETECT_CORS_ORIGINS``) are JSON lists. The API key, when set, is required in ``X-API-Key`` on ``/detect`` and
-``/models``; the probes and ``/metrics`` stay open for orchestrators and scrapers. The key is compared as UTF-8
+settings (``DETECT_CORS_ORIGINS``) are JSON lists. The API key, when set, is required in ``X-API-Key`` on ``/detect``,
+``/models``, the docs (``/docs``, ``/redoc``, ``/openapi.json``) and ``/metrics``; ``DETECT_PUBLIC_DOCS`` and
+``DETECT_PUBLIC_METRICS`` open the last two groups (a browser cannot send the header; a scraper may not). The
+probes stay open for orchestrators. ``detect serve`` warns when it listens beyond loopback without a key
+(``--insecure`` silences it). The key is compared as UTF-8
 bytes: a client sends the UTF-8 encoding of ``DETECT_API_KEY`` as the header's bytes (HTTP headers carry bytes;
 a key typed in another encoding, e.g. Latin-1, is refused).
 
@@ -48,6 +51,17 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(16, gt=0, description="capped by queue_size (see image_limit)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     max_side: int = Field(DEFAULT_MAX_SIDE, gt=0)
+    decode_budget_bytes: int = Field(
+        384 * 1024 * 1024,
+        gt=0,
+        description="decoded images in flight across all requests (decoding's peak, estimated from the header, then "
+        "the decoded arrays until their answer): an image that does not fit waits, at most decode_wait_s, then 503 "
+        "(api/memory.py). The default decodes two 40 MP RGB PNGs at once",
+    )
+    decode_wait_s: float = Field(10.0, ge=0, description="how long an image waits for the decoding budget; then 503")
+    decode_max_side: int = Field(
+        2000, gt=0, description="long side images are decoded at (at least) for models that declare no input size (R-CNN)"
+    )
 
     max_batch: int = Field(8, gt=0, description="images per forward pass")
     inference_workers: int = Field(1, ge=1, le=8, description="forward passes that may run at once (threads)")
@@ -76,6 +90,8 @@ class Settings(BaseSettings):
 
     cors_origins: list[str] = Field(default_factory=list)
     api_key: SecretStr | None = None
+    public_docs: bool = Field(False, description="/docs, /redoc and /openapi.json without the API key")
+    public_metrics: bool = Field(False, description="/metrics without the API key (for a scraper that cannot send it)")
 
     @property
     def image_limit(self) -> int:

@@ -9,10 +9,16 @@
    counts from ``/metrics``, and its resident memory at the start and the end (flat within 5 %).
 3. **Overload**: ``--overload`` (default 3x) capacity for ``--overload-seconds`` (default 60) of valid uploads
    only: every request must be answered 200 or a fast 503 (p99 of the 503s under 50 ms), no 500, none lost.
+4. **Hostile memory** (issue 21): ``--hostile-uploads`` (default 16) concurrent uploads of a 116 KB all-zero PNG
+   that declares 40 MP (8000x5000, within the default pixel limit), ``--hostile-rounds`` times. Printed: the
+   answers (200, or 503 when the decoding budget stayed full past ``DETECT_DECODE_WAIT_S``), and the server's
+   peak RSS above its idle RSS (the kernel's high-water mark, reset before the phase through
+   ``/proc/PID/clear_refs``): goal at most 1.5 GB, none lost, no 500.
 
     python benchmarks/soak.py                                   # capacity, 300 s soak, 60 s overload
     python benchmarks/soak.py --seconds 60 --overload-seconds 20
-    python benchmarks/soak.py --skip-overload   |   --skip-soak
+    python benchmarks/soak.py --skip-overload   |   --skip-soak   |   --skip-hostile
+    python benchmarks/soak.py --skip-soak --skip-overload          # the hostile-memory phase alone (no capacity run)
 
 Decisions:
 
@@ -42,6 +48,12 @@ the run; bundled ``faster_rcnn_shapes``, 160 px JPEG, defaults otherwise), ``pyt
   before their body was read); **RSS 998 MiB at the start, 1043 MiB at the end (+4.5 %, the second half -1.3 %)**;
 * overload, 60 s at 249.8 req/s (3x): 14861 sent, all answered (4164 200s at 69.4 req/s, 10697 503s), no 500,
   **p99 of the 503s 10.1 ms** (p50 1.3 ms, max 36.8 ms).
+
+Hostile memory (issue 21; same machine at load average 8-26, ``--skip-soak --skip-overload``): before the
+decoding budget and decoding for the model's input size, ONE upload of the 40 MP zero PNG raised the server's
+peak RSS by 1948 MiB and took 12.7 s; now one upload adds 153 MiB (0.9 s) and 16 concurrent uploads, twice,
+add 325-389 MiB above an idle ~1000 MiB (28-31 of 32 answered 200, the rest 503 after waiting 10 s for the
+budget on the saturated machine; none lost, no 500).
 
 What the first runs found, and the fixes in ``api/``: 13 of 987 oversized uploads got a connection reset
 instead of their 413 (the lingering close of ``api/server.py``); the server's RSS grew 10 % in 300 s with
@@ -75,10 +87,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.service import choose_weights, server, status_kib  # noqa: E402
+from detect.testing import zero_png  # noqa: E402
 
 BODY_LIMIT = 2 * 1024 * 1024
 SOAK_MIX = {"valid": 0.80, "corrupt": 0.08, "oversized": 0.06, "disconnect": 0.06}
 FAST_503_S = 0.050
+HOSTILE_SIZE = (8000, 5000)  # 40 MP: within the default DETECT_MAX_PIXELS
+HOSTILE_ABOVE_IDLE_MIB = 1536.0
 
 
 # --- what the clients send -----------------------------------------------------------------------------------
@@ -255,6 +270,9 @@ def main() -> None:
     parser.add_argument("--overload", type=float, default=3.0, help="overload rate as a multiple of capacity")
     parser.add_argument("--skip-soak", action="store_true")
     parser.add_argument("--skip-overload", action="store_true")
+    parser.add_argument("--skip-hostile", action="store_true", help="skip the hostile-memory phase")
+    parser.add_argument("--hostile-uploads", type=int, default=16, help="concurrent 40 MP uploads")
+    parser.add_argument("--hostile-rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=16, help="closed-loop clients of the capacity run")
     parser.add_argument("--capacity-seconds", type=float, default=20.0)
     parser.add_argument("--torch-threads", type=int, help="the server's DETECT_TORCH_THREADS (default: torch's)")
@@ -285,19 +303,25 @@ def main() -> None:
             gc.freeze()  # the imports' objects (torch, numpy) are never scanned again: no long pauses in the client
             failures = asyncio.run(runs(host, int(port), url, pid, payloads, args))
     print("\nresult: " + ("PASS" if not failures else "FAIL: " + "; ".join(failures)))
+    print("SUMMARY " + " ".join(f"{k}={v}" for k, v in args.summary.items()) + f" result={'PASS' if not failures else 'FAIL'}")
 
 
 async def runs(host: str, port: int, url: str, pid: int, payloads: Payloads, args: argparse.Namespace) -> list[str]:
     await capacity(host, port, payloads, 2, 3.0, args.client_timeout)  # warm the HTTP path
-    rate, latencies = await capacity(host, port, payloads, args.clients, args.capacity_seconds, args.client_timeout)
-    print(f"capacity: {args.clients} clients, closed loop, {args.capacity_seconds:g} s: {rate:.2f} req/s "
-          f"(p50 {ms(latencies, 50)} ms, p99 {ms(latencies, 99)} ms)")
-    args.capacity = rate
+    args.summary = {}
     failures = []
+    if not (args.skip_soak and args.skip_overload):
+        rate, latencies = await capacity(host, port, payloads, args.clients, args.capacity_seconds, args.client_timeout)
+        print(f"capacity: {args.clients} clients, closed loop, {args.capacity_seconds:g} s: {rate:.2f} req/s "
+              f"(p50 {ms(latencies, 50)} ms, p99 {ms(latencies, 99)} ms)")
+        args.capacity = rate
+        args.summary["capacity_rps"] = f"{rate:.2f}"
     if not args.skip_soak:
-        failures += await soak(host, port, url, pid, payloads, args.rate or rate * args.load, args)
+        failures += await soak(host, port, url, pid, payloads, args.rate or args.capacity * args.load, args)
     if not args.skip_overload:
-        failures += await overload(host, port, url, payloads, rate * args.overload, args)
+        failures += await overload(host, port, url, payloads, args.capacity * args.overload, args)
+    if not args.skip_hostile:
+        failures += await hostile_memory(host, port, url, pid, args)
     return failures
 
 
@@ -316,6 +340,7 @@ async def soak(host: str, port: int, url: str, pid: int, payloads: Payloads, rat
     print(f"  server RSS: start {rss[0]:.1f} MiB, end {rss[-1]:.1f} MiB ({change:+.1%}; flat means within 5 %), "
           f"second half {(rss[-1] - half) / half:+.1%}, peak (VmHWM) {status_kib(pid, 'VmHWM') / 1024:.1f} MiB")
     print("  RSS MiB every 10 s: " + " ".join(f"{m:.0f}" for m in rss))
+    args.summary.update(soak_lost=lost, soak_500=errors_500, soak_rss_change=f"{change:+.1%}")
     failures = [f"soak lost {lost}"] if lost else []
     failures += [f"soak: {errors_500} server 500s"] if errors_500 else []
     failures += [f"soak RSS {change:+.1%}"] if abs(change) > 0.05 else []
@@ -330,12 +355,64 @@ async def overload(host: str, port: int, url: str, payloads: Payloads, rate: flo
     statuses = Counter(o.status for o in outcomes if o.status is not None)
     refused = [o.seconds for o in outcomes if o.status == 503]
     p99_503 = float(np.percentile(refused, 99)) if refused else 0.0
+    args.summary.update(overload_lost=lost, overload_500=errors_500, overload_p99_503_ms=f"{p99_503 * 1e3:.1f}")
     failures = [f"overload lost {lost}"] if lost else []
     failures += [f"overload: {errors_500} server 500s"] if errors_500 else []
     failures += [f"overload answered {sorted(set(statuses) - {200, 503})}"] if set(statuses) - {200, 503} else []
     failures += [f"overload p99 of 503s {p99_503 * 1e3:.1f} ms"] if p99_503 >= FAST_503_S else []
     print(f"  503s: {len(refused)}, p99 {p99_503 * 1e3:.1f} ms (must be under {FAST_503_S * 1e3:.0f} ms); "
           f"200s: {statuses[200]} ({statuses[200] / args.overload_seconds:.2f} req/s served)")
+    return failures
+
+
+async def hostile_memory(host: str, port: int, url: str, pid: int, args: argparse.Namespace) -> list[str]:
+    """``--hostile-uploads`` concurrent 40 MP all-zero PNG uploads, ``--hostile-rounds`` times; the server's peak
+    RSS above idle (VmHWM after resetting it through ``/proc/PID/clear_refs``; sampled VmRSS where that fails)."""
+    image = zero_png(*HOSTILE_SIZE)
+    payloads = Payloads(multipart_request(host, image), b"", b"", b"")
+    print(f"\nhostile memory: {args.hostile_uploads} concurrent uploads of a {len(image) / 1024:.0f} KB all-zero PNG "
+          f"declaring {HOSTILE_SIZE[0]}x{HOSTILE_SIZE[1]} ({HOSTILE_SIZE[0] * HOSTILE_SIZE[1] / 1e6:g} MP), "
+          f"{args.hostile_rounds} rounds")
+    gc.collect()
+    await asyncio.sleep(1.0)
+    idle = status_kib(pid, "VmRSS") / 1024
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+        how = "VmHWM after reset"
+    except OSError:
+        how = "VmRSS sampled every 10 ms"
+    samples = [idle]
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            samples.append(status_kib(pid, "VmRSS") / 1024)
+            await asyncio.sleep(0.01)
+
+    sampler = asyncio.create_task(sample())
+    loop = asyncio.get_running_loop()
+    before = server_counts(url)
+    start = loop.time()
+    outcomes: list[Outcome] = []
+    for _ in range(args.hostile_rounds):
+        outcomes += await asyncio.gather(*(send(host, port, "valid", payloads, args.client_timeout, loop.time())
+                                           for _ in range(args.hostile_uploads)))
+    seconds = loop.time() - start
+    done.set()
+    await sampler
+    peak = status_kib(pid, "VmHWM") / 1024 if how.startswith("VmHWM") else max(samples)
+    lost, errors_500 = report(outcomes, before, server_counts(url))
+    above = peak - idle
+    print(f"  {len(outcomes)} uploads in {seconds:.1f} s; server RSS idle {idle:.0f} MiB, peak {peak:.0f} MiB "
+          f"({how}): {above:+.0f} MiB above idle (goal <= {HOSTILE_ABOVE_IDLE_MIB:.0f} MiB)")
+    statuses = Counter(o.status for o in outcomes)
+    args.summary.update(hostile_peak_above_idle_mib=f"{above:.0f}", hostile_200=statuses[200], hostile_503=statuses[503],
+                        hostile_lost=lost)
+    failures = [f"hostile lost {lost}"] if lost else []
+    failures += [f"hostile: {errors_500} server 500s"] if errors_500 else []
+    failures += [f"hostile answered {sorted(set(statuses) - {200, 503})}"] if set(statuses) - {200, 503} else []
+    failures += [f"hostile peak RSS {above:.0f} MiB above idle"] if above > HOSTILE_ABOVE_IDLE_MIB else []
     return failures
 
 

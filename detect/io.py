@@ -22,6 +22,10 @@ same inputs with the same :mod:`detect.errors` codes. Decisions:
   stretched onto 0..255. 16-bit colour PNGs are reduced by Pillow itself to the high byte (``v >> 8``, within
   one level of ``round(v / 257)``). CMYK (Adobe-inverted included), YCbCr, LAB and palettes use Pillow's
   conversions; no ICC colour management is applied.
+* **Decoding for a detector** (:func:`decode_fitted`, :func:`plan_decode`): an image at least twice a detector's
+  input size is reduced while decoding (JPEG by DCT scaling, others by an integer box filter before any other
+  full-size copy), and the peak memory is estimated from the header first, so a service can budget it. Smaller
+  images, and :func:`decode_image`, decode at full size exactly as before.
 * **EXIF orientation** (tag 274, values 1-8) is read from the opened file and applied with the same
   transposes as ``ImageOps.exif_transpose``. That function is not used because it also re-serialises the EXIF
   block, after transposing in place, and raises on tags Pillow cannot write back; a missing, malformed or
@@ -155,14 +159,109 @@ def decode_image(
     above ``max_side``, or long/short side above ``max_aspect``), :class:`ImageDecodeError` (corrupt or
     truncated). A ``source`` of another type is a caller bug and raises ``TypeError``.
     """
+    limits = (max_pixels, max_side, max_aspect)
+    return decode_fitted(source, None, *limits, background=background).pixels
+
+
+Fit = tuple[int, int]
+"""``(short side, long side)``: the size a detector scales every image to fit (e.g. Faster R-CNN's ``(800, 1333)``)."""
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How :func:`decode_fitted` decodes an image and what that costs, known from the header alone.
+
+    ``draft`` is the JPEG DCT scaling (libjpeg decodes 1/1, 1/2, 1/4 or 1/8 of each side directly, never the full
+    size); ``reduce`` the integer box-filter reduction applied right after decoding, before any other full-size
+    copy. ``peak_bytes`` is an upper estimate of the memory decoding holds at its peak (Pillow's pixels at the
+    decoded size, the conversions made at that size, the reduced copies), ``output_bytes`` the RGB array's.
+    """
+
+    info: ImageInfo
+    draft: int
+    reduce: int
+    decoded_size: tuple[int, int]  # (width, height) Pillow decodes, stored orientation
+    peak_bytes: int
+
+    @property
+    def factor(self) -> int:
+        """A pixel of the output covers ``factor x factor`` pixels of the original."""
+        return self.draft * self.reduce
+
+    @property
+    def output_bytes(self) -> int:
+        width, height = self.decoded_size
+        return -(-width // self.reduce) * -(-height // self.reduce) * 3
+
+
+@dataclass(frozen=True)
+class FittedImage:
+    """An image decoded by :func:`decode_fitted`: upright RGB ``pixels`` reduced ``factor`` times (sides rounded
+    up: output pixel ``i`` covers original pixels ``factor*i`` to ``factor*(i+1)``), and the original upright size.
+    A box in ``pixels``' coordinates times ``factor``, clipped to ``original_size``, is in the original's."""
+
+    pixels: np.ndarray  # (h, w, 3) uint8
+    factor: int
+    original_size: tuple[int, int]  # (H, W), EXIF-upright
+
+
+def reduction_factor(width: int, height: int, fit: Fit | None) -> int:
+    """The largest integer ``f`` such that the image reduced ``f`` times still covers the size a detector with
+    input size ``fit`` scales it to (so the detector still scales down, never up); 1 when ``fit`` is ``None`` or
+    the image is less than twice that size, so such images decode exactly as before."""
+    if fit is None:
+        return 1
+    short_side, long_side = fit
+    scale = min(short_side / min(width, height), long_side / max(width, height))
+    return max(1, int(1.0 / scale)) if scale < 0.5 else 1
+
+
+def plan_decode(
+    source: ImageSource,
+    fit: Fit | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
+) -> DecodePlan:
+    """The :class:`DecodePlan` of ``source`` for ``fit`` from its header (no pixel decoded), after the same
+    checks as :func:`probe_image`: a service counts ``peak_bytes`` against its memory budget before decoding."""
     with _open_checked(source, max_pixels, max_side, max_aspect) as (image, fmt):
-        with _pillow_errors(fmt):
+        return _prepare(image, fmt, fit)
+
+
+def decode_fitted(
+    source: ImageSource,
+    fit: Fit | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
+    *,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> FittedImage:
+    """Decode like :func:`decode_image`, but an image at least twice as large as a detector of input size
+    ``fit`` needs is reduced while decoding (:func:`reduction_factor`): JPEG by libjpeg's DCT scaling
+    (``Image.draft``: the full size is never decoded), other formats by an integer box filter right after
+    decoding, the full-size pixels freed before the RGB array is made. So a 40 MP PNG costs Pillow's decoded
+    pixels once (4 bytes a pixel for RGB) plus small copies, never float or RGB copies at full size.
+    ``fit=None`` decodes at full size, exactly as :func:`decode_image`."""
+    with _open_checked(source, max_pixels, max_side, max_aspect) as (image, fmt):
+        plan = _prepare(image, fmt, fit)
+        with _pillow_errors(fmt, max_pixels):
             image.load()  # the first frame only
         orientation = _exif_orientation(image)
-        pixels = _to_8bit(image, background)
+        pixels: Image.Image = image
+        if plan.reduce > 1:
+            if not _reducible(pixels):
+                pixels = _to_8bit(pixels, background)  # palettes, alpha, CMYK: converted at the decoded size
+            pixels = pixels.reduce(plan.reduce)
+            image.close()  # frees the full-size pixels now, not when the stream closes
+        pixels = _to_8bit(pixels, background)
         if orientation in _TRANSPOSE:
             pixels = pixels.transpose(_TRANSPOSE[orientation])
-        return _to_array(pixels if pixels.mode == "RGB" else pixels.convert("RGB"))
+        array = _to_array(pixels if pixels.mode == "RGB" else pixels.convert("RGB"))
+    width, height = plan.info.width, plan.info.height
+    upright = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+    return FittedImage(array, plan.factor, upright)
 
 
 @contextmanager
@@ -172,12 +271,56 @@ def _open_checked(
     """Open ``source`` with the one Pillow plugin its signature names, after checking the header's size."""
     with _byte_stream(source) as stream:
         fmt = _identify(stream)
-        with _pillow_errors(fmt), _BOMB_WARNING_LOCK, warnings.catch_warnings():
+        with _pillow_errors(fmt, max_pixels), _BOMB_WARNING_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(stream, formats=[fmt])
         with image:
             _check_size(image.width, image.height, max_pixels, max_side, max_aspect)
             yield image, fmt
+
+
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}  # Pillow's; others 4
+
+
+def _prepare(image: ImageFile.ImageFile, fmt: str, fit: Fit | None) -> DecodePlan:
+    """Choose the reduction for ``fit``, apply a JPEG's DCT scaling to the opened (not yet decoded) image, and
+    estimate the peak memory of decoding it. Deterministic: :func:`plan_decode` and :func:`decode_fitted` agree."""
+    info = ImageInfo(image.format or fmt, image.width, image.height, image.mode, 1)  # frames: not counted here
+    factor = reduction_factor(image.width, image.height, fit)
+    draft = 1
+    if factor > 1 and isinstance(image, JpegImagePlugin.JpegImageFile):
+        wanted = next(d for d in (8, 4, 2) if d <= factor)
+        with _pillow_errors(fmt):
+            scaled = image.draft(None, (image.width // wanted, image.height // wanted))
+        if scaled is not None:
+            draft = round(info.width / scaled[1][2])
+    reduce = max(1, factor // draft)
+    width, height = image.size
+    decoded = width * height
+    stored = decoded * _STORED_BYTES.get(image.mode, 4)
+    if reduce > 1 and _reducible(image):
+        converted = decoded * 4 if image.mode in ("RGBA", "LA") else 0  # Pillow reduces alpha premultiplied (a copy)
+    elif image.mode in ("I", "F"):
+        converted = decoded * 26  # float64 copies and masks of the range stretch (:func:`_stretch_to_eight`)
+    elif image.mode in _SIXTEEN_BIT_MODES:
+        converted = decoded * 8  # the array, its uint32 widening, the uint8 result
+    elif image.mode in ("L", "RGB") and not image.has_transparency_data:
+        converted = 0 if reduce > 1 else decoded * (4 if image.mode == "L" else 0)
+    else:
+        converted = decoded * 8  # RGBA conversion and the RGB canvas of alpha compositing, or a palette's RGB
+    output = -(-width // reduce) * -(-height // reduce)
+    copies = 8 if reduce > 1 else 3  # the reduced image, its RGB conversion and the array; else the array only
+    return DecodePlan(info, draft, reduce, (width, height), stored + converted + output * copies)
+
+
+def _reducible(image: Image.Image) -> bool:
+    """Whether ``image`` can be box-reduced before its conversion to 8-bit RGB: grey and RGB without a colour key;
+    RGBA and LA, which Pillow reduces premultiplied, so compositing the reduced image over the background is the
+    block mean of the composited pixels (compositing is linear in premultiplied colour and alpha); and 32-bit
+    integer and float grey, whose range stretch then runs on the reduced pixels."""
+    if image.mode in ("I", "F", "RGBA", "LA"):
+        return True
+    return image.mode in ("L", "RGB") and not image.has_transparency_data
 
 
 @contextmanager
@@ -223,13 +366,17 @@ def _sniff(head: bytes) -> str | None:
 
 
 @contextmanager
-def _pillow_errors(fmt: str) -> Iterator[None]:
-    """Translate what Pillow raises while parsing user bytes into :class:`~detect.errors.ImageError`."""
+def _pillow_errors(fmt: str, max_pixels: int | None = None) -> Iterator[None]:
+    """Translate what Pillow raises while parsing user bytes into :class:`~detect.errors.ImageError`. Pillow's
+    decompression-bomb guard fires above its own ceiling, which is above ``max_pixels``: the message quotes the
+    limit that applies (ours), never Pillow's."""
     try:
         yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        limit = Image.MAX_IMAGE_PIXELS
-        raise ImageTooLargeError(f"the {fmt} header declares more than {limit} pixels", format=fmt) from exc
+        limit = _pixel_limit(max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS)
+        raise ImageTooLargeError(
+            f"the {fmt} header declares more than {limit} pixels, above the limit of {limit}", format=fmt, limit=limit
+        ) from exc
     except MemoryError:
         raise
     except Image.UnidentifiedImageError as exc:
@@ -244,8 +391,13 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0][:120]
 
 
+def _pixel_limit(max_pixels: int) -> int:
+    """The pixel limit that applies: ``max_pixels``, or Pillow's global ceiling when a process lowered it below."""
+    return max_pixels if Image.MAX_IMAGE_PIXELS is None else min(max_pixels, Image.MAX_IMAGE_PIXELS)
+
+
 def _check_size(width: int, height: int, max_pixels: int, max_side: int, max_aspect: float) -> None:
-    limit = max_pixels if Image.MAX_IMAGE_PIXELS is None else min(max_pixels, Image.MAX_IMAGE_PIXELS)
+    limit = _pixel_limit(max_pixels)
     details = {"width": width, "height": height}
     if width * height > limit:
         raise ImageTooLargeError(

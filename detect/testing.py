@@ -9,6 +9,8 @@ weights so dozens of detections per image survive.
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,3 +45,18 @@ def save_random_tiny(family: str, path: Path, name: str, class_names: Sequence[s
     model = detector.build(class_names).eval()
     save_detector(model, path, name=name, config=getattr(model, "config", None) or detector.default_config)
     return path
+
+
+def zero_png(width: int, height: int, rows: int | None = None) -> bytes:
+    """A hostile upload: an all-zero 8-bit RGB PNG compressed row by row, so 40 MP (8000x5000) takes ~116 KB and
+    120 MB once decoded. ``rows`` rows of pixel data are written (default all; 0: a header promising pixels the
+    file lacks, refused or failed before any decoding)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer = zlib.compressobj(9)
+    row = b"\x00" + bytes(width * 3)  # filter byte 0, then the row's samples
+    idat = b"".join(packer.compress(row) for _ in range(height if rows is None else rows)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import os
 import sys
 from pathlib import Path
@@ -76,6 +78,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--insecure", action="store_true",
+                   help="serve beyond loopback without DETECT_API_KEY on purpose (silences the warning)")
     _add_backend_option(p, None)
     _add_serve_engine_options(p)
     p.set_defaults(func=_cmd_serve)
@@ -220,6 +224,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     elif args.model is not None:
         update["default_model"] = args.model
     settings = settings.model_copy(update=update)
+    warning = exposure_warning(args.host, settings.api_key is not None, args.insecure)
+    if warning is not None:
+        logging.getLogger("detect.serve").warning("%s", warning)
     check_weights(settings)
     if args.engine == "ray":
         return _serve_on_ray(args, settings)
@@ -251,6 +258,24 @@ def weights_family(weights: str) -> str:
         except (registered_weights.WeightsError, OSError, ValueError):
             name = None  # not ours: a torchvision checkpoint, which load_detector reads as Faster R-CNN
     return DETECTORS[name].family if name in DETECTORS else "faster_rcnn"
+
+
+def exposure_warning(host: str, has_key: bool, insecure: bool) -> str | None:
+    """The warning for a service reachable beyond this machine with no API key (``None`` when the host is
+    loopback, a key is set, or ``--insecure`` says it is meant)."""
+    if has_key or insecure or _is_loopback(host):
+        return None
+    return (f"serving on {host} without an API key: anyone who can reach this address can use the service; set "
+            f"DETECT_API_KEY (clients send it in X-API-Key), or pass --insecure to serve openly on purpose")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def read_settings(settings_class: type) -> object:

@@ -65,13 +65,13 @@ def test_a_request_larger_than_the_whole_queue_is_413_not_503() -> None:
 
 # --- item 10 -------------------------------------------------------------------------------------------------
 def test_the_deadline_covers_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_decode = api.service.decode_image
+    real_decode = api.service.decode_fitted
 
-    def slow_decode(*args, **kwargs) -> np.ndarray:
+    def slow_decode(*args, **kwargs):
         time.sleep(1.5)
         return real_decode(*args, **kwargs)
 
-    monkeypatch.setattr(api.service, "decode_image", slow_decode)
+    monkeypatch.setattr(api.service, "decode_fitted", slow_decode)
     with running(warmup=False, request_timeout_s=0.3) as client:
         start = time.perf_counter()
         response = client.post("/detect", files=files(1))
