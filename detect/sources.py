@@ -66,6 +66,7 @@ __all__ = [
     "Frame",
     "UrlPolicy",
     "VideoInfo",
+    "allow_pixels",
     "expand_lists",
     "fetch_url",
     "is_url",
@@ -288,6 +289,16 @@ def _read_body(
         if size > policy.max_bytes:
             raise InputTooLargeError(f"{_shown(url)}: more than {policy.max_bytes} bytes", url=_shown(url))
         chunks.append(chunk)
+
+
+def allow_pixels(max_pixels: int) -> None:
+    """Raise Pillow's process-wide decompression-bomb ceiling (``Image.MAX_IMAGE_PIXELS``, 89 MP) to ``max_pixels``
+    when it is lower, so that a deliberate ``--max-pixels`` above it takes effect (:mod:`detect.io` reads the
+    ceiling, never writes it). For the CLI's process; the service keeps its own limit."""
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def read_stdin(max_bytes: int = DEFAULT_MAX_BYTES, stream: BinaryIO | None = None) -> bytes:

@@ -175,9 +175,10 @@ def render(scene: Scene) -> np.ndarray:
 
 def render_annotated(scene: Scene, config: ShapesConfig | None = None) -> tuple[np.ndarray, dict]:
     """Draw a scene built by hand (large scenes, video frames) and annotate it by the set's rules: ``(image,
-    target)`` as ``dataset[i]`` gives them, ``image_id`` 0."""
+    target)`` as ``dataset[i]`` gives them, ``image_id`` 0, plus ``object_index`` ``(N,)``: the position in
+    ``scene.objects`` of each annotated object (too hidden ones are left out)."""
     image, layers = _composite(scene)
-    return image, _annotate(layers, [obj.label for obj in scene.objects], 0, config or ShapesConfig())
+    return image, _annotate(layers, [obj.label for obj in scene.objects], 0, config or ShapesConfig(), with_index=True)
 
 
 def background(rng: np.random.Generator, height: int, width: int, distractors: int = 0) -> np.ndarray:
@@ -382,9 +383,9 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(image, 0, 255, out=image)).astype(np.uint8)
 
 
-def _annotate(layers: list[_Layer], labels: list[int], image_id: int, config: ShapesConfig) -> dict:
-    boxes, kept_labels, difficult, areas = [], [], [], []
-    for layer, label in zip(layers, labels):
+def _annotate(layers: list[_Layer], labels: list[int], image_id: int, config: ShapesConfig, with_index: bool = False) -> dict:
+    boxes, kept_labels, difficult, areas, index = [], [], [], [], []
+    for i, (layer, label) in enumerate(zip(layers, labels)):
         inside = layer.visible >= 0.5
         visible_pixels = int(inside.sum())
         if visible_pixels == 0:
@@ -399,12 +400,15 @@ def _annotate(layers: list[_Layer], labels: list[int], image_id: int, config: Sh
         kept_labels.append(label)
         difficult.append(hidden > config.difficult_hidden or small)
         areas.append(visible_pixels)
+        index.append(i)
+    extra = {"object_index": np.array(index, dtype=np.int64)} if with_index else {}
     return {
         "boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4),
         "labels": np.array(kept_labels, dtype=np.int64),
         "difficult": np.array(difficult, dtype=bool),
         "area": np.array(areas, dtype=np.float32),
         "image_id": image_id,
+        **extra,
     }
 
 
