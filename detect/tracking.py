@@ -11,14 +11,17 @@ Per frame:
    displacement, ``velocity_smoothing`` on the new observation).
 2. **First pass**: tracks (confirmed, new and lost alike) against detections scoring at least
    ``high_threshold``: cost ``1 - IoU`` between the predicted boxes and the detections
-   (:func:`detect.ops.boxes.box_iou`, the project's IoU kernel), pairs of different classes and pairs below
+   (:func:`detect.ops.boxes.box_iou`, the project's IoU kernel) plus ``class_penalty`` when the classes differ
+   (a partly hidden shape's class flickers; a track should survive that, but prefer its own class), pairs below
    ``match_iou`` forbidden, solved optimally by the Hungarian method (:func:`scipy.optimize.linear_sum_assignment`).
 3. **Second pass**: the tracks seen in the previous frame that are still unmatched against the detections scoring
    between ``low_threshold`` and ``high_threshold``, at the stricter ``low_match_iou`` (a weak detection must sit
    where the track is expected).
 4. **Bookkeeping.** Matched tracks take the detection's box, score and class. Unmatched tracks are lost; a track
    lost for more than ``max_lost`` frames is dropped, and a track that was never confirmed (``min_hits`` matches)
-   is dropped as soon as it is lost. Unmatched detections scoring at least ``new_track_threshold`` start tracks.
+   is dropped as soon as it is lost. Unmatched detections scoring at least ``new_track_threshold`` start tracks,
+   strongest first, unless one overlaps a detection already tracked in this frame by ``duplicate_iou`` or more
+   (the model's second guess at the class of an object it already found).
    Ids start at 1 and are never reused.
 
 A new track's detection is reported with its id at once (so a track's first frame is not lost to the output);
@@ -52,6 +55,8 @@ class TrackerConfig:
     max_lost: int = 30
     min_hits: int = 2
     velocity_smoothing: float = 0.5
+    class_penalty: float = 0.5
+    duplicate_iou: float = 0.7
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.low_threshold <= self.high_threshold <= 1.0:
@@ -92,6 +97,7 @@ class ByteTracker:
         labels = detections.labels.detach().to("cpu").numpy().reshape(-1)
         ids = np.full(len(boxes), -1, dtype=np.int64)
         high = np.flatnonzero(scores >= cfg.high_threshold)
+        high = high[np.argsort(-scores[high], kind="stable")]
         low = np.flatnonzero((scores >= cfg.low_threshold) & (scores < cfg.high_threshold))
 
         unmatched_tracks = list(range(len(self.tracks)))
@@ -112,12 +118,22 @@ class ByteTracker:
                     continue
             survivors.append(track)
         self.tracks = survivors
-        for d in unmatched_high:
-            if scores[d] >= cfg.new_track_threshold:
+        claimed = [d for d in range(len(boxes)) if ids[d] >= 0]
+        for d in unmatched_high:  # by descending score: the stronger of two duplicates starts the track
+            if scores[d] >= cfg.new_track_threshold and not self._duplicate(boxes, d, claimed):
+                claimed.append(d)
                 self.tracks.append(_Track(self._next_id, boxes[d].copy(), int(labels[d]), float(scores[d])))
                 ids[d] = self._next_id
                 self._next_id += 1
         return ids
+
+    def _duplicate(self, boxes: np.ndarray, d: int, claimed: list[int]) -> bool:
+        """Detection ``d`` overlaps one already given a track this frame by at least ``duplicate_iou`` (any class:
+        the model's second guess at an object's class)."""
+        if not claimed:
+            return False
+        iou = box_iou(torch.from_numpy(boxes[d : d + 1]), torch.from_numpy(boxes[claimed]))  # (1, C)
+        return bool((iou >= self.config.duplicate_iou).any())
 
     def _associate(
         self, track_rows: list[int], detection_rows: np.ndarray, boxes: np.ndarray, labels: np.ndarray, min_iou: float
@@ -131,8 +147,9 @@ class ByteTracker:
         predicted = np.stack([self.tracks[t].predicted() for t in track_rows])  # (T, 4)
         iou = box_iou(torch.from_numpy(predicted), torch.from_numpy(boxes[detection_rows])).numpy()  # (T, D)
         track_labels = np.array([self.tracks[t].label for t in track_rows])
-        allowed = (iou >= min_iou) & (track_labels[:, None] == labels[detection_rows][None, :])
-        cost = np.where(allowed, 1.0 - iou, _FORBIDDEN)
+        other_class = track_labels[:, None] != labels[detection_rows][None, :]
+        allowed = iou >= min_iou
+        cost = np.where(allowed, 1.0 - iou + self.config.class_penalty * other_class, _FORBIDDEN)
         rows, cols = linear_sum_assignment(cost)
         pairs = [(track_rows[r], int(detection_rows[c])) for r, c in zip(rows, cols) if allowed[r, c]]
         paired_tracks = {t for t, _ in pairs}
