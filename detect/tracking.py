@@ -6,6 +6,9 @@ low-scoring detections too, but only to continue tracks that exist, never to sta
 
 Per frame:
 
+0. **One candidate per object.** The detector's NMS is per class, so an object can come with a second, weaker
+   guess at its class. Class-agnostic NMS at ``duplicate_iou`` (:func:`detect.ops.nms.nms`) picks the
+   candidates; the others get no track.
 1. **Predict.** Each track moves its last box by its velocity times the frames since it was last seen
    (constant velocity, per box coordinate; the velocity is an exponential average of the observed per-frame
    displacement, ``velocity_smoothing`` on the new observation).
@@ -19,9 +22,7 @@ Per frame:
    where the track is expected).
 4. **Bookkeeping.** Matched tracks take the detection's box, score and class. Unmatched tracks are lost; a track
    lost for more than ``max_lost`` frames is dropped, and a track that was never confirmed (``min_hits`` matches)
-   is dropped as soon as it is lost. Unmatched detections scoring at least ``new_track_threshold`` start tracks,
-   strongest first, unless one overlaps a detection already tracked in this frame by ``duplicate_iou`` or more
-   (the model's second guess at the class of an object it already found).
+   is dropped as soon as it is lost. Unmatched candidates scoring at least ``new_track_threshold`` start tracks.
    Ids start at 1 and are never reused.
 
 A new track's detection is reported with its id at once (so a track's first frame is not lost to the output);
@@ -38,6 +39,7 @@ import torch
 
 from detect.errors import ConfigError
 from detect.ops.boxes import box_iou
+from detect.ops.nms import nms
 from detect.structures import Detections
 
 __all__ = ["TrackerConfig", "ByteTracker"]
@@ -56,7 +58,7 @@ class TrackerConfig:
     min_hits: int = 2
     velocity_smoothing: float = 0.5
     class_penalty: float = 0.5
-    duplicate_iou: float = 0.7
+    duplicate_iou: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.low_threshold <= self.high_threshold <= 1.0:
@@ -96,9 +98,12 @@ class ByteTracker:
         scores = detections.scores.detach().to("cpu", torch.float64).numpy().reshape(-1)
         labels = detections.labels.detach().to("cpu").numpy().reshape(-1)
         ids = np.full(len(boxes), -1, dtype=np.int64)
-        high = np.flatnonzero(scores >= cfg.high_threshold)
+        usable = np.zeros(len(boxes), dtype=bool)  # class-agnostic NMS: one object, one candidate
+        if len(boxes):
+            usable[nms(torch.from_numpy(boxes), torch.from_numpy(scores), cfg.duplicate_iou).numpy()] = True
+        high = np.flatnonzero(usable & (scores >= cfg.high_threshold))
         high = high[np.argsort(-scores[high], kind="stable")]
-        low = np.flatnonzero((scores >= cfg.low_threshold) & (scores < cfg.high_threshold))
+        low = np.flatnonzero(usable & (scores >= cfg.low_threshold) & (scores < cfg.high_threshold))
 
         unmatched_tracks = list(range(len(self.tracks)))
         pairs, unmatched_tracks, unmatched_high = self._associate(unmatched_tracks, high, boxes, labels, cfg.match_iou)
@@ -118,22 +123,12 @@ class ByteTracker:
                     continue
             survivors.append(track)
         self.tracks = survivors
-        claimed = [d for d in range(len(boxes)) if ids[d] >= 0]
-        for d in unmatched_high:  # by descending score: the stronger of two duplicates starts the track
-            if scores[d] >= cfg.new_track_threshold and not self._duplicate(boxes, d, claimed):
-                claimed.append(d)
+        for d in unmatched_high:
+            if scores[d] >= cfg.new_track_threshold:
                 self.tracks.append(_Track(self._next_id, boxes[d].copy(), int(labels[d]), float(scores[d])))
                 ids[d] = self._next_id
                 self._next_id += 1
         return ids
-
-    def _duplicate(self, boxes: np.ndarray, d: int, claimed: list[int]) -> bool:
-        """Detection ``d`` overlaps one already given a track this frame by at least ``duplicate_iou`` (any class:
-        the model's second guess at an object's class)."""
-        if not claimed:
-            return False
-        iou = box_iou(torch.from_numpy(boxes[d : d + 1]), torch.from_numpy(boxes[claimed]))  # (1, C)
-        return bool((iou >= self.config.duplicate_iou).any())
 
     def _associate(
         self, track_rows: list[int], detection_rows: np.ndarray, boxes: np.ndarray, labels: np.ndarray, min_iou: float
