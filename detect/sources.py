@@ -182,7 +182,7 @@ def _check_address(address: str, url: str, policy: UrlPolicy) -> None:
     ip = ipaddress.ip_address(address.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    if policy.allow_private or ip.is_global:
+    if policy.allow_private or (ip.is_global and not ip.is_multicast):
         return
     kind = "loopback" if ip.is_loopback else "link-local" if ip.is_link_local else "private or reserved"
     raise UrlRefusedError(
@@ -226,7 +226,7 @@ class _PinnedConnection(http.client.HTTPConnection):
         if self._scheme == "https":
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
         sock.settimeout(self._policy.read_timeout_s)
-        self.sock = sock
+        self.sock = self.pinned_sock = sock  # http.client drops ``sock`` once a response will close the connection
 
 
 def fetch_url(url: str, policy: UrlPolicy = UrlPolicy()) -> bytes:
@@ -260,6 +260,8 @@ def fetch_url(url: str, policy: UrlPolicy = UrlPolicy()) -> bytes:
             raise UrlFetchError(f"{_shown(current)}: {reason}", url=_shown(current)) from None
         finally:
             connection.close()
+            if getattr(connection, "pinned_sock", None) is not None:
+                connection.pinned_sock.close()
     raise UrlFetchError(f"{_shown(url)}: more than {policy.max_redirects} redirects", url=_shown(url))
 
 
@@ -281,7 +283,7 @@ def _read_body(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError
-        connection.sock.settimeout(min(policy.read_timeout_s, remaining))
+        connection.pinned_sock.settimeout(min(policy.read_timeout_s, remaining))
         chunk = response.read1(_CHUNK)
         if not chunk:
             return b"".join(chunks)
