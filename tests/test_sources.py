@@ -4,9 +4,7 @@ stdin, lists, and video files with their frames, strides and failures."""
 from __future__ import annotations
 
 import io
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -24,83 +22,16 @@ from detect.errors import (
 )
 from detect.io import decode_image
 from detect.sources import UrlPolicy, fetch_url, iter_video, kind_of, read_stdin, url_name
-from tests.helpers import png
+from tests.helpers import URL_PNG as PNG
+from tests.helpers import image_server
 
-PNG = png(32, 24, 77)
 OPEN = UrlPolicy(allow_private=True, connect_timeout_s=2, read_timeout_s=2, total_timeout_s=3, max_bytes=100_000)
-
-
-class Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args) -> None:  # quiet
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802
-        path = self.path
-        if path == "/image.png":
-            self._send(200, PNG, "image/png")
-        elif path == "/octet":
-            self._send(200, PNG, "application/octet-stream")
-        elif path == "/page":
-            self._send(200, b"<html>hello</html>", "text/html")
-        elif path == "/missing":
-            self._send(404, b"no", "text/plain")
-        elif path == "/loop":
-            self._redirect("/loop")
-        elif path.startswith("/hop/"):
-            left = int(path.rsplit("/", 1)[1])
-            self._redirect(f"/hop/{left - 1}" if left > 0 else "/image.png")
-        elif path == "/huge-declared":
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(10**9))
-            self.end_headers()
-        elif path == "/endless":
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.end_headers()
-            try:
-                for _ in range(10_000):
-                    self.wfile.write(b"\x00" * 8192)
-            except OSError:
-                pass
-        elif path == "/drip":
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(PNG)))
-            self.end_headers()
-            try:
-                for byte in PNG:
-                    self.wfile.write(bytes([byte]))
-                    self.wfile.flush()
-                    time.sleep(0.5)
-            except OSError:
-                pass
-        else:
-            self._send(500, b"?", "text/plain")
-
-    def _send(self, status: int, body: bytes, media: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", media)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _redirect(self, location: str) -> None:
-        self.send_response(302)
-        self.send_header("Location", location)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
 
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with image_server() as url:
+        yield url
 
 
 def test_an_image_url_is_fetched_and_decodes(server):
