@@ -377,3 +377,29 @@ def image_server() -> Iterator[str]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+class SquareFinder:
+    """A stand-in detector with a known answer: one box per connected white square (class 1, score by size), in the
+    coordinates of the image it is given; a square cut by the image edge gives the part that is inside. Records the
+    batch sizes it saw."""
+
+    name = "squares"
+    class_names = ("square",)
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def __call__(self, images: list[np.ndarray], **kwargs: Any) -> tuple[list[Detections], dict]:
+        import cv2
+
+        self.batches.append(len(images))
+        out = []
+        for image in images:
+            mask = (np.ascontiguousarray(image)[..., 0] > 128).astype(np.uint8)
+            count, _, stats, _ = cv2.connectedComponentsWithStats(mask)
+            boxes = [[x, y, x + w, y + h] for x, y, w, h, _ in stats[1:count]]
+            boxes_t = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            scores = 0.5 + torch.tensor([w * h for _, _, w, h, _ in stats[1:count]], dtype=torch.float32) / 1e6
+            out.append(Detections(boxes_t, scores.reshape(-1), torch.ones(len(boxes), dtype=torch.int64), image.shape[:2]))
+        return out, {}

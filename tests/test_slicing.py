@@ -11,6 +11,7 @@ import torchvision
 from detect.errors import ConfigError, DetectError, InferenceError
 from detect.slicing import SliceOptions, detect_sliced, iter_tiles, merge_greedy, merge_nms, tile_windows
 from detect.structures import Detections
+from tests.helpers import SquareFinder
 
 
 @pytest.mark.parametrize(("height", "width", "size", "overlap"), [(4000, 6000, 640, 0.2), (100, 1000, 256, 0.5),
@@ -112,31 +113,6 @@ def test_greedy_merge_matches_a_float64_loop(seed):
     for k, (box, score, label, _) in enumerate(expected):
         assert merged.scores[k].item() == pytest.approx(score) and merged.labels[k].item() == label
         np.testing.assert_allclose(merged.boxes[k].numpy(), np.float32(box), rtol=0, atol=1e-4)
-
-
-class SquareFinder:
-    """A stand-in detector with a known answer: one box per connected white square (class 1, score by size), in the
-    coordinates of the image it is given; a square cut by the image edge gives the part that is inside. Records the
-    batch sizes it saw."""
-
-    class_names = ("square",)
-
-    def __init__(self) -> None:
-        self.batches: list[int] = []
-
-    def __call__(self, images, **kwargs):
-        import cv2
-
-        self.batches.append(len(images))
-        out = []
-        for image in images:
-            mask = (np.ascontiguousarray(image)[..., 0] > 128).astype(np.uint8)
-            count, _, stats, _ = cv2.connectedComponentsWithStats(mask)
-            boxes = [[x, y, x + w, y + h] for x, y, w, h, _ in stats[1:count]]
-            boxes_t = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-            scores = 0.5 + torch.tensor([w * h for _, _, w, h, _ in stats[1:count]], dtype=torch.float32) / 1e6
-            out.append(Detections(boxes_t, scores.reshape(-1), torch.ones(len(boxes), dtype=torch.int64), image.shape[:2]))
-        return out, {}
 
 
 def _squares(height, width, squares):
