@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import math
 import os
 import sys
@@ -132,7 +133,10 @@ def _split_sources(args: argparse.Namespace) -> tuple[list[str], list[str | int]
     """(image sources, video sources): ``.txt`` lists expanded, videos and streams apart, the camera last."""
     images, videos = [], []
     for source in expand_lists(args.sources):
-        (videos if kind_of(source) in ("video", "stream") else images).append(source)
+        if kind_of(source) == "video" and glob.has_magic(source):  # clips/*.mp4: the matching files, sorted
+            videos.extend(sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p)))
+        else:
+            (videos if kind_of(source) in ("video", "stream") else images).append(source)
     if args.source is not None:
         videos.append(args.source)
     if not images and not videos:
