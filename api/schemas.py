@@ -45,7 +45,7 @@ class DetectParams(BaseModel):
         "merge the boxes back (large images with small objects); omit for one pass over the whole image"
     )
     overlap: float | None = Field(
-        None, ge=0.0, lt=1.0, allow_inf_nan=False, description="overlap of neighbouring tiles, with slice (default 0.2)"
+        None, ge=0.0, lt=1.0, allow_inf_nan=False, description="overlap of neighbouring tiles (default 0.2); ignored without slice"
     )
 
 

@@ -77,7 +77,6 @@ from api.settings import ModelSpec, Settings
 from detect import weights as registered_weights
 from detect.errors import (
     BadBase64Error,
-    ConfigError,
     DetectError,
     NotReadyError,
     RequestTimeoutError,
@@ -563,7 +562,6 @@ class DetectionService:
             None if params.classes is None else resolve_classes(params.classes, model.detector.class_names),
         )
         kwargs = model.forward_kwargs(params.proposals)
-        self._slicing(params)  # refused before any decoding
         try:
             return await asyncio.wait_for(
                 self._answer(params, sources, model, refinement, kwargs), self.settings.request_timeout_s
@@ -617,9 +615,7 @@ class DetectionService:
 
     def _slicing(self, params: DetectParams) -> SliceOptions | None:
         """The request's sliced inference (``slice``, ``overlap``), its tiles batched ``max_batch`` at a time."""
-        if params.slice is None:
-            if params.overlap is not None:
-                raise ConfigError("overlap needs slice")
+        if params.slice is None:  # overlap alone is ignored (the schema cannot tie the two fields together)
             return None
         overlap = 0.2 if params.overlap is None else params.overlap
         return SliceOptions(params.slice, overlap, batch_size=self.settings.max_batch)
