@@ -188,3 +188,34 @@ def test_a_frame_that_fails_to_decode_is_reported_with_its_number(tmp_path, monk
     assert [f.index for f in items[:-1]] == [0, 1, 2, 3]
     assert isinstance(items[-1], FrameDecodeError) and items[-1].details["frame"] == 4
     assert items[-1].code == "corrupt_frame" and "frame 4" in items[-1].message
+
+
+def test_a_stream_that_drops_is_reported_with_the_frame_number(monkeypatch):
+    import cv2
+
+    class Stream:  # an rtsp capture that delivers three frames, then the connection drops
+        def __init__(self, *args):
+            self.reads = 0
+
+        def isOpened(self):  # noqa: N802 - OpenCV's name
+            return True
+
+        def get(self, prop):
+            return {cv2.CAP_PROP_FPS: 25.0, cv2.CAP_PROP_FRAME_COUNT: -1, cv2.CAP_PROP_FRAME_WIDTH: 16,
+                    cv2.CAP_PROP_FRAME_HEIGHT: 8, cv2.CAP_PROP_POS_MSEC: 40.0 * self.reads}.get(prop, 0)
+
+        def grab(self):
+            self.reads += 1
+            return self.reads <= 3
+
+        def retrieve(self):
+            return True, np.zeros((8, 16, 3), np.uint8)
+
+        def release(self):
+            pass
+
+    monkeypatch.setattr(cv2, "VideoCapture", Stream)
+    items = list(iter_video("rtsp://camera.example/live", stride=1))
+    assert [f.index for f in items[:-1]] == [0, 1, 2]
+    assert [f.timestamp_s for f in items[:-1]] == pytest.approx([0.04, 0.08, 0.12])  # the stream's own clock
+    assert items[-1].code == "stream_dropped" and items[-1].details["frame"] == 3 and "frame 3" in items[-1].message
