@@ -114,7 +114,7 @@ def test_unreadable_video_and_images_in_one_run(clip, tmp_path, capsys):
 
 def test_generator_gives_the_same_results_as_the_cli(clip, tmp_path):
     model = load_model("faster_rcnn_shapes")
-    results = list(iter_video_results(model, str(clip), batch_size=4))
+    results = list(iter_video_results(model, str(clip), batch_size=1))  # the CLI batches 4: no batch-mate effect
     assert cli.main(["predict", str(clip.parent / "*.mp4"), "--out", str(tmp_path)]) == 0  # a glob of videos
     assert [r.to_json(model.class_names) for r in results] == lines(tmp_path / "clip.mp4.jsonl")
 
