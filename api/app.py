@@ -23,8 +23,11 @@ Decisions:
 * A client that disconnects before its body has arrived is no server error: one log line, and ``/metrics``
   counts it under status 499 (nginx's "client closed request"); nothing is sent.
 * ``POST /detect`` takes ``multipart/form-data`` (files, plus parameters as form fields; ``classes`` repeated or
-  comma-separated) or ``application/json`` (:class:`api.schemas.DetectJSONRequest`, base64 images). Anything
-  else is 415. Every file part of a form is an image. The image limit (:attr:`api.settings.Settings.image_limit`)
+  comma-separated), ``application/json`` (:class:`api.schemas.DetectJSONRequest`, base64 images), or one raw
+  image as an ``image/*`` body (parameters in the query string, the optional ``X-Image-Id`` header echoed as its
+  id). A JSON ``{"url": "https://...", <parameters>}`` body makes the server fetch the image, only when
+  ``url_inputs`` is set (off by default: 422 ``url_refused``), with the URL guards of :mod:`detect.sources`.
+  Anything else is 415. Every file part of a form is an image. The image limit (:attr:`api.settings.Settings.image_limit`)
   is one limit with one answer, 413 ``too_many_images``, for JSON and multipart at any count: the form parser
   stops at the first file past it.
 * The API key is compared as UTF-8 bytes with the header's raw bytes, in constant time. When one is set it
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import math
 import time
@@ -59,6 +63,7 @@ from pathlib import Path
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
+import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -76,7 +81,15 @@ from api.schemas import DetectJSONRequest, DetectParams, DetectResponse, ErrorRe
 from api.service import DetectionService, too_many_images
 from api.settings import Settings
 from detect import __version__
-from detect.errors import DetectError, NotReadyError, PayloadTooLargeError, UnauthorizedError, UnsupportedMediaTypeError
+from detect.errors import (
+    DetectError,
+    NotReadyError,
+    PayloadTooLargeError,
+    UnauthorizedError,
+    UnsupportedMediaTypeError,
+    UrlRefusedError,
+)
+from detect.sources import fetch_url
 
 log = logging.getLogger("detect.api")
 
@@ -94,7 +107,9 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 _MAX_FORM_FIELDS = 64
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-DETECT_QUERY_PARAMETERS: frozenset[str] = frozenset()  # every parameter of POST /detect is in its body
+# POST /detect's parameters travel in its body, except for a raw image/* body, whose parameters are the query
+# string: so the known query parameters are DetectParams' fields, for a raw body only; anything else is 422.
+DETECT_QUERY_PARAMETERS: frozenset[str] = frozenset(DetectParams.model_fields)
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -329,9 +344,10 @@ def _add_routes(app: FastAPI, service: DetectionService, settings: Settings) -> 
     @app.post("/detect", response_model=DetectResponse, dependencies=[Depends(require_api_key)], name="detect")
     async def detect(request: Request) -> dict:
         """Detect objects in one or several images (multipart files, or JSON with base64 data)."""
-        refuse_unknown_query(request, DETECT_QUERY_PARAMETERS)
+        raw_image = request.headers.get("content-type", "").strip().lower().startswith("image/")
+        refuse_unknown_query(request, DETECT_QUERY_PARAMETERS if raw_image else frozenset())
         service.admit()  # a full queue or a service not ready refuses before the body is read
-        params, sources = await _read_detect_request(request, settings)
+        params, sources = await _read_detect_request(request, settings, service)
         return await service.detect(params, sources)
 
 
@@ -375,38 +391,77 @@ def _same_origin_only(response: HTMLResponse) -> HTMLResponse:
     return response
 
 
-async def _read_detect_request(request: Request, settings: Settings) -> tuple[DetectParams, list[tuple[str | None, bytes | str]]]:
+async def _read_detect_request(
+    request: Request, settings: Settings, service: DetectionService
+) -> tuple[DetectParams, list[tuple[str | None, bytes | str]]]:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
+        raw = await request.body()
+        from_url = await _url_request(raw, settings, service)
+        if from_url is not None:
+            return from_url
         try:
-            body = DetectJSONRequest.model_validate_json(await request.body())
+            body = DetectJSONRequest.model_validate_json(raw)
         except ValidationError as err:
             raise RequestValidationError(err.errors(include_input=False)) from None
         params = DetectParams.model_validate(body.model_dump(exclude={"images"}))
         return params, [(image.id, image.data) for image in body.images]
+    if content_type.startswith("image/"):  # the raw image as the body; parameters in the query string
+        params = _validated(_fields(request.query_params.multi_items()))
+        return params, [(request.headers.get("x-image-id"), await request.body())]
     if content_type == "multipart/form-data":
         form = await _read_form(request, settings.image_limit)
         try:
             files = [(v.filename, await v.read()) for _, v in form.multi_items() if isinstance(v, UploadFile)]
         finally:
             await form.close()
-        fields: dict[str, Any] = {}
-        for key, value in form.multi_items():
-            if isinstance(value, str):
-                if key == "classes":
-                    fields.setdefault("classes", []).extend(c for c in value.split(",") if c.strip())
-                else:
-                    fields[key] = value
-        try:
-            params = DetectParams.model_validate(fields)
-        except ValidationError as err:
-            raise RequestValidationError(err.errors(include_input=False)) from None
+        params = _validated(_fields((k, v) for k, v in form.multi_items() if isinstance(v, str)))
         if not files:
             raise RequestValidationError([{"loc": ("images",), "msg": "no image file in the form", "type": "missing"}])
         return params, files
     raise UnsupportedMediaTypeError(
-        f"content type {content_type or 'none'!r}: send multipart/form-data or application/json"
+        f"content type {content_type or 'none'!r}: send multipart/form-data, application/json or an image/* body"
     )
+
+
+def _fields(items: Any) -> dict[str, Any]:
+    """Text fields (a form's, a query string's) as :class:`DetectParams` input; ``classes`` repeated or
+    comma-separated."""
+    fields: dict[str, Any] = {}
+    for key, value in items:
+        if key == "classes":
+            fields.setdefault("classes", []).extend(c for c in value.split(",") if c.strip())
+        else:
+            fields[key] = value
+    return fields
+
+
+def _validated(fields: dict[str, Any]) -> DetectParams:
+    try:
+        return DetectParams.model_validate(fields)
+    except ValidationError as err:
+        raise RequestValidationError(err.errors(include_input=False)) from None
+
+
+async def _url_request(body: bytes, settings: Settings, service: DetectionService) -> tuple[DetectParams, list[tuple[str | None, bytes]]] | None:
+    """A JSON ``{"url": "https://...", <parameters>}`` body: ``None`` when the body is not one (no ``url`` key, or
+    not a JSON object); refused with 422 unless ``url_inputs`` is set; else the image fetched within the URL
+    guards (:func:`detect.sources.fetch_url`: public addresses only unless ``url_allow_private``, every redirect
+    checked, ``url_timeout_s``, ``max_body_bytes``), in a worker thread."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or "url" not in data:
+        return None
+    if not settings.url_inputs:
+        raise UrlRefusedError("url inputs are disabled on this server (DETECT_URL_INPUTS); send the image itself")
+    url = data.pop("url")
+    if not isinstance(url, str) or not url:
+        raise RequestValidationError([{"loc": ("url",), "msg": "url must be a non-empty string", "type": "string_type"}])
+    params = _validated(data)
+    image = await anyio.to_thread.run_sync(fetch_url, url, service.url_policy())
+    return params, [(url, image)]
 
 
 class _ImageFormParser(MultiPartParser):

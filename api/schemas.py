@@ -48,6 +48,13 @@ class DetectParams(BaseModel):
     )
     proposals: ProposalMethod | None = Field(None, description="proposal method, among those the model supports")
     annotate: bool = Field(False, description="also return the image with boxes drawn, as base64 PNG")
+    slice: int | None = Field(
+        None, ge=32, le=4096, description="sliced inference: detect in overlapping tiles of this side (pixels) and "
+        "merge the boxes back (large images with small objects); omit for one pass over the whole image"
+    )
+    overlap: float | None = Field(
+        None, ge=0.0, lt=1.0, allow_inf_nan=False, description="overlap of neighbouring tiles (default 0.2); ignored without slice"
+    )
 
 
 class ImageIn(BaseModel):

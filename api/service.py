@@ -105,6 +105,8 @@ from detect.inference import (
     resolve_classes,
     resolve_device,
 )
+from detect.slicing import SliceOptions, detect_sliced
+from detect.sources import UrlPolicy
 from detect.structures import Detections
 
 log = logging.getLogger("detect.api")
@@ -232,10 +234,11 @@ class Job:
     kwargs: dict[str, str]
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    slicing: SliceOptions | None = None  # sliced inference: the job's tiles run in batches of max_batch
 
     @property
     def key(self) -> tuple:
-        return (self.model.name, tuple(sorted(self.kwargs.items())))
+        return (self.model.name, tuple(sorted(self.kwargs.items())), self.slicing)
 
 
 @dataclass(frozen=True)
@@ -315,13 +318,18 @@ class Batcher:
             raise ServiceBusyError("the server is busy; retry later", retry_after=retry_after)
 
     def submit(
-        self, model: LoadedModel, images: Sequence[np.ndarray], kwargs: dict[str, str], retry_after: int
+        self,
+        model: LoadedModel,
+        images: Sequence[np.ndarray],
+        kwargs: dict[str, str],
+        retry_after: int,
+        slicing: SliceOptions | None = None,
     ) -> list[asyncio.Future]:
         """Queue every image or none: a request that does not fit is refused whole. The caller withdraws its
         announcement right after (no await between), so queued images are never counted twice."""
         self.check_room(len(images), retry_after)
         loop = asyncio.get_running_loop()
-        jobs = [Job(model, image, kwargs, loop.create_future()) for image in images]
+        jobs = [Job(model, image, kwargs, loop.create_future(), slicing=slicing) for image in images]
         for job in jobs:
             self.queue.put_nowait(job)
         self.expected += len(jobs)
@@ -378,8 +386,10 @@ class Batcher:
         """On the inference thread: one forward for the batch, each result to its job's future."""
         start = time.perf_counter()
         try:
-            results: list[Detections | DetectError] | BaseException = forward_batch(
-                batch[0].model.detector, [job.image for job in batch], **batch[0].kwargs
+            images, detector, slicing = [job.image for job in batch], batch[0].model.detector, batch[0].slicing
+            results: list[Detections | DetectError] | BaseException = (
+                forward_batch(detector, images, **batch[0].kwargs) if slicing is None
+                else detect_sliced(detector, images, slicing, **batch[0].kwargs)
             )
         except Exception as err:  # a bug in a detector must fail its requests, not the dispatcher
             log.exception("inference failed")
@@ -614,7 +624,8 @@ class DetectionService:
         held: list[Reservation],
     ) -> dict:
         loop = asyncio.get_running_loop()
-        fit = decode_fit(model.detector, self.settings.decode_max_side)
+        # a sliced request needs the full resolution (its tiles are the point); the budget still counts its pixels
+        fit = None if params.slice is not None else decode_fit(model.detector, self.settings.decode_max_side)
         try:
             outcomes = await asyncio.gather(*(self._decode_in_budget(i, s, fit, held) for i, s in sources))
             busy = next((o.error for o in outcomes if isinstance(o.error, ServiceBusyError)), None)
@@ -623,7 +634,9 @@ class DetectionService:
             if len(outcomes) == 1 and outcomes[0].error is not None:
                 raise outcomes[0].error
             good = [o for o in outcomes if o.image is not None]
-            futures = self.batcher.submit(model, [o.image for o in good], kwargs, self.settings.retry_after_s)
+            futures = self.batcher.submit(
+                model, [o.image for o in good], kwargs, self.settings.retry_after_s, self._slicing(params)
+            )
         finally:
             self.batcher.withdraw(ticket)
         try:
@@ -645,6 +658,19 @@ class DetectionService:
             "parameters": params.model_copy(update={"model": model.name}).model_dump(),
             "images": items,
         }
+
+    def _slicing(self, params: DetectParams) -> SliceOptions | None:
+        """The request's sliced inference (``slice``, ``overlap``), its tiles batched ``max_batch`` at a time."""
+        if params.slice is None:  # overlap alone is ignored (the schema cannot tie the two fields together)
+            return None
+        overlap = 0.2 if params.overlap is None else params.overlap
+        return SliceOptions(params.slice, overlap, batch_size=self.settings.max_batch)
+
+    def url_policy(self) -> UrlPolicy:
+        """The limits of a JSON ``{"url": ...}`` input: the settings' timeout, allow_private and body cap."""
+        s = self.settings
+        timeout = s.url_timeout_s
+        return UrlPolicy(min(5.0, timeout), min(10.0, timeout), timeout, s.max_body_bytes, allow_private=s.url_allow_private)
 
     async def _decode_in_budget(
         self, image_id: str | None, source: bytes | str, fit: Fit, held: list[Reservation]

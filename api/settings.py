@@ -88,6 +88,14 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(60.0, gt=0, description="for the whole request body to arrive; then 408")
     keep_alive_s: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this")
 
+    url_inputs: bool = Field(
+        False, description='accept JSON {"url": "https://..."} bodies: the server fetches the image (off by default)'
+    )
+    url_allow_private: bool = Field(
+        False, description="let url inputs reach loopback, private and link-local addresses (refused by default)"
+    )
+    url_timeout_s: float = Field(10.0, gt=0, description="the most seconds fetching one url input may take")
+
     cors_origins: list[str] = Field(default_factory=list)
     api_key: SecretStr | None = None
     public_docs: bool = Field(False, description="/docs, /redoc and /openapi.json without the API key")

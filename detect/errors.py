@@ -83,6 +83,55 @@ class UnsupportedInputError(ImageError):
     http_status = 422
 
 
+class InputTooLargeError(ImageError):
+    """An input's bytes (a URL's body, stdin) above the byte cap."""
+
+    code = "input_too_large"
+    http_status = 413
+
+
+# --- inputs that are not files (detect.sources): URLs, videos, streams, cameras --------------------------------
+class UrlRefusedError(ImageError):
+    """A URL the guards refuse: not http(s), or resolving to a loopback, private or link-local address."""
+
+    code = "url_refused"
+    http_status = 422
+
+
+class UrlFetchError(ImageError):
+    """A URL that cannot be fetched: no such host, connection refused, an HTTP error status, too many redirects."""
+
+    code = "url_unreachable"
+    http_status = 422
+
+
+class UrlTimeoutError(UrlFetchError):
+    """A URL whose connection, a read, or the whole fetch took longer than its limit."""
+
+    code = "url_timeout"
+
+
+class UnreadableVideoError(ImageError):
+    """A video file, stream or camera that cannot be opened."""
+
+    code = "unreadable_video"
+    http_status = 422
+
+
+class FrameDecodeError(ImageError):
+    """A frame of a video file that cannot be decoded (``details["frame"]`` is its index)."""
+
+    code = "corrupt_frame"
+    http_status = 422
+
+
+class StreamDroppedError(ImageError):
+    """A stream or camera that stopped delivering frames (``details["frame"]`` is the first one missing)."""
+
+    code = "stream_dropped"
+    http_status = 422
+
+
 # --- models and weights ------------------------------------------------------------------------------------
 class WeightsError(DetectError):
     """A weights file is missing, fails its checksum, or does not match the architecture."""

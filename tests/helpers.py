@@ -293,3 +293,115 @@ def isolate_weights(monkeypatch: pytest.MonkeyPatch, root: Path, source: Path | 
     folder.mkdir(exist_ok=True)
     monkeypatch.setenv("DETECT_WEIGHTS_DIR", str(folder))
     return folder
+
+
+# --- a local HTTP server for URL inputs (tests/test_sources.py, tests/test_predict_inputs.py) ----------------------
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+URL_PNG = png(32, 24, 77)
+
+
+class _MisbehavingHandler(BaseHTTPRequestHandler):
+    """Serves ``URL_URL_PNG`` at ``/image.png`` (and ``/octet``), and misbehaves on purpose elsewhere: ``/page`` (HTML),
+    ``/missing`` (404), ``/loop`` (redirects to itself), ``/hop/N`` (N+1 redirects, then the image),
+    ``/huge-declared`` (a 1 GB Content-Length), ``/endless`` (80 MB of zeros), ``/drip`` (a byte every 0.5 s)."""
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = self.path
+        if path == "/image.png":
+            self._send(200, URL_PNG, "image/png")
+        elif path == "/octet":
+            self._send(200, URL_PNG, "application/octet-stream")
+        elif path == "/page":
+            self._send(200, b"<html>hello</html>", "text/html")
+        elif path == "/missing":
+            self._send(404, b"no", "text/plain")
+        elif path == "/loop":
+            self._redirect("/loop")
+        elif path.startswith("/hop/"):
+            left = int(path.rsplit("/", 1)[1])
+            self._redirect(f"/hop/{left - 1}" if left > 0 else "/image.png")
+        elif path == "/huge-declared":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(10**9))
+            self.end_headers()
+        elif path == "/endless":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            try:
+                for _ in range(10_000):
+                    self.wfile.write(b"\x00" * 8192)
+            except OSError:
+                pass
+        elif path == "/drip":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(URL_PNG)))
+            self.end_headers()
+            try:
+                for byte in URL_PNG:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:
+                pass
+        else:
+            self._send(500, b"?", "text/plain")
+
+    def _send(self, status: int, body: bytes, media: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", media)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@contextmanager
+def image_server() -> Iterator[str]:
+    """A threaded HTTP server on 127.0.0.1 (an ephemeral port) with :class:`_MisbehavingHandler`; yields its base URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _MisbehavingHandler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+class SquareFinder:
+    """A stand-in detector with a known answer: one box per connected white square (class 1, score by size), in the
+    coordinates of the image it is given; a square cut by the image edge gives the part that is inside. Records the
+    batch sizes it saw."""
+
+    name = "squares"
+    class_names = ("square",)
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def __call__(self, images: list[np.ndarray], **kwargs: Any) -> tuple[list[Detections], dict]:
+        import cv2
+
+        self.batches.append(len(images))
+        out = []
+        for image in images:
+            mask = (np.ascontiguousarray(image)[..., 0] > 128).astype(np.uint8)
+            count, _, stats, _ = cv2.connectedComponentsWithStats(mask)
+            boxes = [[x, y, x + w, y + h] for x, y, w, h, _ in stats[1:count]]
+            boxes_t = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            scores = 0.5 + torch.tensor([w * h for _, _, w, h, _ in stats[1:count]], dtype=torch.float32) / 1e6
+            out.append(Detections(boxes_t, scores.reshape(-1), torch.ones(len(boxes), dtype=torch.int64), image.shape[:2]))
+        return out, {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import glob
+import math
 import os
 import sys
 from pathlib import Path
@@ -26,6 +28,9 @@ from detect.inference import (
     resolve_classes,
     resolve_device,
 )
+from detect.io import DEFAULT_MAX_PIXELS
+from detect.slicing import MERGES, SliceOptions
+from detect.sources import UrlPolicy, allow_pixels, expand_lists, kind_of
 
 __all__ = ["EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "add_parser"]
 DEVICE_HELP = "auto (CUDA when present; the default), cpu, cuda, cuda:1, ..."
@@ -33,8 +38,10 @@ DEVICE_HELP = "auto (CUDA when present; the default), cpu, cuda, cuda:1, ..."
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``predict``, ``serve`` and ``demo``."""
-    p = sub.add_parser("predict", help="detect objects in image files and folders, writing results under --out")
-    p.add_argument("sources", nargs="+", metavar="SRC", help="image files, folders or glob patterns")
+    p = sub.add_parser("predict", help="detect objects in images, videos, streams, URLs, writing results under --out")
+    p.add_argument("sources", nargs="*", metavar="SRC",
+                   help="image files, folders, glob patterns, http(s) image URLs, .txt lists of those, - (one image on "
+                        "stdin), video files, rtsp:// rtmp:// or http(s) video streams")
     p.add_argument("--out", help="output folder, mirroring the input tree (default: runs/predict, or runs/predict2, "
                                  "... when that exists)")
     p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
@@ -59,7 +66,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--line-width", type=positive_int, help="box lines in pixels (default: scaled to the image)")
     p.add_argument("--hide-labels", action="store_true", help="draw boxes without their labels")
     p.add_argument("--hide-scores", action="store_true", help="draw class names without their scores")
-    p.add_argument("--resume", action="store_true", help="skip inputs the manifest records as done")
+    p.add_argument("--resume", action="store_true",
+                   help="skip inputs the manifest records as done; a video file continues after its last finished frame")
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images with more pixels (default {DEFAULT_MAX_PIXELS}); raise it deliberately for "
+                        "very large images (with --slice)")
+    _add_source_options(p)
     _add_engine_options(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -100,6 +112,63 @@ def _add_backend_option(p: argparse.ArgumentParser, default: str | None) -> None
              "file, other weights are exported once into the cache)"
         + ("" if default else "; default: DETECT_BACKEND, else torch"),
     )
+
+
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("videos, streams and cameras")
+    g.add_argument("--source", type=non_negative_int, metavar="N", help="a camera index (0: the first camera)")
+    g.add_argument("--vid-stride", type=positive_int, default=1, metavar="N", help="process every Nth frame (default 1)")
+    g.add_argument("--save-video", action="store_true",
+                   help="write <name>.annotated.mp4 (the source's size; its fps divided by --vid-stride)")
+    g.add_argument("--track", action="store_true", help="link detections across frames (ByteTrack): track_id per detection")
+    g = p.add_argument_group("large images", "sliced inference: detect in overlapping tiles, merge the boxes back")
+    g.add_argument("--slice", type=positive_int, metavar="PIXELS", help="tile side, e.g. 640 (default: no slicing)")
+    g.add_argument("--overlap", type=float, help="overlap of neighbouring tiles, 0 to below 1 (default 0.2)")
+    g.add_argument("--slice-merge", choices=MERGES, help="greedy: merge boxes cut by tile edges (default); nms: class-wise NMS")
+    g.add_argument("--slice-full", action="store_true", help="also detect in the whole image, downscaled")
+    g = p.add_argument_group("URLs")
+    g.add_argument("--allow-private-urls", action="store_true",
+                   help="allow URLs that resolve to loopback, private or link-local addresses (refused by default)")
+    g.add_argument("--url-timeout", type=float, default=30.0, metavar="S", help="the most seconds one URL may take (default 30)")
+    g.add_argument("--url-max-bytes", type=positive_int, default=32 * 1024 * 1024, metavar="N",
+                   help="the most bytes one URL or stdin may send (default 32 MiB)")
+
+
+def _slice_options(args: argparse.Namespace, batch_size: int) -> SliceOptions | None:
+    """``--slice`` and its companions; the companions without ``--slice`` are a :class:`ConfigError`."""
+    if args.slice is None:
+        if args.overlap is not None or args.slice_merge is not None or args.slice_full:
+            raise ConfigError("--overlap, --slice-merge and --slice-full need --slice")
+        return None
+    overlap = 0.2 if args.overlap is None else args.overlap
+    return SliceOptions(args.slice, overlap, batch_size=batch_size, full_image=args.slice_full,
+                        merge=args.slice_merge or "greedy")
+
+
+def _url_policy(args: argparse.Namespace) -> UrlPolicy:
+    if not (math.isfinite(args.url_timeout) and args.url_timeout > 0):
+        raise ConfigError(f"--url-timeout must be above 0, got {args.url_timeout}")
+    return UrlPolicy(
+        connect_timeout_s=min(5.0, args.url_timeout), read_timeout_s=min(10.0, args.url_timeout),
+        total_timeout_s=args.url_timeout, max_bytes=args.url_max_bytes, allow_private=args.allow_private_urls,
+    )
+
+
+def _split_sources(args: argparse.Namespace) -> tuple[list[str], list[str | int]]:
+    """(image sources, video sources): ``.txt`` lists expanded, videos and streams apart, the camera last."""
+    images, videos = [], []
+    for source in expand_lists(args.sources):
+        if kind_of(source) == "video" and glob.has_magic(source):  # clips/*.mp4: the matching files, sorted
+            videos.extend(sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p)))
+        else:
+            (videos if kind_of(source) in ("video", "stream") else images).append(source)
+    if args.source is not None:
+        videos.append(args.source)
+    if not images and not videos:
+        raise ConfigError("no input: give SRC (files, folders, URLs, -, videos, streams) or --source N (a camera)")
+    if images.count("-") > 1:
+        raise ConfigError("- (stdin) may be given once")
+    return images, videos
 
 
 RAY_FLAGS = ("address", "actors", "gpus_per_actor", "cpus_per_actor")
@@ -150,7 +219,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     ray_options = _ray_options(args)
     if args.out is None and args.resume:
         raise ConfigError("--resume needs --out (the folder of the run to resume)")
+    slicing = _slice_options(args, args.batch_size)
+    url_policy = _url_policy(args)
+    image_sources, video_sources = _split_sources(args)
+    if ray_options is not None and (slicing is not None or video_sources or any(kind_of(s) in ("url", "stdin") for s in image_sources)):
+        raise ConfigError("--slice, videos, streams, cameras, URLs and - run with the local engine only")
+    if (args.track or args.save_video or args.vid_stride != 1) and not video_sources:
+        raise ConfigError("--track, --save-video and --vid-stride apply to videos, streams and cameras; none was given")
+    if args.max_pixels > DEFAULT_MAX_PIXELS:
+        allow_pixels(args.max_pixels)
     out = Path(args.out) if args.out is not None else next_run_dir()
+    args.out = str(out)
     prepare_output_dir(out)
     weights = args.weights or default_weights(args.model)
     if ray_options is not None and args.backend != "torch":
@@ -160,8 +239,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     class_names = detector.class_names if detector is not None else weights_class_names(weights)
     classes = None if args.classes is None else resolve_classes([c for c in args.classes.split(",") if c.strip()], class_names)
     score = DEFAULT_SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
+    args.score_threshold = score
+    if not image_sources:
+        return _predict_videos(args, detector, video_sources, classes, slicing)
     options = PredictOptions(
-        sources=tuple(args.sources),
+        sources=tuple(image_sources),
         out_dir=out,
         recursive=args.recursive,
         batch_size=args.batch_size,
@@ -173,6 +255,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         workers=args.workers,
         proposal_workers=args.proposal_workers,
         model=f"{args.model}:{weights}:{args.backend}",
+        max_pixels=args.max_pixels,
+        slicing=slicing,
+        url_policy=url_policy,
     )
     if ray_options is None:
         summary = run(options, detector, progress=sys.stderr)
@@ -181,12 +266,35 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         model = ray_engine.ModelSource(weights, resolve_device(args.device), args.model)  # auto: as this machine
         summary = ray_engine.run(options, model, ray_options, progress=sys.stderr)
-    if summary.images + summary.failed + summary.skipped == 0:
+    video_status = _predict_videos(args, detector, video_sources, classes, slicing) if video_sources else EXIT_OK
+    if summary.images + summary.failed + summary.skipped == 0 and not video_sources:
         print("error[no_inputs]: no image found in the given sources", file=sys.stderr)
         return EXIT_USAGE
     done = summary.images + summary.skipped
     print(f"saved {done} result{'s' if done != 1 else ''} to {out}", file=sys.stderr)
-    return EXIT_PARTIAL if summary.failed else EXIT_OK
+    return EXIT_PARTIAL if summary.failed or video_status != EXIT_OK else EXIT_OK
+
+
+def _predict_videos(
+    args: argparse.Namespace, detector: object, sources: list, classes: tuple[int, ...] | None, slicing: object
+) -> int:
+    """Each video, stream or camera in turn (:func:`detect.engines.video.predict_video`); one summary line each on
+    stderr, and ``error[code]: message`` for one that stopped early (exit 1)."""
+    from detect.engines.video import VideoOptions, predict_video
+
+    options = VideoOptions(
+        out_dir=Path(args.out).resolve(), stride=args.vid_stride, batch_size=args.batch_size,
+        refinement=Refinement(args.score_threshold, args.iou_threshold, args.max_detections, classes),
+        save_video=args.save_video, resume=args.resume, track=args.track, slicing=slicing,
+    )
+    failed = False
+    for source in sources:
+        summary = predict_video(source, detector, options, progress=sys.stderr)
+        print(summary.line(), file=sys.stderr)
+        if summary.error is not None:
+            failed = True
+            print(f"error[{summary.error.code}]: {summary.error.message}", file=sys.stderr)
+    return EXIT_PARTIAL if failed else EXIT_OK
 
 
 def weights_class_names(weights: str) -> list[str]:

@@ -57,6 +57,9 @@ __all__ = [
     "ShapesDataset",
     "DetectionDataset",
     "render",
+    "render_annotated",
+    "background",
+    "shape_object",
     "write_voc",
     "write_coco",
 ]
@@ -168,6 +171,44 @@ class ShapesDataset:
 def render(scene: Scene) -> np.ndarray:
     """Draw a scene: RGB ``uint8`` ``HxWx3``."""
     return _composite(scene)[0]
+
+
+def render_annotated(scene: Scene, config: ShapesConfig | None = None) -> tuple[np.ndarray, dict]:
+    """Draw a scene built by hand (large scenes, video frames) and annotate it by the set's rules: ``(image,
+    target)`` as ``dataset[i]`` gives them, ``image_id`` 0, plus ``object_index`` ``(N,)``: the position in
+    ``scene.objects`` of each annotated object (too hidden ones are left out)."""
+    image, layers = _composite(scene)
+    return image, _annotate(layers, [obj.label for obj in scene.objects], 0, config or ShapesConfig(), with_index=True)
+
+
+def background(rng: np.random.Generator, height: int, width: int, distractors: int = 0) -> np.ndarray:
+    """A textured background of the set (``HxWx3`` uint8) with ``distractors`` blobs and strokes drawn into it."""
+    image = _background(rng, height, width)
+    _draw_distractors(rng, image, distractors)
+    return image
+
+
+def shape_object(
+    rng: np.random.Generator,
+    label: int,
+    size: float,
+    centre: tuple[float, float],
+    background: np.ndarray | None = None,
+    angle: float | None = None,
+) -> ShapeObject:
+    """One shape of class ``label`` (1-based) whose longest side spans ``size`` pixels, centred on ``(x, y)``;
+    random outline, angle (unless given) and colour (contrasting with ``background`` under it when given)."""
+    name = SHAPES_CLASSES[label - 1]
+    outline = _OUTLINES[name](rng)  # (K, 2) within [-1, 1]
+    if angle is None:
+        angle = 0.0 if name == "circle" else rng.uniform(0, 2 * np.pi)
+    polygon = outline @ _rotation(angle) * (size / 2) + np.asarray(centre, dtype=np.float64)
+    if background is None:
+        rgb = colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.35, 1.0), rng.uniform(0.3, 1.0))
+        colour = tuple(int(round(255 * c)) for c in rgb)
+    else:
+        colour = _contrasting_colour(rng, background, np.clip(polygon, 0, np.array(background.shape[1::-1]) - 1))
+    return ShapeObject(label, polygon, colour)
 
 
 # --- sampling ----------------------------------------------------------------------------------------------
@@ -342,9 +383,9 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(image, 0, 255, out=image)).astype(np.uint8)
 
 
-def _annotate(layers: list[_Layer], labels: list[int], image_id: int, config: ShapesConfig) -> dict:
-    boxes, kept_labels, difficult, areas = [], [], [], []
-    for layer, label in zip(layers, labels):
+def _annotate(layers: list[_Layer], labels: list[int], image_id: int, config: ShapesConfig, with_index: bool = False) -> dict:
+    boxes, kept_labels, difficult, areas, index = [], [], [], [], []
+    for i, (layer, label) in enumerate(zip(layers, labels)):
         inside = layer.visible >= 0.5
         visible_pixels = int(inside.sum())
         if visible_pixels == 0:
@@ -359,12 +400,15 @@ def _annotate(layers: list[_Layer], labels: list[int], image_id: int, config: Sh
         kept_labels.append(label)
         difficult.append(hidden > config.difficult_hidden or small)
         areas.append(visible_pixels)
+        index.append(i)
+    extra = {"object_index": np.array(index, dtype=np.int64)} if with_index else {}
     return {
         "boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4),
         "labels": np.array(kept_labels, dtype=np.int64),
         "difficult": np.array(difficult, dtype=bool),
         "area": np.array(areas, dtype=np.float32),
         "image_id": image_id,
+        **extra,
     }
 
 

@@ -24,6 +24,11 @@ Decisions for the batch run (:func:`run`):
   skipped, so link loops end; unreadable folders and files are recorded as failed and the run goes on. Files
   under ``DIR`` are never inputs. Folders contribute files with image extensions; files named explicitly are
   always tried (the format is sniffed from content).
+* **URLs, stdin, lists, slices** (:mod:`detect.sources`, :mod:`detect.slicing`). A ``.txt`` source is a list of
+  sources; an ``http(s)`` image URL is fetched within ``url_policy``'s limits in the decoding threads and written
+  as ``DIR/urls/<host>/<path>.json``; ``-`` reads one image from stdin (``DIR/stdin.json``). With ``slicing`` set,
+  each image is detected tile by tile (:func:`detect.slicing.detect_sliced`) and proposals are left to the
+  detector. Videos, streams and cameras are not inputs here: :mod:`detect.engines.video` runs them.
 * **Batching.** Images are decoded by a thread pool (Pillow releases the GIL) and forwarded ``batch_size`` at a
   time. If a batch's forward pass raises, its images are retried one by one, so one image the model cannot
   handle fails alone.
@@ -71,6 +76,8 @@ from detect.drawing import Style, draw_detections, encode_like
 from detect.inference import Refinement, forward_batch
 from detect.io import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, decode_image
 from detect.progress import Progress
+from detect.slicing import SliceOptions, detect_sliced
+from detect.sources import UrlPolicy, expand_lists, fetch_url, is_url, kind_of, read_stdin, url_name
 from detect.structures import Detections
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
@@ -93,12 +100,26 @@ class Collected:
 
 
 def collect_inputs(sources: Sequence[str], out_dir: str | os.PathLike, recursive: bool) -> Collected:
-    """Expand files, folders and globs into :class:`Input` items (deduplicated, sorted, never under ``out_dir``)."""
+    """Expand files, folders, globs and ``.txt`` lists into :class:`Input` items (deduplicated, sorted, never under
+    ``out_dir``); URLs and ``-`` (stdin) come after the files, in the order given."""
     out = os.path.abspath(out_dir)
     found: dict[str, None] = {}
     roots: list[str] = []
     failures: list[tuple[str, DetectError]] = []
+    others: dict[str, Input] = {}
+    try:
+        sources = expand_lists(sources)
+    except DetectError as err:
+        failures.append((os.path.abspath(err.details.get("path", "list")), err))
+        sources = [s for s in sources if kind_of(s) != "list"]
     for source in sources:
+        kind = kind_of(source)
+        if kind == "url":
+            others.setdefault(source, Input(source, url_name(source)))
+            continue
+        if kind == "stdin":
+            others.setdefault(source, Input("-", "stdin"))
+            continue
         if _GLOB_MAGIC.search(source):
             root = os.path.abspath(_glob_prefix(source))
             paths = [os.path.abspath(p) for p in sorted(glob.glob(source, recursive=True)) if not os.path.isdir(p)]
@@ -115,7 +136,8 @@ def collect_inputs(sources: Sequence[str], out_dir: str | os.PathLike, recursive
         found.update((p, None) for p in paths if not _is_under(p, out))
     common = os.path.commonpath(roots) if roots else os.getcwd()
     as_input = lambda p: Input(p, os.path.relpath(p, common))  # noqa: E731
-    return Collected([as_input(p) for p in sorted(found)], [(as_input(p), err) for p, err in failures])
+    files = [as_input(p) for p in sorted(found)]
+    return Collected(files + list(others.values()), [(as_input(p), err) for p, err in failures])
 
 
 def _glob_prefix(pattern: str) -> str:
@@ -167,6 +189,8 @@ class PredictOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_side: int = DEFAULT_MAX_SIDE
     model: str = ""  # what produced the results (weights and family), recorded in the manifest for --resume
+    slicing: SliceOptions | None = None
+    url_policy: UrlPolicy = UrlPolicy()
 
 
 # --- the run -------------------------------------------------------------------------------------------------
@@ -185,7 +209,8 @@ def run(
     pending = [i for i in collected.inputs if manifest.done.get(i.path) != i.rel or not (out_dir / f"{i.rel}.json").is_file()]
     summary.skipped = len(collected.inputs) - len(pending)
     total = len(pending) + len(collected.failures)
-    proposal_pool = ProposalPool.for_detector(detector, min(options.proposal_workers, len(pending)))
+    workers = 0 if options.slicing is not None else min(options.proposal_workers, len(pending))
+    proposal_pool = ProposalPool.for_detector(detector, workers)
     try:
         for item, error in collected.failures:
             _fail(manifest, summary, item, error)
@@ -301,7 +326,13 @@ def _prepared(
 
 def _decode(item: Input, options: PredictOptions) -> np.ndarray | DetectError:
     try:
-        return decode_image(item.path, max_pixels=options.max_pixels, max_side=options.max_side)
+        if item.path == "-":
+            source = read_stdin(options.url_policy.max_bytes)
+        elif is_url(item.path):
+            source = fetch_url(item.path, options.url_policy)
+        else:
+            source = item.path
+        return decode_image(source, max_pixels=options.max_pixels, max_side=options.max_side)
     except DetectError as err:
         return err
 
@@ -326,7 +357,12 @@ def _process(
         if isinstance(image, DetectError):
             _fail(manifest, summary, item, image)
     proposals = None if searches is None else [b for _, _, b in good]
-    for (item, image, _), result in zip(good, forward_batch(detector, [image for _, image, _ in good], proposals)):
+    good_images = [image for _, image, _ in good]
+    if options.slicing is not None:
+        results = detect_sliced(detector, good_images, options.slicing)
+    else:
+        results = forward_batch(detector, good_images, proposals)
+    for (item, image, _), result in zip(good, results):
         if isinstance(result, DetectError):
             _fail(manifest, summary, item, result)
             continue
