@@ -31,8 +31,15 @@ Decisions:
   first input's error (Python callers expect exceptions; ``detect predict`` is the tool that keeps going).
 - **Batches.** A list is run ``batch_size`` images per forward pass; an image's detections never depend on its
   batch mates (the project-wide rule), so the batch size changes only speed and memory.
-- **Room to grow.** Every source ends up in :meth:`Detector.predict_arrays` (decoded RGB arrays in, :class:`Result`
-  out): sliced inference of large images and video frames plug in there.
+- **One core.** Every source ends up in :meth:`Detector.predict_arrays` (decoded RGB arrays in, :class:`Result`
+  out). ``slice=640`` (and ``overlap=``) there runs sliced inference (:func:`detect.slicing.detect_sliced`, the
+  function ``detect predict --slice`` and ``POST /detect``'s ``slice`` use) for very large images; combine it with
+  ``max_pixels=`` in the constructor to accept images above the default pixel limit.
+- **URLs** (``https://...``) are fetched with the CLI's guards (:func:`detect.sources.fetch_url`: timeouts, a byte
+  cap, at most 5 redirects, no private or loopback address unless ``allow_private_urls=True``).
+- **Video**: :meth:`Detector.video` is a generator of per-frame results for a video file, a stream URL or a camera
+  index (:func:`detect.engines.video.iter_video_results`, what ``detect predict clip.mp4`` runs), with
+  ``track=True`` for track ids.
 """
 
 from __future__ import annotations
@@ -49,12 +56,13 @@ from PIL import Image, ImageOps
 from detect import weights as registered_weights
 from detect.detectors import DETECTORS, families
 from detect.drawing import Style, draw_detections, encode_like
+from detect.slicing import SliceOptions, detect_sliced
+from detect.sources import UrlPolicy, fetch_url, kind_of
 from detect.errors import (
     ConfigError,
     DetectError,
     UnknownModelError,
     UnsupportedInputError,
-    WeightsError,
     WeightsNotFoundError,
 )
 from detect.inference import (
@@ -170,6 +178,10 @@ class Detector:
         max_detections: int | None = None,
         classes: Sequence[str | int] | None = None,
         batch_size: int = 4,
+        slice: int | None = None,  # noqa: A002 - the option's name everywhere (CLI --slice, the API's slice)
+        overlap: float = 0.2,
+        max_pixels: int | None = None,
+        allow_private_urls: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
@@ -184,8 +196,13 @@ class Detector:
             "iou_threshold": iou_threshold,
             "max_detections": max_detections,
             "classes": classes,
+            "slice": slice,
+            "overlap": overlap,
         }
-        self._refinement(**self.defaults)  # refuse bad thresholds or classes now, not at the first call
+        self.max_pixels = max_pixels
+        self.url_policy = UrlPolicy(allow_private=allow_private_urls)
+        self._refinement(**self._thresholds(self.defaults))  # refuse bad thresholds or classes now, not at the first call
+        self._slicing(slice, overlap)
 
     @property
     def name(self) -> str:
@@ -197,20 +214,58 @@ class Detector:
     def __call__(self, source: ImageLike | Sequence[ImageLike], **overrides: Any) -> Result | list[Result]:
         """Detect objects in one image (-> :class:`Result`) or a list of images (-> ``list[Result]``)."""
         if isinstance(source, (list, tuple)):
-            return self.predict_arrays([to_rgb(s) for s in source], [_describe(s, i) for i, s in enumerate(source)], **overrides)
-        return self.predict_arrays([to_rgb(source)], [_describe(source, 0)], **overrides)[0]
+            arrays = [self._read(s) for s in source]
+            return self.predict_arrays(arrays, [_describe(s, i) for i, s in enumerate(source)], **overrides)
+        return self.predict_arrays([self._read(source)], [_describe(source, 0)], **overrides)[0]
 
-    def predict_arrays(self, images: Sequence[np.ndarray], sources: Sequence[str] | None = None, **overrides: Any) -> list[Result]:
-        """The core of every call: decoded RGB ``uint8`` ``(H, W, 3)`` arrays in, one :class:`Result` each out."""
+    def _read(self, source: ImageLike) -> np.ndarray:
+        if isinstance(source, str) and kind_of(source) == "url":
+            return decode_image(fetch_url(source, self.url_policy), **self._limits())
+        if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)) and self.max_pixels is not None:
+            data = source if not isinstance(source, (str, os.PathLike)) else os.fspath(source)
+            return decode_image(bytes(data) if not isinstance(data, str) else data, **self._limits())
+        return to_rgb(source)
+
+    def _limits(self) -> dict[str, int]:
+        return {} if self.max_pixels is None else {"max_pixels": self.max_pixels}
+
+    def video(self, source: str | int, *, stride: int = 1, track: bool = False, **overrides: Any) -> Iterator[Any]:
+        """Per-frame results of a video file, a stream URL (``rtsp://``, ``http(s)://...mp4``) or a camera index,
+        in order: :class:`detect.engines.video.FrameResult` (``frame``, ``timestamp_s``, ``detections``,
+        ``track_ids`` with ``track=True``, ``to_json(class_names)``). A source that cannot be opened raises
+        :class:`~detect.errors.UnreadableVideoError`; a later failure is a last item with ``error`` set."""
+        from detect.engines.video import iter_video_results
+
+        options = self._options(overrides)
+        return iter_video_results(
+            self.model, source, stride=stride, batch_size=self.batch_size, refinement=self._refinement(**self._thresholds(options)),
+            track=track, slicing=self._slicing(options["slice"], options["overlap"]),
+        )
+
+    def _options(self, overrides: dict[str, Any]) -> dict[str, Any]:
         unknown = set(overrides) - set(self.defaults)
         if unknown:
             raise ConfigError(f"unknown option {sorted(unknown)[0]!r}; known: {', '.join(self.defaults)}")
-        refinement = self._refinement(**{**self.defaults, **overrides})
+        return {**self.defaults, **overrides}
+
+    @staticmethod
+    def _thresholds(options: dict[str, Any]) -> dict[str, Any]:
+        return {k: options[k] for k in ("score_threshold", "iou_threshold", "max_detections", "classes")}
+
+    def _slicing(self, size: int | None, overlap: float) -> SliceOptions | None:
+        return None if size is None else SliceOptions(int(size), float(overlap), batch_size=self.batch_size)
+
+    def predict_arrays(self, images: Sequence[np.ndarray], sources: Sequence[str] | None = None, **overrides: Any) -> list[Result]:
+        """The core of every call: decoded RGB ``uint8`` ``(H, W, 3)`` arrays in, one :class:`Result` each out."""
+        options = self._options(overrides)
+        refinement = self._refinement(**self._thresholds(options))
+        slicing = self._slicing(options["slice"], options["overlap"])
         sources = list(sources) if sources is not None else [f"image {i}" for i in range(len(images))]
         results: list[Result] = []
         for start in range(0, len(images), self.batch_size):
             batch = list(images[start : start + self.batch_size])
-            for offset, found in enumerate(forward_batch(self.model, batch)):
+            found_all = forward_batch(self.model, batch) if slicing is None else detect_sliced(self.model, batch, slicing)
+            for offset, found in enumerate(found_all):
                 if isinstance(found, DetectError):
                     raise found
                 results.append(Result(refinement.apply(found.to("cpu")), self.class_names, batch[offset], sources[start + offset]))

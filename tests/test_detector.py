@@ -118,3 +118,30 @@ def test_bad_models_and_inputs_are_our_errors(det, tmp_path: Path) -> None:
     assert code(lambda: det(np.zeros((8, 8, 2), np.uint8))) == "unsupported_input"
     assert code(lambda: det(np.zeros((8, 8, 3), np.uint8), classes=["zebra"])) == "unknown_class"
     assert code(lambda: det(np.zeros((8, 8, 3), np.uint8), nonsense=1)) == "config_error"
+
+
+def test_slice_and_video_are_the_cli_s_functions(det, tmp_path: Path) -> None:
+    """Detector(slice=...) gives what detect.slicing.detect_sliced gives; Detector.video what iter_video_results
+    gives (the object is the path: the same functions as detect predict --slice and detect predict clip.mp4)."""
+    from detect.data.shapes_video import MovingShapesConfig, moving_shapes, write_video
+    from detect.engines.video import iter_video_results
+    from detect.inference import Refinement
+    from detect.slicing import SliceOptions, detect_sliced
+
+    frames = [image for image, _ in moving_shapes(MovingShapesConfig(frames=3, width=192, height=160, objects=2,
+                                                                     size=(60.0, 80.0)))]
+    big = np.concatenate([frames[0], frames[1]], axis=1)  # 384 x 160
+    sliced = det(big, slice=128, overlap=0.25)
+    (expected,) = detect_sliced(det.model, [big], SliceOptions(128, 0.25, batch_size=det.batch_size))
+    expected = Refinement(0.25).apply(expected.to("cpu"))
+    assert np.array_equal(sliced.boxes, expected.boxes.numpy()) and np.array_equal(sliced.scores, expected.scores.numpy())
+
+    clip = write_video(tmp_path / "clip.mp4", frames, fps=10.0)
+    ours = [r.to_json(det.class_names) for r in det.video(str(clip), track=True)]
+    theirs = [r.to_json(det.class_names) for r in iter_video_results(
+        det.model, str(clip), batch_size=det.batch_size, refinement=Refinement(0.25), track=True)]
+    assert len(ours) == 3 and ours == theirs
+    from detect.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown option 'slize'"):
+        det(big, slize=128)
