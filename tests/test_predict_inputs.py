@@ -13,7 +13,7 @@ import pytest
 from detect import cli
 from detect.data.shapes_video import MovingShapesConfig, moving_shapes, write_video
 from detect.engines.video import iter_video_results
-from detect.inference import load_model
+from detect.inference import DEFAULT_SCORE_THRESHOLD, Refinement, load_model
 from tests.helpers import image_server, png
 
 FRAMES = 6
@@ -114,7 +114,8 @@ def test_unreadable_video_and_images_in_one_run(clip, tmp_path, capsys):
 
 def test_generator_gives_the_same_results_as_the_cli(clip, tmp_path):
     model = load_model("faster_rcnn_shapes")
-    results = list(iter_video_results(model, str(clip), batch_size=1))  # the CLI batches 4: no batch-mate effect
+    refinement = Refinement(DEFAULT_SCORE_THRESHOLD)  # the CLI's default threshold for people
+    results = list(iter_video_results(model, str(clip), batch_size=1, refinement=refinement))  # the CLI batches 4
     assert cli.main(["predict", str(clip.parent / "*.mp4"), "--out", str(tmp_path)]) == 0  # a glob of videos
     assert [r.to_json(model.class_names) for r in results] == lines(tmp_path / "clip.mp4.jsonl")
 
@@ -130,6 +131,7 @@ def test_url_and_stdin_inputs(tmp_path, monkeypatch):
         refused = tmp_path / "refused"
         assert cli.main(["predict", str(listing), "--out", str(refused)]) == 1  # loopback without the flag
         records = [json.loads(line) for line in (refused / "manifest.jsonl").read_text().splitlines()]
+        records = [r for r in records if "input" in r]  # the first line records the run's settings
         assert {r["code"] for r in records} == {"url_refused"} and len(records) == 2
     stdin = tmp_path / "stdin"
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(png(40, 30))))

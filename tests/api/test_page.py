@@ -96,7 +96,8 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
-    """The app with the bundled tiny Faster R-CNN, an API key and a small body limit, on 127.0.0.1."""
+    """The app with the bundled tiny Faster R-CNN, an API key and a small body limit, on 127.0.0.1. The docs are
+    opened (``public_docs``): with a key they are guarded, and a browser cannot send the header to /docs."""
     from api.app import create_app
     from api.settings import ModelSpec, Settings
 
@@ -104,6 +105,7 @@ def base_url() -> Iterator[str]:
         models={"faster_rcnn": ModelSpec(family="faster_rcnn", weights="faster_rcnn_shapes")},
         device="cpu",
         api_key=API_KEY,
+        public_docs=True,
         max_body_bytes=BODY_LIMIT,
     )
     import httpx
