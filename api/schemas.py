@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from detect.inference import DEFAULT_SCORE_THRESHOLD
 
@@ -55,6 +55,14 @@ class DetectParams(BaseModel):
     overlap: float | None = Field(
         None, ge=0.0, lt=1.0, allow_inf_nan=False, description="overlap of neighbouring tiles (default 0.2); ignored without slice"
     )
+
+    @field_validator("score_threshold", "iou_threshold", "max_detections", "slice", "overlap", mode="before")
+    @classmethod
+    def _numbers_not_booleans(cls, value: object) -> object:
+        """JSON ``true`` is no threshold: pydantic's lax mode would take it as 1 (the schema says a number)."""
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not true or false")
+        return value
 
 
 class ImageIn(BaseModel):

@@ -119,11 +119,14 @@ def load_recipe(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     once here so that its errors surface before training starts."""
     try:
         data = load_yaml(recipe_path(path).read_text(encoding="utf-8"), f"recipe {path}") or {}
+    except ConfigError as err:
+        raise ConfigError(f"cannot read {err}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read recipe {path}: {err}") from err
     config = override(override(TrainConfig(), data), overrides)
     detector_config(config)
     return config
+
 
 def detector_config(config: TrainConfig) -> Any:
     """The detector's config: its registry default with the recipe's ``detector_config`` applied."""

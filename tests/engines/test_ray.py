@@ -26,7 +26,7 @@ from PIL import Image
 from detect import cli
 from detect.engines import ray as ray_engine
 from detect.engines.local import PredictOptions, run
-from detect.inference import load_model
+from detect.inference import DEFAULT_SCORE_THRESHOLD, Refinement, load_model
 from tests.helpers import png
 
 FORMATS = ("jsonl", "coco", "csv", "yolo", "parquet")
@@ -192,7 +192,8 @@ def test_killed_driver_resumes_to_one_result_per_input(ray_cluster: ModuleType, 
         child.wait(30)
     before = {r["input"] for r in records(out) if r["status"] == "done"}
     assert 2 <= len(before) < len(names)
-    options = PredictOptions((str(src),), out, batch_size=4, resume=True)
+    # the settings the CLI ran with (its default score threshold for people): --resume refuses others
+    options = PredictOptions((str(src),), out, batch_size=4, resume=True, refinement=Refinement(DEFAULT_SCORE_THRESHOLD))
     summary = ray_engine.run(options, ray_engine.ModelSource(str(tiny_weights)), ray_engine.RayOptions(actors=1), progress=None)
     assert summary.skipped == len(before) and summary.images == len(names) - len(before)
     done = Counter(Path(r["input"]).name for r in records(out) if r["status"] == "done")
