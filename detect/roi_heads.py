@@ -367,7 +367,7 @@ class RoIHeads(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Class logits ``(K, C)`` and box deltas ``(K, C*4)`` for the ``K = sum P_i`` proposals, image-major."""
         pooled = self.box_roi_pool(features, list(proposals), list(image_sizes))  # (K, C_feat, s, s)
-        with one_thread(pooled):  # thread-count-free products (detect.ops.threads)
+        with one_thread(pooled, not self.training):  # thread-count-free products (detect.ops.threads)
             return self.box_predictor(self.box_head(pooled))
 
     def match(

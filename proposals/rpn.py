@@ -117,7 +117,7 @@ class RPNHead(nn.Module):
         logits, deltas = [], []
         for feature in features:
             hidden = self.conv(feature)
-            with one_thread(hidden):  # PyTorch picks a 1x1 conv's kernel by thread count (detect.ops.threads)
+            with one_thread(hidden, not self.training):  # 1x1 conv kernel follows threads (detect.ops.threads)
                 logits.append(self.cls_logits(hidden))
                 deltas.append(self.bbox_pred(hidden))
         return logits, deltas

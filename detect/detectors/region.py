@@ -302,7 +302,7 @@ class RegionHeads(nn.Module):
         self.register_buffer("bbox_scale", torch.ones(()))
 
     def forward(self, pooled: Tensor) -> RegionOutputs:
-        with one_thread(pooled):  # inference on the CPU: thread-count-free products (detect.ops.threads)
+        with one_thread(pooled, not self.training):  # thread-count-free products (detect.ops.threads)
             fc7 = self.box_head(pooled)  # (K, D) -> (K, F)
             deltas = self.bbox_pred(pooled * self.bbox_scale)  # (K, C*4)
             return RegionOutputs(self.cls_score(fc7), self.svm(fc7 * self.svm_scale), deltas)

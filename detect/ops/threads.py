@@ -28,14 +28,15 @@ __all__ = ["one_thread"]
 
 
 @contextmanager
-def one_thread(like: Tensor) -> Iterator[None]:
-    """Run the block on one intra-op thread when ``like`` is on the CPU and no gradient is recorded (inference),
-    restoring the caller's count on exit. ``torch.set_num_threads`` acts on the calling thread (OpenMP's and
-    MKL's counts are per thread), so other threads running torch at the same time keep theirs. A no-op on other
-    devices, with autograd on (training keeps its threads) and while tracing, scripting or compiling."""
+def one_thread(like: Tensor, enabled: bool = True) -> Iterator[None]:
+    """Run the block on one intra-op thread when ``like`` is on the CPU (and ``enabled``: modules pass ``not
+    self.training``, so training keeps its threads), restoring the caller's count on exit.
+    ``torch.set_num_threads`` acts on the calling thread (OpenMP's and MKL's counts are per thread), so other
+    threads running torch at the same time keep theirs. A no-op on other devices and while tracing, scripting or
+    compiling."""
     if (
-        like.device.type != "cpu"
-        or torch.is_grad_enabled()
+        not enabled
+        or like.device.type != "cpu"
         or torch.jit.is_tracing()
         or torch.jit.is_scripting()
         or torch.compiler.is_compiling()
