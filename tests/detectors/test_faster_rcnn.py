@@ -109,6 +109,7 @@ def capture_rpn(model: nn.Module, store: list) -> torch.utils.hooks.RemovableHan
     return model.rpn.register_forward_hook(lambda module, args, output: store.append(output[0]))
 
 
+@pytest.mark.exact
 @pytest.mark.slow
 def test_detections_and_proposals_match_torchvision(models: tuple[TVFasterRCNN, FasterRCNN]) -> None:
     reference, ours = models
@@ -136,6 +137,7 @@ def test_detections_and_proposals_match_torchvision(models: tuple[TVFasterRCNN, 
         torch.testing.assert_close(actual.boxes, expected["boxes"], rtol=0, atol=1e-4)
 
 
+@pytest.mark.exact
 @pytest.mark.slow
 def test_training_losses_match_torchvision(models: tuple[TVFasterRCNN, FasterRCNN]) -> None:
     reference, ours = models
@@ -207,6 +209,7 @@ def random_proposals(generator: torch.Generator, counts: list[int], size: float)
     return out
 
 
+@pytest.mark.exact
 def test_sampling_matches_torchvision(generator: torch.Generator) -> None:
     reference, ours = paired_heads(generator, batch_size_per_image=64)
     proposals = random_proposals(generator, [300, 200, 50], 100.0)
@@ -228,6 +231,7 @@ def test_sampling_matches_torchvision(generator: torch.Generator) -> None:
     torch.testing.assert_close(sample.regression_targets[positive], torch.cat(their_targets)[positive])
 
 
+@pytest.mark.exact
 def test_postprocessing_matches_torchvision(generator: torch.Generator) -> None:
     reference, ours = paired_heads(generator, score_thresh=0.1, detections_per_img=30)
     proposals = random_proposals(generator, [120, 80], 60.0)
@@ -367,6 +371,7 @@ def three_threads() -> Iterator[None]:
     torch.set_num_threads(saved)
 
 
+@pytest.mark.exact
 def test_threaded_pooling_equals_one_call(three_threads: None, generator: torch.Generator) -> None:
     features = OrderedDict(
         (str(i), torch.randn(3, 8, 64 // 2**i, 48 // 2**i, generator=generator, requires_grad=True)) for i in range(4)
@@ -398,6 +403,7 @@ def test_contiguous_chunks_cover_the_rois_in_order() -> None:
     assert torch.equal(torch.cat([torch.cat(chunk) for chunk in chunks]), torch.cat(proposals))
 
 
+@pytest.mark.exact
 def test_cpu_inference_runs_each_image_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU inference passes hold one image each (issue 21: a group's kernels follow its batch size), and each
     image's detections are bitwise those it gets alone."""
