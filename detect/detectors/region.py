@@ -37,6 +37,10 @@ Decisions:
   then the Fast R-CNN head's :func:`detect.roi_heads.postprocess_detections` (clipping, minimum size, ONE
   :func:`detect.ops.nms.multiclass_nms` call for the batch) with per-class NMS at IoU 0.3 (R-CNN's) and at most
   100 detections per image. Regression is applied to every proposal before NMS.
+- Inference classifies each image's regions alone, ``chunk_size`` at a time (:meth:`RegionDetector.classify`,
+  :func:`chunk_boxes`), and the heads' matrix products run on one thread on the CPU
+  (:mod:`detect.ops.threads`): a region's outputs are bitwise the same in any batch and on any thread count
+  (issue 21; chunks that crossed images made them depend on the batch mates).
 - ``forward(images, targets=None, proposals=None)`` returns ``(detections, losses)``. In training the detections
   come from the sampled regions (cheap, for monitoring); otherwise from all proposals, computed without autograd.
 - Truncated SVD (Fast R-CNN, section 3.1): :meth:`RegionDetector.compress` replaces fc6/fc7 by
