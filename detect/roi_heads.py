@@ -25,6 +25,9 @@ Decisions:
   :class:`PostprocessConfig` fields, so that logic and its settings are written once, here.
 - The box pooling of the builders is wrapped in :class:`ThreadedRoIPool`, which spreads torchvision's
   single-core CPU RoI kernels over all intra-op threads (same output, no parameters).
+- Thread-count invariance: at inference on the CPU the heads' matrix products (fc6, fc7, the predictors) run on
+  one intra-op thread (:func:`detect.ops.threads.one_thread`): MKL's multi-threaded SGEMM splits the reduction
+  between threads, so with 1 or 2 threads a region's fc6 output differs in its last bits (issue 21).
 - Losses are computed whenever targets are given. In training the detections come from the same forward pass
   over the sampled RoIs (cheap, handy for monitoring); in evaluation with targets the detections come from all
   proposals as usual and the validation losses from a second, sampled pass through the head.
@@ -48,6 +51,7 @@ from detect.ops.coder import BoxCoder
 from detect.ops.nms import multiclass_nms
 from detect.ops.pooling import roi_align, roi_pool
 from detect.ops.sampling import pad_boxes, sample_balanced
+from detect.ops.threads import one_thread
 from detect.structures import Detections
 
 Features = Mapping[str, Tensor] | Tensor
@@ -363,7 +367,8 @@ class RoIHeads(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Class logits ``(K, C)`` and box deltas ``(K, C*4)`` for the ``K = sum P_i`` proposals, image-major."""
         pooled = self.box_roi_pool(features, list(proposals), list(image_sizes))  # (K, C_feat, s, s)
-        return self.box_predictor(self.box_head(pooled))
+        with one_thread(pooled, not self.training):  # thread-count-free products (detect.ops.threads)
+            return self.box_predictor(self.box_head(pooled))
 
     def match(
         self, proposals: Tensor, valid: Tensor, targets: Sequence[Mapping[str, Tensor]]

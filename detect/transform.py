@@ -38,6 +38,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from detect.ops.threads import one_thread
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -183,7 +185,8 @@ class RCNNTransform(nn.Module):
             stack = torch.stack([images[i] for i in members])  # (k, 3, h, w)
             resized = (stack - mean) / std
             if size != tuple(stack.shape[-2:]):  # a same-size bilinear resize is the identity: skip it
-                resized = F.interpolate(resized, size=size, mode="bilinear", align_corners=False)
+                with one_thread(resized):  # its last bits would follow the thread count (detect.ops.threads)
+                    resized = F.interpolate(resized, size=size, mode="bilinear", align_corners=False)
             for i, image in zip(members, resized):  # (k, 3, h', w') -> k views
                 out[i] = image
         return out

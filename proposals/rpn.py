@@ -39,6 +39,7 @@ from detect.ops.boxes import batched_box_iou, clip_boxes, min_size_mask
 from detect.ops.coder import BoxCoder
 from detect.ops.nms import grouped_nms
 from detect.ops.sampling import pad_boxes, sample_balanced
+from detect.ops.threads import one_thread
 from proposals.anchors import AnchorGenerator, ImageBatch
 
 MIN_SIZE = 1e-3  # proposals with a side below this many pixels are dropped (torchvision's value)
@@ -116,8 +117,9 @@ class RPNHead(nn.Module):
         logits, deltas = [], []
         for feature in features:
             hidden = self.conv(feature)
-            logits.append(self.cls_logits(hidden))
-            deltas.append(self.bbox_pred(hidden))
+            with one_thread(hidden, not self.training):  # 1x1 conv kernel follows threads (detect.ops.threads)
+                logits.append(self.cls_logits(hidden))
+                deltas.append(self.bbox_pred(hidden))
         return logits, deltas
 
 

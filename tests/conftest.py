@@ -1,5 +1,7 @@
 """Shared fixtures: a ``device`` fixture (CPU always, CUDA when present), seeded randomness and one local Ray
-cluster per session."""
+cluster per session. Under ``CI=true`` a test (or module) skipped because a dependency that ``pyproject.toml``
+declares (base or ``test`` extra) cannot be imported fails instead: CI installs them all, so such a skip hides a
+broken install or a test that never runs (issue 21). Other skips (no CUDA device, undeclared packages) stay."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from tests.helpers import declared_dependencies, missing_declared_dependency
+
 settings.register_profile(
     "ci",
     max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "60")),
@@ -23,6 +27,7 @@ settings.register_profile(
 settings.load_profile("ci")
 
 ROOT = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -71,3 +76,26 @@ def ray_cluster(request: pytest.FixtureRequest) -> ModuleType:
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
         request.config.add_cleanup(ray.shutdown)
     return ray
+
+
+def _fail_declared_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Under ``CI=true``, turn a skip for a missing declared dependency into a failure (see the module docstring)."""
+    if not IN_CI or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    missing = missing_declared_dependency(reason, declared_dependencies(ROOT / "pyproject.toml"))
+    if missing is not None:
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: skipped for lack of {missing!r}, a declared dependency (pyproject.toml): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    _fail_declared_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    outcome = yield
+    _fail_declared_skip(outcome.get_result())

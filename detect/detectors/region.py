@@ -37,6 +37,10 @@ Decisions:
   then the Fast R-CNN head's :func:`detect.roi_heads.postprocess_detections` (clipping, minimum size, ONE
   :func:`detect.ops.nms.multiclass_nms` call for the batch) with per-class NMS at IoU 0.3 (R-CNN's) and at most
   100 detections per image. Regression is applied to every proposal before NMS.
+- Inference classifies each image's regions alone, ``chunk_size`` at a time (:meth:`RegionDetector.classify`,
+  :func:`chunk_boxes`), and the heads' matrix products run on one thread on the CPU
+  (:mod:`detect.ops.threads`): a region's outputs are bitwise the same in any batch and on any thread count
+  (issue 21; chunks that crossed images made them depend on the batch mates).
 - ``forward(images, targets=None, proposals=None)`` returns ``(detections, losses)``. In training the detections
   come from the sampled regions (cheap, for monitoring); otherwise from all proposals, computed without autograd.
 - Truncated SVD (Fast R-CNN, section 3.1): :meth:`RegionDetector.compress` replaces fc6/fc7 by
@@ -67,6 +71,7 @@ from detect.errors import ConfigError
 from detect.ops.boxes import batched_box_iou, clip_boxes_list, pairwise_box_iou
 from detect.ops.coder import BoxCoder
 from detect.ops.sampling import pad_boxes, sample_balanced
+from detect.ops.threads import one_thread
 from detect.roi_heads import PostprocessConfig, TwoMLPHead, factorise_fc67, postprocess_detections
 from detect.structures import Detections
 from detect.transform import ImageInput, as_image_list, as_image_tensor
@@ -244,13 +249,12 @@ class RegionFeatures:
 
 
 def chunk_boxes(boxes: Sequence[Tensor], size: int) -> Iterator[list[Tensor]]:
-    """Walk the image-major concatenation of per-image ``boxes`` ``size`` rows at a time: each step is again one
-    (possibly empty) slice per image, so it can go wherever the whole list can."""
-    counts = [len(b) for b in boxes]
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-    for lo in range(0, sum(counts), size):
-        hi = lo + size
-        yield [b[max(lo - s, 0) : max(min(hi - s, len(b)), 0)] for b, s in zip(boxes, starts)]
+    """Walk each image's ``boxes`` ``size`` rows at a time, image after image: each step is again one slice per
+    image (empty for every image but one), so it can go wherever the whole list can. A chunk never mixes images,
+    so what a region is computed with depends on its own image only (see :meth:`RegionDetector.classify`)."""
+    for index, image_boxes in enumerate(boxes):
+        for lo in range(0, len(image_boxes), size):
+            yield [b[lo : lo + size] if i == index else b[:0] for i, b in enumerate(boxes)]
 
 
 # --- the heads shared by R-CNN and SPP-Net ---------------------------------------------------------------------
@@ -302,9 +306,10 @@ class RegionHeads(nn.Module):
         self.register_buffer("bbox_scale", torch.ones(()))
 
     def forward(self, pooled: Tensor) -> RegionOutputs:
-        fc7 = self.box_head(pooled)  # (K, D) -> (K, F)
-        deltas = self.bbox_pred(pooled * self.bbox_scale)  # (K, C*4)
-        return RegionOutputs(self.cls_score(fc7), self.svm(fc7 * self.svm_scale), deltas)
+        with one_thread(pooled, not self.training):  # thread-count-free products (detect.ops.threads)
+            fc7 = self.box_head(pooled)  # (K, D) -> (K, F)
+            deltas = self.bbox_pred(pooled * self.bbox_scale)  # (K, C*4)
+            return RegionOutputs(self.cls_score(fc7), self.svm(fc7 * self.svm_scale), deltas)
 
 
 # --- the detector shared by R-CNN and SPP-Net ------------------------------------------------------------------
@@ -385,8 +390,16 @@ class RegionDetector(nn.Module, metaclass=abc.ABCMeta):
         return self.detections(outputs, boxes, sizes), losses
 
     def classify(self, prepared: Any, boxes: Sequence[Tensor]) -> RegionOutputs:
-        """The heads' outputs for the per-image ``boxes`` (inference; subclasses may pool in chunks)."""
-        return self.heads(self.pool(prepared, boxes))
+        """The heads' outputs for the per-image ``boxes`` at inference: each image's regions alone,
+        ``config.chunk_size`` at a time (:func:`chunk_boxes`), pooled and classified chunk by chunk. Memory holds
+        one chunk's features, and every matrix product a region takes part in has a composition fixed by its own
+        image (its chunk's rows), never by the other images of the batch: kernels choose their blocking (hence
+        the order of their sums) by the number of rows, so a region's last bits would otherwise follow its batch
+        mates (issue 21)."""
+        parts = [self.heads(self.pool(prepared, chunk)) for chunk in chunk_boxes(boxes, self.config.chunk_size)]
+        if not parts:  # no region in the whole batch: empty outputs of the right widths
+            return self.heads(self.pool(prepared, boxes))
+        return RegionOutputs(*(torch.cat(part) for part in zip(*parts)))
 
     def region_proposals(
         self, inputs: Sequence[ImageInput], proposals: Sequence[Tensor] | None, sizes: Sequence[tuple[int, int]]

@@ -18,7 +18,11 @@ Decisions:
   nothing is padded, so an image's maps (and detections) never depend on its batchmates; zero padding would enter
   the GroupNorm statistics of the tiny backbone and, through the conv windows at the image's edge, every
   backbone's maps. Measured on ``sppnet_shapes`` (one CPU thread, 8 images a batch, proposals given): 8 of one
-  size 51 images/s before and after; 8 mixed sizes 11 before (padded to the largest), 37 after.
+  size 51 images/s before and after; 8 mixed sizes 11 before (padded to the largest), 37 after. CPU inference
+  goes further and runs each image through the conv layers alone: oneDNN picks its convolution algorithm by the
+  batch size, so an image's maps at batch 1 and in a batch of 2 of its size differ in their last bits (issue 21).
+  Regions are pooled and classified in chunks of one image's regions
+  (:meth:`~detect.detectors.region.RegionDetector.classify`), for the same reason.
 - Window projection (the paper's appendix): the paper pads every layer by ``floor(p/2)`` for a filter of size ``p``,
   so cell ``i`` is centred on image pixel ``S i`` (``S`` the stride), and maps a window's left/top edge to
   ``x' = floor(x / S) + 1`` and its right/bottom edge to ``x' = ceil(x / S) - 1``: the cells whose centres lie
@@ -209,12 +213,15 @@ class SPPNet(RegionDetector):
         """The conv maps of the batch at every scale (autograd only when a loss will need it). The images of one
         resized size form a batch of their own, so no image is padded and none depends on its batchmates."""
         original = [(int(t.shape[1]), int(t.shape[2])) for t in images]
+        alone = images[0].device.type == "cpu" and not (torch.is_grad_enabled() and with_grad)
         scales = []
         with torch.set_grad_enabled(torch.is_grad_enabled() and with_grad):
             for side in self.config.scales:
                 sizes = [resized_size(size, side, self.config.max_size) for size in original]
                 resized = self.transform.normalize_and_resize(images, sizes)
                 groups = self.transform.padded_groups(resized)
+                if alone:  # CPU inference: each image a batch of its own (see the module docstring)
+                    groups = [(size, [index]) for size, members in groups for index in members]
                 maps = [
                     self.backbone(self.transform.pad([resized[i] for i in members], size))  # (B_g, C, H_g, W_g)
                     for size, members in groups
@@ -223,17 +230,19 @@ class SPPNet(RegionDetector):
         return SPPFeatures(scales, original)
 
     def classify(self, prepared: SPPFeatures, boxes: Sequence[Tensor]) -> RegionOutputs:
-        """The heads' outputs for the boxes, ``config.chunk_size`` regions pooled and classified at a time into one
-        reused buffer: memory holds one chunk of pooled features (2,000 windows of AlexNet's conv5 take 100 MB,
-        of VGG16's 200 MB) and the buffer's pages are faulted in once, not per region. Pooled features are the
-        same as in one call; the heads' outputs differ at most by the float rounding of the matrix products."""
+        """The heads' outputs for the boxes, each image's regions alone, ``config.chunk_size`` at a time
+        (:func:`~detect.detectors.region.chunk_boxes`), pooled into one reused buffer and classified: memory holds
+        one chunk of pooled features (2,000 windows of AlexNet's conv5 take 100 MB, of VGG16's 200 MB) and the
+        buffer's pages are faulted in once, not per region. Pooled features are the same as in one call; a
+        region's heads' outputs depend on its own image's chunk only, never on the batch (see
+        :meth:`~detect.detectors.region.RegionDetector.classify`)."""
         size = self.config.chunk_size
-        if sum(len(b) for b in boxes) <= size:
-            return self.heads(self.pool(prepared, boxes))
         buffer = prepared.scales[0].maps[0].new_empty((size, self.heads.in_features))  # (chunk, C * bins)
         parts = []
         for chunk in chunk_boxes(boxes, size):
             parts.append(self.heads(self.pool(prepared, chunk, out=buffer[: sum(len(b) for b in chunk)])))
+        if not parts:  # no region in the batch: empty outputs of the right widths
+            return self.heads(self.pool(prepared, boxes))
         return RegionOutputs(*(torch.cat(part) for part in zip(*parts)))
 
     def pool(self, prepared: SPPFeatures, boxes: Sequence[Tensor], out: Tensor | None = None) -> Tensor:

@@ -25,10 +25,13 @@ Decisions:
   part of the time) and an actor ``cpus_per_actor`` (1) and its GPUs. Ray Data fuses consecutive operators
   whose reservations are equal, which would put decoding inside the actors and leave the model idle while they
   decode; the different defaults (and any GPU) keep them apart.
-* **Same bytes.** An image's JSON is the same bytes as the local engine's when the actor runs torch with the
-  same number of threads as the local process (``cpus_per_actor`` sets it): the thread count changes how conv
-  sums are split, hence their last bits (one score in 600 rounded 0.25543 vs 0.25542 between 1 and 2 threads on
-  the tiny test model); batch composition does not matter (:mod:`detect.transform` pads each image alone).
+* **Same bytes.** An image's JSON is the same bytes as the local engine's whatever the thread counts
+  (``cpus_per_actor`` sets the actor's torch threads, the local engine keeps the process's) and batch sizes: the
+  detectors run every image alone on the CPU, and the kernels whose last bits followed the thread count (MKL's
+  matrix products, bilinear resizing, PyTorch's 1x1-convolution choice) on one thread
+  (:mod:`detect.ops.threads`). Before issue 21 the engines differed in a score's fifth decimal for 4 of 8 photos
+  (the actor ran on 1 thread, the local engine on all cores). Decoding is :func:`detect.io.decode_image` on
+  both sides (from the file, or from the bytes of a URL).
 * **Inputs.** Local paths, or fsspec URLs (``s3://`` with ``s3fs``, ``gs://`` with ``gcsfs``, ``file://``), not
   both in one run. URL inputs keep their URL in the manifest; their relative paths are taken from their common
   root like local ones (``file://`` URLs give the same relative paths as the plain paths, other protocols

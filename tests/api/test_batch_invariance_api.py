@@ -55,25 +55,32 @@ def png_images() -> list[bytes]:
 
 def post(client: httpx.Client, images: list[bytes], indices: tuple[int, ...]) -> list[dict]:
     files = [("images", (f"{i}.png", images[i], "image/png")) for i in indices]
-    response = client.post("/detect", files=files)
+    response = client.post("/detect", files=files, timeout=150)  # R-CNN, 7 images, default vector path: slow
     assert response.status_code == 200, response.text
     return [item["detections"] for item in response.json()["images"]]
 
 
-def assert_same(actual: list[dict], expected: list[dict], where: str) -> None:
-    """Same classes in the same order; boxes and scores within 1e-4 plus the JSON's rounding (2 and 5 decimals)."""
+def assert_same(actual: list[dict], expected: list[dict], where: str, exact: bool) -> None:
+    """The same JSON, exactly: on the CPU an image's raw outputs are bitwise its outputs alone (issue 21), so the
+    rounded ones are too (``exact``); on CUDA (a padded-size group is one batch there) within 1e-4 plus the JSON's
+    rounding."""
+    if exact:
+        assert actual == expected, where
+        return
     assert [d["class_id"] for d in actual] == [d["class_id"] for d in expected], where
     for a, e in zip(actual, expected):
         assert np.allclose(a["box"], e["box"], rtol=0, atol=0.01 + 1e-4), where
         assert abs(a["score"] - e["score"]) <= 1e-5 + 1e-4, where
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("name", ["faster_rcnn_shapes", "sppnet_shapes", "rcnn_shapes"])
 def test_concurrent_clients_with_different_sizes_get_their_lone_answers(name: str, device: torch.device) -> None:
     detector = Gated(load_detector(name, device))
     images = png_images()
     try:
-        with running(detector, warmup=False, max_batch=8, max_wait_ms=2000) as client, ThreadPoolExecutor(6) as pool:
+        serving = running(detector, warmup=False, max_batch=8, max_wait_ms=2000, request_timeout_s=120)
+        with serving as client, ThreadPoolExecutor(6) as pool:
             alone = {i: post(client, images, (i,))[0] for i in range(len(SIZES))}
             assert [len(batch) for batch in detector.batches] == [1] * len(SIZES)
             assert any(alone.values()), "the bundled model should detect something in shapes images"
@@ -87,11 +94,12 @@ def test_concurrent_clients_with_different_sizes_get_their_lone_answers(name: st
                 assert time.monotonic() < deadline, "the other clients' images never queued"
                 time.sleep(0.01)
             detector.gate.set()
-            answers = [future.result(timeout=60) for future in [first, *rest]]
+            answers = [future.result(timeout=150) for future in [first, *rest]]
     finally:
         detector.gate.set()
     mixed = detector.batches[len(SIZES) + 1]  # the batch after client 0's
     assert len(mixed) == queued and len(set(mixed)) >= 5, mixed
     for request, answer in zip(REQUESTS, answers):
         for index, detections in zip(request, answer):
-            assert_same(detections, alone[index], f"{name}: image {index} {SIZES[index]} in a batch of {mixed}")
+            where = f"{name}: image {index} {SIZES[index]} in a batch of {mixed}"
+            assert_same(detections, alone[index], where, exact=device.type == "cpu")

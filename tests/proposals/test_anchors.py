@@ -100,6 +100,7 @@ def test_hand_computed_layout(device: torch.device) -> None:
     assert generator.num_anchors_per_location() == [4, 1]
 
 
+@pytest.mark.exact
 @given(
     sizes=st.lists(st.integers(8, 700), min_size=1, max_size=4),
     ratios=st.lists(st.floats(0.125, 8.0, width=32), min_size=1, max_size=4),
