@@ -31,10 +31,21 @@ Decisions:
 
 from __future__ import annotations
 
+import ctypes
+import os
+
 import numba
 import numpy as np
+import torch
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
-__all__ = ["clip", "decode_finish", "decode_prepare", "encode_finish", "encode_prepare", "iou", "multiclass", "nms"]
+__all__ = [
+    "DECODE_BLOCK", "TORCH_EXP", "clip", "decode", "decode_finish", "decode_prepare", "encode_finish", "encode_prepare",
+    "iou", "multiclass", "nms",
+]
 
 
 def _jit(fn):
@@ -230,10 +241,121 @@ def multiclass(start, stop, scores, boxes, row_start, classes, class_specific, s
 
 # --- box coder ------------------------------------------------------------------------------------------------
 #
-# The coder's exp (decode) and log (encode) stay torch's: the loops below prepare their arguments as the same
-# contiguous arrays the reference passes to torch.exp / torch.log, and finish the arithmetic afterwards. torch's
-# CPU exp/log mix a SIMD polynomial with libm at the tails of each thread's chunk, so recomputing them here could
-# differ in the last bit; applying torch's own function to the same array in the same layout cannot.
+# One-pass float32 decode. torch's CPU exp on a contiguous float32 tensor is MKL's ``vmsExp`` in high-accuracy
+# mode (x86 builds of torch link MKL; ATEN_CPU_CAPABILITY does not change it), applied to each thread's chunk; its
+# results are not libm's ``expf`` nor Sleef's (about 1 % of inputs differ in the last bit from either), but they
+# depend on nothing but the input value: verified over all 2^32 float32 inputs, called on blocks of random
+# lengths at random offsets (the sweep the closing note of issue 24 names). :func:`decode` calls that same function,
+# found in ``libtorch_cpu``, on a small block of the scaled ``dw, dh`` that lives in the L1 cache, so it reads the
+# deltas and boxes from memory once and writes the result once, and its exponentials are torch's bit for bit.
+# Where torch has no MKL (``TORCH_EXP`` is None: ARM, macOS builds) the coder keeps the two-pass path below,
+# which applies torch.exp itself.
+
+_TORCH_EXP_SYMBOL = "detect_ops_torch_vms_exp"
+_VML_MODE = 0x2 | 0x140000 | 0x100  # VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE: the mode torch's vml.h passes
+DECODE_BLOCK = 512
+"""Rows per block of :func:`decode`: 2 x 512 float32 exponents (4 KiB) and 8 KiB of deltas stay in L1."""
+
+
+def _find_torch_exp() -> int | None:
+    """The address of MKL's ``vmsExp`` inside the loaded ``libtorch_cpu``, or None (torch built without MKL)."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        return ctypes.cast(lib.vmsExp, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+TORCH_EXP = _find_torch_exp()
+"""Address of the exp torch's CPU kernel runs on float32 (MKL ``vmsExp``), or None; registered for the JIT as
+``detect_ops_torch_vms_exp``."""
+if TORCH_EXP is not None:
+    llvm_binding.add_symbol(_TORCH_EXP_SYMBOL, TORCH_EXP)
+
+
+@intrinsic
+def _torch_exp(typingctx, n, src, dst):
+    """``dst[:n] = exp(src[:n])`` (float32 arrays, may alias) through MKL's ``vmsExp``, as torch computes it."""
+    sig = types.void(types.int64, src, dst)
+
+    def codegen(context, builder, signature, args):
+        count, source, dest = args
+        float_ptr = ir.PointerType(ir.FloatType())
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(64), float_ptr, float_ptr, ir.IntType(64)])
+        fn = builder.module.globals.get(_TORCH_EXP_SYMBOL) or ir.Function(builder.module, fnty, _TORCH_EXP_SYMBOL)
+        src_data = context.make_array(signature.args[1])(context, builder, source).data
+        dst_data = context.make_array(signature.args[2])(context, builder, dest).data
+        mode = ir.Constant(ir.IntType(64), _VML_MODE)
+        builder.call(fn, [count, builder.bitcast(src_data, float_ptr), builder.bitcast(dst_data, float_ptr), mode])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@_jit
+def decode(start, stop, out, deltas, boxes, outer_stride, inner, inner_stride, wx, wy, ww, wh, clip, half, sizes,
+           rows_per_size, zero):
+    """:meth:`detect.ops.coder.BoxCoder.decode` of rows ``r = o * inner + i`` of ``out (R, 4)`` for ``o`` in
+    ``[start, stop)``, in one pass, optionally clipped.
+
+    Row ``r``'s deltas are ``deltas[r]``, its reference box ``boxes[o * outer_stride + i * inner_stride]`` (the
+    boxes broadcast against the deltas, collapsed to two dimensions). Per block of :data:`DECODE_BLOCK` rows: the
+    scaled, clamped ``dw, dh`` into a buffer, torch's exp of it in place (:func:`_torch_exp`), then the corners in
+    the reference's order (:func:`decode_finish`). With ``sizes`` of shape ``(S, 2)`` as ``(H, W)`` the corners are
+    clipped as :func:`clip` does, row ``r`` to ``sizes[r // rows_per_size]``; ``(0, 2)`` leaves them unclipped.
+    """
+    block = DECODE_BLOCK
+    exps = np.empty(2 * block, dtype=np.float32)
+    first, last = start * inner, stop * inner
+    do_clip = sizes.shape[0] > 0
+    for b0 in range(first, last, block):
+        n = min(block, last - b0)
+        for k in range(n):
+            dw = deltas[b0 + k, 2] / ww
+            dh = deltas[b0 + k, 3] / wh
+            exps[k] = clip if dw > clip else dw
+            exps[n + k] = clip if dh > clip else dh
+        _torch_exp(2 * n, exps, exps)
+        o = b0 // inner
+        i = b0 - o * inner
+        for k in range(n):
+            b = o * outer_stride + i * inner_stride
+            x1, y1, x2, y2 = boxes[b, 0], boxes[b, 1], boxes[b, 2], boxes[b, 3]
+            widths = x2 - x1
+            heights = y2 - y1
+            ctr_x = x1 + half * widths
+            ctr_y = y1 + half * heights
+            r = b0 + k
+            pred_x = deltas[r, 0] / wx * widths + ctr_x
+            pred_y = deltas[r, 1] / wy * heights + ctr_y
+            half_w = half * (exps[k] * widths)
+            half_h = half * (exps[n + k] * heights)
+            left, top, right, bottom = pred_x - half_w, pred_y - half_h, pred_x + half_w, pred_y + half_h
+            if do_clip:
+                s = r // rows_per_size
+                height, width = sizes[s, 0], sizes[s, 1]
+                left = zero if left < zero else left
+                left = width if left > width else left
+                right = zero if right < zero else right
+                right = width if right > width else right
+                top = zero if top < zero else top
+                top = height if top > height else top
+                bottom = zero if bottom < zero else bottom
+                bottom = height if bottom > height else bottom
+            out[r, 0], out[r, 1], out[r, 2], out[r, 3] = left, top, right, bottom
+            i += 1
+            if i == inner:
+                i = 0
+                o += 1
+
+
+# The two-pass decode (float64, and float32 where torch has no MKL) and the encode: the coder's exp and log stay
+# torch's. The loops below prepare their arguments as the same contiguous arrays the reference passes to
+# torch.exp / torch.log, and finish the arithmetic afterwards. Without MKL, torch's CPU exp/log mix a SIMD
+# polynomial (Sleef) with libm at the tails of each thread's chunk, so recomputing them here could differ in the
+# last bit; applying torch's own function to the same array in the same layout cannot.
 
 
 @_jit
