@@ -308,47 +308,56 @@ def decode(start, stop, out, deltas, boxes, outer_stride, inner, inner_stride, w
     """
     block = DECODE_BLOCK
     exps = np.empty(2 * block, dtype=np.float32)
+    # per row of the block, as a structure of arrays (unit strides let LLVM vectorise the arithmetic; the
+    # interleaved (R, 4) rows would keep it scalar): dx, dy, dw, dh, box width, height, centre x, y, the corners
+    # x1, y1, x2, y2 and, when clipping, the image's H and W
+    soa = np.empty((14, block), dtype=np.float32)
     first, last = start * inner, stop * inner
     do_clip = sizes.shape[0] > 0
     for b0 in range(first, last, block):
         n = min(block, last - b0)
-        for k in range(n):
-            dw = deltas[b0 + k, 2] / ww
-            dh = deltas[b0 + k, 3] / wh
-            exps[k] = clip if dw > clip else dw
-            exps[n + k] = clip if dh > clip else dh
-        _torch_exp(2 * n, exps, exps)
         o = b0 // inner
         i = b0 - o * inner
-        for k in range(n):
-            b = o * outer_stride + i * inner_stride
-            x1, y1, x2, y2 = boxes[b, 0], boxes[b, 1], boxes[b, 2], boxes[b, 3]
-            widths = x2 - x1
-            heights = y2 - y1
-            ctr_x = x1 + half * widths
-            ctr_y = y1 + half * heights
+        for k in range(n):  # gather: the boxes' rows are a serial recurrence, kept out of the vectorised loops
             r = b0 + k
-            pred_x = deltas[r, 0] / wx * widths + ctr_x
-            pred_y = deltas[r, 1] / wy * heights + ctr_y
-            half_w = half * (exps[k] * widths)
-            half_h = half * (exps[n + k] * heights)
-            left, top, right, bottom = pred_x - half_w, pred_y - half_h, pred_x + half_w, pred_y + half_h
+            soa[0, k], soa[1, k], soa[2, k], soa[3, k] = deltas[r, 0], deltas[r, 1], deltas[r, 2], deltas[r, 3]
+            b = o * outer_stride + i * inner_stride
+            x1, y1 = boxes[b, 0], boxes[b, 1]
+            widths = boxes[b, 2] - x1
+            heights = boxes[b, 3] - y1
+            soa[4, k], soa[5, k] = widths, heights
+            soa[6, k], soa[7, k] = x1 + half * widths, y1 + half * heights
             if do_clip:
                 s = r // rows_per_size
-                height, width = sizes[s, 0], sizes[s, 1]
-                left = zero if left < zero else left
-                left = width if left > width else left
-                right = zero if right < zero else right
-                right = width if right > width else right
-                top = zero if top < zero else top
-                top = height if top > height else top
-                bottom = zero if bottom < zero else bottom
-                bottom = height if bottom > height else bottom
-            out[r, 0], out[r, 1], out[r, 2], out[r, 3] = left, top, right, bottom
+                soa[12, k], soa[13, k] = sizes[s, 0], sizes[s, 1]
             i += 1
             if i == inner:
                 i = 0
                 o += 1
+        for k in range(n):
+            dw = soa[2, k] / ww
+            dh = soa[3, k] / wh
+            exps[k] = clip if dw > clip else dw
+            exps[n + k] = clip if dh > clip else dh
+        _torch_exp(2 * n, exps, exps)
+        for k in range(n):
+            pred_x = soa[0, k] / wx * soa[4, k] + soa[6, k]
+            pred_y = soa[1, k] / wy * soa[5, k] + soa[7, k]
+            half_w = half * (exps[k] * soa[4, k])
+            half_h = half * (exps[n + k] * soa[5, k])
+            soa[8, k], soa[9, k] = pred_x - half_w, pred_y - half_h
+            soa[10, k], soa[11, k] = pred_x + half_w, pred_y + half_h
+        if do_clip:
+            for c in range(8, 12):
+                bound_row = 13 if c % 2 == 0 else 12  # x against W, y against H
+                for k in range(n):
+                    v = soa[c, k]
+                    v = zero if v < zero else v
+                    bound = soa[bound_row, k]
+                    soa[c, k] = bound if v > bound else v
+        for k in range(n):
+            r = b0 + k
+            out[r, 0], out[r, 1], out[r, 2], out[r, 3] = soa[8, k], soa[9, k], soa[10, k], soa[11, k]
 
 
 # The two-pass decode (float64, and float32 where torch has no MKL) and the encode: the coder's exp and log stay
