@@ -46,6 +46,9 @@ from detect.errors import ConfigError
 
 DEPLOYMENT = "detect"
 STARTUP_TIMEOUT_S = 600.0
+REPLICA_SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+"""Serve settings of each replica (a ``RAY_SERVE_*`` variable of the driver's environment overrides them); see
+the module docstring, *Latency*."""
 
 
 @dataclass(frozen=True)
@@ -80,10 +83,9 @@ class Scaling:
 
 def deployment_options(settings: Settings, scaling: Scaling) -> dict[str, Any]:
     """Serve deployment options: scaling, back-pressure and each replica's resources and environment."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("DETECT_")}
+    env = {**REPLICA_SERVE_ENV, **{k: v for k, v in os.environ.items() if k.startswith(("DETECT_", "RAY_SERVE_"))}}
     actor: dict[str, Any] = {"num_cpus": settings.torch_threads or 1, "num_gpus": 1 if settings.device.startswith("cuda") else 0}
-    if env:
-        actor["runtime_env"] = {"env_vars": env}
+    actor["runtime_env"] = {"env_vars": env}
     return {"name": DEPLOYMENT, "max_ongoing_requests": settings.queue_size, "ray_actor_options": actor, **scaling.options(settings)}
 
 
@@ -97,6 +99,11 @@ class DetectIngress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return ready_on_startup(self._factory(), self._startup_timeout_s)
+
+    async def echo_size(self, payload: bytes) -> int:
+        """A handle call that does no work: its round trip with a request's bytes is what the handle and the
+        serialisation cost a request (``benchmarks/scale.py`` subtracts it from the proxy's share)."""
+        return len(payload)
 
 
 def ready_on_startup(app: FastAPI, timeout_s: float) -> FastAPI:
