@@ -46,9 +46,6 @@ from detect.errors import ConfigError
 
 DEPLOYMENT = "detect"
 STARTUP_TIMEOUT_S = 600.0
-REPLICA_SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
-"""Serve settings of each replica (a ``RAY_SERVE_*`` variable of the driver's environment overrides them); see
-the module docstring, *Latency*."""
 
 
 @dataclass(frozen=True)
@@ -83,9 +80,10 @@ class Scaling:
 
 def deployment_options(settings: Settings, scaling: Scaling) -> dict[str, Any]:
     """Serve deployment options: scaling, back-pressure and each replica's resources and environment."""
-    env = {**REPLICA_SERVE_ENV, **{k: v for k, v in os.environ.items() if k.startswith(("DETECT_", "RAY_SERVE_"))}}
+    env = {k: v for k, v in os.environ.items() if k.startswith("DETECT_")}
     actor: dict[str, Any] = {"num_cpus": settings.torch_threads or 1, "num_gpus": 1 if settings.device.startswith("cuda") else 0}
-    actor["runtime_env"] = {"env_vars": env}
+    if env:
+        actor["runtime_env"] = {"env_vars": env}
     return {"name": DEPLOYMENT, "max_ongoing_requests": settings.queue_size, "ray_actor_options": actor, **scaling.options(settings)}
 
 

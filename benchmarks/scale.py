@@ -80,6 +80,7 @@ class ProgressClock(io.StringIO):
     def write(self, text: str) -> int:
         for done in re.findall(r"(\d+)/\d+ images", text):
             self.reports.append((time.perf_counter(), int(done)))
+        self.startup = next(iter(re.findall(r"ray start-up: (.*)", text)), getattr(self, "startup", ""))
         return len(text)
 
     def steady_rate(self) -> float:
@@ -107,7 +108,11 @@ def ray_engine_run(src: Path, out: Path, args: argparse.Namespace, weights: str,
     options = PredictOptions((str(src),), out, batch_size=args.batch_size)
     ray_options = ray_engine.RayOptions(actors=actors, cpus_per_actor=args.cores / actors)
     ray_engine.run(options, ray_engine.ModelSource(weights, "cpu", args.family), ray_options, progress=clock)
+    STARTUPS[actors] = clock.startup
     return time.perf_counter() - start, clock.steady_rate()
+
+
+STARTUPS: dict[int, str] = {}  # actors -> the Ray engine's start-up line of that run
 
 
 def batch(args: argparse.Namespace, weights: str, scratch: Path) -> float:
@@ -123,6 +128,8 @@ def batch(args: argparse.Namespace, weights: str, scratch: Path) -> float:
     for name, seconds, rate in rows:
         fixed = seconds - args.images / rate  # start-up: what the steady rate does not explain
         print(f"{name:>14} {seconds:>12.2f} {args.images / seconds:>10.2f} {rate:>12.2f} {local_rate / rate:>10.3f} {fixed:>8.1f}")
+    for actors, line in STARTUPS.items():
+        print(f"  start-up, {actors} actor{'s' * (actors > 1)}: {line.strip()}")
     return local_rate / rows[1][2]
 
 

@@ -7,6 +7,7 @@ thread, as the Ray actors do (``cpus_per_actor=1``): see ``detect.engines.ray`` 
 from __future__ import annotations
 
 import io
+import re
 import json
 import os
 import signal
@@ -101,6 +102,22 @@ def test_ray_output_is_byte_equal_to_local(ray_cluster: ModuleType, mixed_images
     ours, reference = files(out), files(local_reference)
     assert sorted(ours) == sorted(reference)
     assert [name for name in ours if ours[name] != reference[name]] == []
+
+
+def test_startup_line_says_where_the_time_before_the_first_result_went(ray_cluster: ModuleType, mixed_images: Path,
+                                                                          tiny_weights: Path, tmp_path: Path) -> None:
+    progress = io.StringIO()
+    options = PredictOptions((str(mixed_images / "sub"),), tmp_path / "out", batch_size=2)
+    start = time.perf_counter()
+    ray_engine.run(options, ray_engine.ModelSource(str(tiny_weights)), ray_engine.RayOptions(actors=1), progress=progress)
+    elapsed = time.perf_counter() - start
+    line = next(line for line in progress.getvalue().splitlines() if line.startswith("ray start-up: "))
+    seconds = {name: float(value) for name, value in
+               re.findall(r"(connect|listing|first result at|import|model load|worker up) ([0-9.]+) s", line)}
+    assert set(seconds) == {"connect", "listing", "first result at", "worker up", "import", "model load"}, line
+    assert "1 actor(s)" in line
+    assert seconds["connect"] + seconds["listing"] <= seconds["first result at"] <= elapsed
+    assert seconds["model load"] > 0
 
 
 def test_parquet_holds_the_per_image_json(ray_cluster: ModuleType, local_reference: Path) -> None:
