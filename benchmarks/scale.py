@@ -9,9 +9,16 @@
 2. Serving: the plain server (``detect serve``, its own process) and the same app on Ray Serve (1 replica, this
    process's local cluster) with the same model and ``--serve-threads`` torch threads (1: see
    ``api/ray_serve.py`` on threads in replicas): sequential requests (p50/p99, the Ray Serve overhead as the
-   ratio of p50s) and 8 concurrent clients (throughput).
+   ratio of p50s) and 8 concurrent clients (throughput). Then where a request's time goes (issue 24), from
+   sequential requests alternating between the two servers so that a shared machine's load hits both alike:
+   ``transport`` = client time - the app's own time (its ``Server-Timing`` header), split on Ray into the
+   ``handle`` call with serialisation (a no-op handle call carrying the same bytes) and the ``proxy`` (the
+   rest), beside the ``app`` and ``model`` (the image's ``timings_ms``) times. The summary's Serve ratio is the
+   ratio of those alternating medians. The Ray batch rows are followed by each run's start-up line (connect,
+   listing, first result; per actor: worker start-up and imports, model load).
 
     python benchmarks/scale.py [--images 96] [--size 160] [--cores 2] [--requests 60] [--family F --weights W]
+                               [--only batch|serving]
 
 Decisions:
 
