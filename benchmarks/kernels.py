@@ -1,6 +1,6 @@
 """Shared-kernel benchmark: our kernels against torchvision, measured in the same run.
 
-    python benchmarks/kernels.py [--repeats 5]
+    python benchmarks/kernels.py [--repeats 5] [--threads N]
 
 Each row prints the median time of our kernels as the library runs them (``ours``: the fused numba loops on the
 CPU), of our torch-op reference path (``ref``: what ran before the fused kernels, still the fallback), of the
@@ -56,7 +56,10 @@ def _fmt(row: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per case (median reported)")
+    parser.add_argument("--threads", type=int, help="torch threads for ours and the peer (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
     spent = detect.ops.warmup(("cpu",))
     print(f"fused kernels load/compile (detect.ops.warmup), once: {spent['cpu']:.2f} s (excluded from timings)")
