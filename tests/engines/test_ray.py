@@ -120,6 +120,18 @@ def test_startup_line_says_where_the_time_before_the_first_result_went(ray_clust
     assert seconds["model load"] > 0
 
 
+def test_listing_in_the_driver_equals_listing_in_a_task(ray_cluster: ModuleType, mixed_images: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the one-node test cluster the driver lists local paths itself; a task (multi-node clusters) lists the
+    same inputs with the same relative paths."""
+    assert ray_engine._single_node_here(ray_cluster)
+    here = ray_engine.list_inputs(ray_cluster, [str(mixed_images)], str(tmp_path / "out"), True)
+    monkeypatch.setattr(ray_engine, "_single_node_here", lambda ray: False)
+    in_task = ray_engine.list_inputs(ray_cluster, [str(mixed_images)], str(tmp_path / "out"), True)
+    assert here == in_task
+    assert sorted(i.rel for i in here[0]) == sorted([*GOOD, *EXPECTED_FAILURES])
+
+
 def test_parquet_holds_the_per_image_json(ray_cluster: ModuleType, local_reference: Path) -> None:
     import pyarrow.parquet as pq
 
