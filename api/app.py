@@ -224,6 +224,11 @@ class MetricsMiddleware:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
+                # the app's own time up to its answer (RFC 8941 Server-Timing), so a client, a proxy or a
+                # benchmark can tell the time spent here from the time spent reaching us
+                app_ms = (time.perf_counter() - start) * 1e3
+                timing = (b"server-timing", f"app;dur={app_ms:.3f}".encode())
+                message = {**message, "headers": [*message.get("headers", []), timing]}
             await send(message)
 
         self.service.metrics.request_started()

@@ -10,8 +10,10 @@
    ``torch.cuda.max_memory_allocated`` growth. Both include the 1.6 GB float32 output itself. torchvision's peak
    is about nine times that, so when the machine has too little free memory the case shrinks the box count (and
    says so in its note) rather than get killed.
-3. Box-coder decode of class-specific deltas for 8 images x 2,000 boxes x 21 classes (weights 10, 10, 5, 5) vs
-   torchvision's ``BoxCoder.decode`` (which takes per-image box lists and concatenated deltas).
+3. Box-coder decode vs torchvision's ``BoxCoder.decode`` (which takes per-image box lists and concatenated
+   deltas), three sizes (:data:`DECODE_CASES`): class-specific deltas for 8 images x 2,000 boxes x 21 classes
+   (weights 10, 10, 5, 5; a Fast R-CNN head), class-agnostic RPN deltas for 2 x 4,000 anchors, and the bundled
+   tiny detector's head on one image (300 x 4), where fixed per-call costs dominate.
 
 ``ratio`` is peer / ours: above 1 means we are faster (or, for memory, smaller). ``ours`` is what the public
 kernels run (the fused numba loops on the CPU); ``reference_s`` times our torch-op reference path (what ran before
@@ -183,27 +185,33 @@ def iou_memory_case() -> dict:
     return row
 
 
-def decode_case(repeats: int) -> dict:
+DECODE_CASES = (  # (label, images, boxes per image, classes, weights)
+    ("decode", IMAGES, BOXES_PER_IMAGE, CLASSES, (10.0, 10.0, 5.0, 5.0)),  # Fast R-CNN head, class-specific
+    ("decode rpn", 2, 4_000, 1, (1.0, 1.0, 1.0, 1.0)),  # RPN proposals of a batch of 2
+    ("decode small", 1, 300, 4, (10.0, 10.0, 5.0, 5.0)),  # the bundled tiny detector, one image
+)
+
+
+def decode_case(repeats: int, label: str, images: int, per_image: int, classes: int, weights) -> dict:
     g = torch.Generator().manual_seed(0)
-    boxes = random_boxes(IMAGES * BOXES_PER_IMAGE, g).view(IMAGES, BOXES_PER_IMAGE, 4)  # (B, N, 4)
-    deltas = torch.randn(IMAGES, BOXES_PER_IMAGE, CLASSES * 4, generator=g)  # (B, N, C*4)
-    weights = (10.0, 10.0, 5.0, 5.0)
+    boxes = random_boxes(images * per_image, g).view(images, per_image, 4)  # (B, N, 4)
+    deltas = torch.randn(images, per_image, classes * 4, generator=g) * 2  # (B, N, C*4), some past the clamp
     ours, peer = BoxCoder(weights), TorchvisionBoxCoder(weights)
-    per_image, flat_deltas = list(boxes), deltas.flatten(0, 1)  # the peer's input form, built outside the timing
-    same = torch.equal(ours.decode_per_class(deltas, boxes).flatten(0, 1), peer.decode(flat_deltas, per_image))
+    per_image_boxes, flat_deltas = list(boxes), deltas.flatten(0, 1)  # the peer's input form, built outside the timing
+    same = torch.equal(ours.decode_per_class(deltas, boxes).flatten(0, 1), peer.decode(flat_deltas, per_image_boxes))
     return time_row(
-        f"decode: {IMAGES} x {BOXES_PER_IMAGE} boxes x {CLASSES} classes vs BoxCoder",
+        f"{label}: {images} x {per_image} boxes x {classes} classes vs BoxCoder",
         lambda: ours.decode_per_class(deltas, boxes),
-        lambda: peer.decode(flat_deltas, per_image),
+        lambda: peer.decode(flat_deltas, per_image_boxes),
         repeats,
         f"outputs {'bitwise equal' if same else 'DIFFER'}",
-        floor=lambda: torch.empty(IMAGES, BOXES_PER_IMAGE, CLASSES, 4).fill_(0.0),
+        floor=lambda: torch.empty(images, per_image, classes, 4).fill_(0.0),
     )
 
 
 def run(repeats: int = 5) -> list[dict]:
-    """The three rows described in the module docstring."""
-    return [iou_time_case(repeats), iou_memory_case(), decode_case(repeats)]
+    """The rows described in the module docstring."""
+    return [iou_time_case(repeats), iou_memory_case()] + [decode_case(repeats, *case) for case in DECODE_CASES]
 
 
 if __name__ == "__main__":

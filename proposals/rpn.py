@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import Conv2dNormActivation
 
-from detect.ops.boxes import batched_box_iou, clip_boxes, min_size_mask
+from detect.ops.boxes import batched_box_iou, min_size_mask
 from detect.ops.coder import BoxCoder
 from detect.ops.nms import grouped_nms
 from detect.ops.sampling import pad_boxes, sample_balanced
@@ -227,8 +227,7 @@ class RegionProposalNetwork(nn.Module):
         batch = objectness.shape[0]
         top, levels = self.top_per_level(objectness, num_per_level)  # (B, K), (K,)
         rows = torch.arange(batch, device=top.device)[:, None]  # (B, 1)
-        boxes = self.box_coder.decode(deltas[rows, top], anchors[top])  # (B, K, 4)
-        boxes = clip_boxes(boxes, image_sizes)  # (B, K, 4)
+        boxes = self.box_coder.decode(deltas[rows, top], anchors[top], clip_to=image_sizes)  # (B, K, 4), clipped
         scores = torch.sigmoid(objectness[rows, top])  # (B, K)
         keep = min_size_mask(boxes, MIN_SIZE) & (scores >= self.config.score_thresh)  # (B, K) big enough, confident
         image_of, column = keep.nonzero(as_tuple=True)  # (M,) each

@@ -109,6 +109,20 @@ def clip_boxes(boxes: Tensor, image_size: tuple[int, int] | Tensor) -> Tensor:
     return torch.minimum(boxes.clamp(min=0), upper)
 
 
+def clip_sizes(image_size: tuple[int, int] | Tensor, boxes: Tensor) -> Tensor | None:
+    """:func:`clip_boxes`' ``image_size`` for ``boxes (..., 4)`` as an ``(S, 2)`` tensor of ``(H, W)`` in the boxes'
+    dtype and device, row ``k`` of the flattened boxes taking size ``k // (rows / S)``; None where the fused loops
+    do not take that form (sizes broadcast over a unit leading dimension, or not pairs)."""
+    if isinstance(image_size, Tensor):
+        sizes = image_size.to(device=boxes.device, dtype=boxes.dtype)
+        if sizes.dim() == 2 and (boxes.dim() < 2 or sizes.shape[0] != boxes.shape[0]):
+            return None  # broadcasting the sizes over a unit leading dimension: leave it to the reference
+        sizes = sizes.reshape(-1, 2)  # (S, 2) as (H, W)
+    else:
+        sizes = torch.tensor([list(image_size)], dtype=boxes.dtype, device=boxes.device)  # (1, 2)
+    return sizes if sizes.shape[1] == 2 and sizes.shape[0] > 0 else None
+
+
 def _clip_fused(boxes: Tensor, image_size: tuple[int, int] | Tensor) -> Tensor | None:
     """:func:`clip_boxes` as one fused loop over the rows (numba on the CPU, Triton on CUDA), or None where the
     reference runs instead (other dtypes, autograd, empty input, sizes that are neither one pair nor one per
@@ -117,14 +131,8 @@ def _clip_fused(boxes: Tensor, image_size: tuple[int, int] | Tensor) -> Tensor |
     backend = dispatch.choose("clip_boxes", boxes.device, boxes.dtype, needs_grad=needs_grad)
     if backend == "torch" or boxes.numel() == 0 or boxes.shape[-1] != 4:
         return None
-    if isinstance(image_size, Tensor):
-        sizes = image_size.to(device=boxes.device, dtype=boxes.dtype)
-        if sizes.dim() == 2 and (boxes.dim() < 2 or sizes.shape[0] != boxes.shape[0]):
-            return None  # broadcasting the sizes over a unit leading dimension: leave it to the reference
-        sizes = sizes.reshape(-1, 2)  # (S, 2) as (H, W)
-    else:
-        sizes = torch.tensor([list(image_size)], dtype=boxes.dtype, device=boxes.device)  # (1, 2)
-    if sizes.shape[1] != 2:
+    sizes = clip_sizes(image_size, boxes)
+    if sizes is None:
         return None
     rows = boxes.numel() // 4
     flat = boxes.contiguous().view(rows, 4)

@@ -17,10 +17,17 @@ Decisions:
 - float16 / bfloat16 inputs are computed and returned in float32; float64 stays float64 (a mixed pair promotes to
   float64). torchvision instead decodes in the deltas' own dtype.
 - Proposals must have positive width and height to be encoded (a zero size divides by zero, as in torchvision).
+- Decoding is memory-bound: on the CPU, float32 decodes in one pass (:func:`detect.ops._cpu.decode`) that reads
+  the deltas and boxes once and writes the result once, the clamp of ``dw, dh`` and, with ``clip_to``, the clip
+  to the image included. Its exponentials come from the function torch's own exp runs (MKL's ``vmsExp``, called
+  on blocks that stay in the L1 cache), so it stays bitwise equal to torchvision on every input, at every thread
+  count and CPU capability (``benchmarks/kernels.py``: 3-5x torchvision's ``BoxCoder``). Where torch has no MKL,
+  and for float64 and CUDA, two fused passes run around ``torch.exp`` itself.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -30,7 +37,7 @@ from torch import Tensor
 import numpy as np
 
 from detect.ops import dispatch
-from detect.ops.boxes import compute_dtype
+from detect.ops.boxes import clip_boxes, clip_sizes, compute_dtype
 
 
 def _size_and_centre(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -87,12 +94,16 @@ class BoxCoder:
         dh = wh * torch.log(gt_h / ex_h)
         return torch.stack((dx, dy, dw, dh), dim=-1)  # (..., 4)
 
-    def decode(self, deltas: Tensor, boxes: Tensor) -> Tensor:
-        """Apply ``deltas (..., 4)`` to reference ``boxes (..., 4)`` (broadcastable) -> xyxy boxes ``(..., 4)``."""
+    def decode(self, deltas: Tensor, boxes: Tensor, clip_to: tuple[int, int] | Tensor | None = None) -> Tensor:
+        """Apply ``deltas (..., 4)`` to reference ``boxes (..., 4)`` (broadcastable) -> xyxy boxes ``(..., 4)``.
+
+        ``clip_to`` clips the result into the image(s) in the same pass: the result is then bitwise equal to
+        ``clip_boxes(decode(deltas, boxes), clip_to)`` (see :func:`detect.ops.boxes.clip_boxes` for its forms).
+        """
         dtype = compute_dtype(deltas, boxes)
         backend = dispatch.choose("box_decode", deltas.device, dtype, needs_grad=_needs_grad(deltas, boxes))
         if backend != "torch":
-            fused = _decode_fused(self, deltas.to(dtype), boxes.to(dtype), backend)
+            fused = _decode_fused(self, _as(deltas, dtype), _as(boxes, dtype), backend, clip_to)
             if fused is not None:
                 return fused
         deltas = deltas.to(dtype)
@@ -106,30 +117,64 @@ class BoxCoder:
         pred_y = dy * heights + ctr_y
         half_w = 0.5 * (torch.exp(dw) * widths)
         half_h = 0.5 * (torch.exp(dh) * heights)
-        return _corners(pred_x, pred_y, half_w, half_h)
+        decoded = _corners(pred_x, pred_y, half_w, half_h)
+        return decoded if clip_to is None else clip_boxes(decoded, clip_to)
 
-    def decode_per_class(self, deltas: Tensor, boxes: Tensor) -> Tensor:
+    def decode_per_class(
+        self, deltas: Tensor, boxes: Tensor, clip_to: tuple[int, int] | Tensor | None = None
+    ) -> Tensor:
         """Class-specific deltas ``(..., C*4)`` on one reference box each ``(..., 4)`` -> boxes ``(..., C, 4)``.
 
         ``(N, C*4), (N, 4) -> (N, C, 4)`` for one image or a concatenated batch, ``(B, N, C*4), (B, N, 4) ->
-        (B, N, C, 4)`` for a padded one.
+        (B, N, C, 4)`` for a padded one. ``clip_to`` as in :meth:`decode` (sizes per leading index of the result).
         """
         if deltas.shape[-1] % 4:
             raise ValueError(f"class-specific deltas need a multiple of 4 columns, got {tuple(deltas.shape)}")
         per_class = deltas.unflatten(-1, (deltas.shape[-1] // 4, 4))  # (..., C*4) -> (..., C, 4)
-        return self.decode(per_class, boxes.unsqueeze(-2))  # (..., C, 4)
+        return self.decode(per_class, boxes.unsqueeze(-2), clip_to)  # (..., C, 4)
 
 
 # --- fused paths (see detect.ops.dispatch) --------------------------------------------------------------------
 
 
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)``, without the call's cost when it already has that dtype."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _needs_grad(a: Tensor, b: Tensor) -> bool:
+    return (a.requires_grad or b.requires_grad) and torch.is_grad_enabled()
+
+
+_NO_SIZES = np.empty((0, 2), dtype=np.float32)  # the one-pass decode's "no clip"
+_ZERO32 = np.float32(0.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_constants(coder: BoxCoder) -> tuple[np.float32, ...]:
+    """``wx, wy, ww, wh, bbox_xform_clip, 0.5`` as float32 scalars for :func:`detect.ops._cpu.decode`."""
+    return tuple(np.float32(v) for v in (*coder.weights, coder.bbox_xform_clip, 0.5))
 
 
 def _scalar(dtype: torch.dtype):
     """The numpy scalar type of ``dtype`` (constants enter the numba loops in the arrays' own precision)."""
     return np.dtype(str(dtype).removeprefix("torch.")).type
+
+
+def _broadcast_rows(box_shape: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Strides, in rows of 4, of contiguous boxes of ``box_shape`` broadcast to the deltas' ``shape`` (leading
+    dimensions only; 0 where broadcast), or None where the boxes do not broadcast to exactly that shape. Plain
+    Python: ``torch.broadcast_shapes`` and ``expand`` cost more than a small decode."""
+    if len(box_shape) > len(shape) or not box_shape or box_shape[-1] != 4 or shape[-1] != 4:
+        return None
+    padded = (1,) * (len(shape) - len(box_shape)) + box_shape
+    strides, step = [], 1
+    for size, target in zip(reversed(padded[:-1]), reversed(shape[:-1])):
+        if size != target and size != 1:
+            return None
+        strides.append(step if size == target else 0)
+        step *= size
+    return tuple(reversed(strides))
 
 
 def _collapse(sizes: tuple[int, ...], strides: tuple[int, ...]) -> list[tuple[int, int]] | None:
@@ -146,45 +191,59 @@ def _collapse(sizes: tuple[int, ...], strides: tuple[int, ...]) -> list[tuple[in
     return dims if len(dims) <= 2 else None
 
 
-def _decode_fused(coder: BoxCoder, deltas: Tensor, boxes: Tensor, backend: str) -> Tensor | None:
-    """:meth:`BoxCoder.decode` in two fused passes around torch's own exp, or None where the deltas are
-    broadcast (their shape is not the result's) or the boxes' broadcast does not collapse to two dimensions.
+def _decode_fused(
+    coder: BoxCoder, deltas: Tensor, boxes: Tensor, backend: str, clip_to: tuple[int, int] | Tensor | None
+) -> Tensor | None:
+    """:meth:`BoxCoder.decode` through the fused loops, or None where the deltas are broadcast (their shape is not
+    the result's) or the boxes' broadcast does not collapse to two dimensions.
 
-    Pass one writes ``dw, dh`` (scaled, clamped) as two contiguous arrays of the deltas' leading shape, exactly the
-    tensors the reference exponentiates; ``torch.exp`` runs on them in place, so the exponentials are the
-    reference's bit for bit (see :mod:`detect.ops._cpu`); pass two writes the corners. Working memory: those two
-    arrays, half the size of the output.
+    float32 on a CPU whose torch has MKL: one pass (:func:`detect.ops._cpu.decode`), clip included. Otherwise two
+    fused passes around torch's own exp: pass one writes ``dw, dh`` (scaled, clamped) as two contiguous arrays of
+    the deltas' leading shape, exactly the tensors the reference exponentiates; ``torch.exp`` runs on them in
+    place, so the exponentials are the reference's bit for bit (see :mod:`detect.ops._cpu`); pass two writes the
+    corners, and a clip follows as its own pass. Working memory: those two arrays, half the size of the output.
     """
-    shape = torch.broadcast_shapes(deltas.shape, boxes.shape)
-    if tuple(deltas.shape) != tuple(shape) or deltas.numel() == 0:
-        return None
-    boxes = boxes.contiguous()
-    lead = _collapse(tuple(shape[:-1]), tuple(s // 4 for s in boxes.expand(shape).stride()[:-1]))
+    shape = tuple(deltas.shape)
+    box_rows = _broadcast_rows(tuple(boxes.shape), shape)
+    if box_rows is None or deltas.numel() == 0:
+        return None  # broadcast deltas (or shapes that do not broadcast): the reference decides
+    lead = _collapse(shape[:-1], box_rows)
     if lead is None:
         return None
+    boxes = boxes.contiguous()
     (outer, outer_stride), (inner, inner_stride) = ([(1, 0)] * (2 - len(lead)) + lead)[-2:]
     rows = deltas.numel() // 4
     flat_deltas = deltas.contiguous().view(rows, 4)
     flat_boxes = boxes.view(-1, 4)
-    scaled = deltas.new_empty((2, rows))  # (2, R): dw, dh, then their exponentials
+    cpu = dispatch.cpu() if backend == "numba" else None
+    if cpu is not None and cpu.TORCH_EXP is not None and deltas.dtype == torch.float32:
+        out = torch.empty(shape, dtype=torch.float32)  # a CPU tensor (faster than new_empty)
+        sizes = None if clip_to is None else clip_sizes(clip_to, deltas)
+        if sizes is None and clip_to is not None:
+            return clip_boxes(_decode_fused(coder, deltas, boxes, backend, None), clip_to)
+        size_args = (_NO_SIZES, 1) if sizes is None else (sizes.contiguous().numpy(), rows // sizes.shape[0])
+        args = (out.view(rows, 4).numpy(), flat_deltas.numpy(), flat_boxes.numpy(), outer_stride, inner, inner_stride)
+        dispatch.run_cpu(cpu.decode, outer, rows, *args, *_decode_constants(coder), *size_args, _ZERO32)
+        return out
     out = deltas.new_empty(shape)
     wx, wy, ww, wh = coder.weights
     kind = _scalar(deltas.dtype)
+    scaled = deltas.new_empty((2, rows))  # (2, R): dw, dh, then their exponentials
     if backend == "triton":
         gpu = dispatch.gpu()
         gpu.decode_prepare(flat_deltas, scaled, ww, wh, coder.bbox_xform_clip)
         torch.exp(scaled[0], out=scaled[0])
         torch.exp(scaled[1], out=scaled[1])
         gpu.decode_finish(out.view(rows, 4), flat_deltas, scaled, flat_boxes, outer_stride, inner, inner_stride, wx, wy)
-        return out
-    cpu = dispatch.cpu()
-    d = flat_deltas.numpy()
-    dispatch.run_cpu(cpu.decode_prepare, rows, rows, d, scaled.numpy(), kind(ww), kind(wh), kind(coder.bbox_xform_clip))
-    torch.exp(scaled[0], out=scaled[0])
-    torch.exp(scaled[1], out=scaled[1])
-    args = (out.view(rows, 4).numpy(), d, scaled.numpy(), flat_boxes.numpy(), outer_stride, inner, inner_stride)
-    dispatch.run_cpu(cpu.decode_finish, outer, rows, *args, kind(wx), kind(wy), kind(0.5))
-    return out
+    else:
+        d = flat_deltas.numpy()
+        clip = kind(coder.bbox_xform_clip)
+        dispatch.run_cpu(cpu.decode_prepare, rows, rows, d, scaled.numpy(), kind(ww), kind(wh), clip)
+        torch.exp(scaled[0], out=scaled[0])
+        torch.exp(scaled[1], out=scaled[1])
+        args = (out.view(rows, 4).numpy(), d, scaled.numpy(), flat_boxes.numpy(), outer_stride, inner, inner_stride)
+        dispatch.run_cpu(cpu.decode_finish, outer, rows, *args, kind(wx), kind(wy), kind(0.5))
+    return out if clip_to is None else clip_boxes(out, clip_to)
 
 
 def _encode_fused(coder: BoxCoder, gt_boxes: Tensor, proposals: Tensor, backend: str) -> Tensor:

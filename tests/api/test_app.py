@@ -59,6 +59,19 @@ def test_multipart_single_image(client: httpx.Client) -> None:
     assert item["batch_size"] >= 1 and item["error"] is None
 
 
+def test_server_timing_header_covers_the_apps_own_time(client: httpx.Client) -> None:
+    """``Server-Timing: app;dur=<ms>``: at least the image's own stages (they run inside the app), at most the time
+    the client waited."""
+    start = time.perf_counter()
+    r = client.post("/detect", files={"images": ("a.png", png(40, 20), CT_PNG)})
+    waited_ms = (time.perf_counter() - start) * 1e3
+    name, _, duration = r.headers["server-timing"].partition(";dur=")
+    assert name == "app"
+    stages_ms = sum(r.json()["images"][0]["timings_ms"].values())
+    assert stages_ms <= float(duration) <= waited_ms
+    assert float(client.get("/healthz").headers["server-timing"].partition(";dur=")[2]) >= 0.0
+
+
 def test_json_ids_echoed(client: httpx.Client) -> None:
     images = [{"data": b64(png(30, 10)), "id": "x"}, {"data": b64(png(10, 30)).rstrip("="), "id": "y"}]
     r = client.post("/detect", json={"images": images})

@@ -8,6 +8,7 @@ threads and the Ray actors on one (``cpus_per_actor=1``): an image's results do 
 from __future__ import annotations
 
 import io
+import re
 import json
 import os
 import signal
@@ -127,6 +128,34 @@ def test_ray_writes_the_local_bytes_for_every_bundled_model(ray_cluster: ModuleT
     assert (summary.images, summary.failed) == (5, 0)
     expected = {p.name: p.read_bytes() for p in sorted(local.glob("*.png.json"))}
     assert len(expected) == 5 and {p.name: p.read_bytes() for p in sorted(ours.glob("*.png.json"))} == expected
+
+
+def test_startup_line_says_where_the_time_before_the_first_result_went(ray_cluster: ModuleType, mixed_images: Path,
+                                                                          tiny_weights: Path, tmp_path: Path) -> None:
+    progress = io.StringIO()
+    options = PredictOptions((str(mixed_images / "sub"),), tmp_path / "out", batch_size=2)
+    start = time.perf_counter()
+    ray_engine.run(options, ray_engine.ModelSource(str(tiny_weights)), ray_engine.RayOptions(actors=1), progress=progress)
+    elapsed = time.perf_counter() - start
+    line = next(line for line in progress.getvalue().splitlines() if line.startswith("ray start-up: "))
+    seconds = {name: float(value) for name, value in
+               re.findall(r"(connect|listing|first result at|import|model load|worker up) ([0-9.]+) s", line)}
+    assert set(seconds) == {"connect", "listing", "first result at", "worker up", "import", "model load"}, line
+    assert "1 actor(s)" in line
+    assert seconds["connect"] + seconds["listing"] <= seconds["first result at"] <= elapsed
+    assert seconds["model load"] > 0
+
+
+def test_listing_in_the_driver_equals_listing_in_a_task(ray_cluster: ModuleType, mixed_images: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the one-node test cluster the driver lists local paths itself; a task (multi-node clusters) lists the
+    same inputs with the same relative paths."""
+    assert ray_engine._single_node_here(ray_cluster)
+    here = ray_engine.list_inputs(ray_cluster, [str(mixed_images)], str(tmp_path / "out"), True)
+    monkeypatch.setattr(ray_engine, "_single_node_here", lambda ray: False)
+    in_task = ray_engine.list_inputs(ray_cluster, [str(mixed_images)], str(tmp_path / "out"), True)
+    assert here == in_task
+    assert sorted(i.rel for i in here[0]) == sorted([*GOOD, *EXPECTED_FAILURES])
 
 
 def test_parquet_holds_the_per_image_json(ray_cluster: ModuleType, local_reference: Path) -> None:
