@@ -92,6 +92,27 @@ class ConfigError(DetectError):
     exit_code = 2
 
 
+class ExportError(DetectError):
+    """A detector the exporter cannot write (a model or configuration it does not handle), or an export that
+    failed; nothing is left at the output path."""
+
+    code = "export_unsupported"
+    http_status = 422
+    exit_code = 2
+
+
+class OpsetError(ConfigError):
+    """An ONNX opset the installed ``onnx`` package (or the exporter) cannot write."""
+
+    code = "unsupported_opset"
+
+
+class ExportVersionError(WeightsError):
+    """An exported file (``.onnx``, ``.pt2``) written by another version of the export format."""
+
+    code = "export_format_version"
+
+
 class ChecksumError(WeightsError):
     """A weights file's SHA-256 differs from the one its manifest (or its download name) promises."""
 
