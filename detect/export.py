@@ -19,10 +19,10 @@ Decisions:
   int64 ``(h, w)``. Outputs, flat over the batch, image-major and best first: ``boxes (N, 4)`` xyxy original
   pixels, ``scores (N,)``, ``labels (N,)`` int64 1-based, ``image_index (N,)`` int64.
 - **What is not captured, and why.** :meth:`FasterRCNN.forward` itself takes a list of images of any sizes and
-  returns a Python list of per-image :class:`Detections`. ``torch.export`` needs a fixed pytree of inputs and
-  outputs, so a list whose length is the (dynamic) batch size, or per-image results split by data-dependent counts,
-  cannot be an exported program's interface (a limitation of the design of torch.export, not a bug: pytree
-  structure is static; https://github.com/pytorch/pytorch/issues/120442 asks for lists of dynamic length).
+  returns a Python list of per-image :class:`Detections`. ``torch.export`` fixes the pytree of inputs and outputs
+  at export time, so a list whose length is the (dynamic) batch size cannot be a program's input or output, and
+  splitting the flat results per image needs ``Tensor.tolist()`` of data-dependent counts, which dynamo cannot
+  export (pytorch/pytorch#126685, open; the eager :meth:`forward_batch` does exactly that).
   So the caller's side stays in Python, shared by every runtime: resizing and grouping by padded size
   (:meth:`detect.transform.RCNNTransform.grouped`: the resized size is a float function of the input size that
   exporters trace in float32, and ONNX's Resize and torch's bilinear kernel differ in the last bits) and the split
