@@ -173,16 +173,23 @@ class ThreadedRoIPool(nn.Module):
         return torch.cat(list(_pool_executor().map(pool, chunks)))  # chunk order is image-major order
 
 
-def pool_rois(pooler: nn.Module, features: Features, rois: Tensor) -> Tensor:
+def pool_rois(pooler: nn.Module, features: Features, rois: Tensor, image_sizes: Tensor) -> Tensor:
     """``(K, C, s, s)`` features of ``(K, 5)`` RoIs ``[image, x1, y1, x2, y2]`` from a detector's box pooler (a
     :class:`SingleLevelRoIPool` or torchvision's ``MultiScaleRoIAlign``, maybe in a :class:`ThreadedRoIPool`),
-    for callers without per-image box lists (the exportable inference path). A multi-scale pooler must have run
-    once (it learns its scales on its first call); each level's RoIs are pooled by torchvision's level rule."""
+    for callers without per-image box lists (the exportable inference path). A multi-scale pooler learns its
+    scales on its first eager call, as torchvision's does, from the images' ``(B, 2)`` sizes; each level's RoIs
+    are pooled by torchvision's level rule."""
     pooler = pooler.pooler if isinstance(pooler, ThreadedRoIPool) else pooler
     if isinstance(pooler, SingleLevelRoIPool):
         return pooler(features, rois, [])
     if getattr(pooler, "scales", None) is None:
-        raise ValueError("a multi-scale RoI pooler learns its scales on its first call: run the detector once")
+        if torch.compiler.is_compiling():
+            raise ValueError("a multi-scale RoI pooler learns its scales on its first call: run the detector once")
+        from torchvision.ops.poolers import _setup_scales
+
+        shapes = [tuple(int(v) for v in image_sizes.max(dim=0).values)]
+        maps = [features[name] for name in pooler.featmap_names]
+        pooler.scales, pooler.map_levels = _setup_scales(maps, shapes, pooler.canonical_scale, pooler.canonical_level)
     maps = [features[name] for name in pooler.featmap_names]
     level = pooler.map_levels([rois[:, 1:]])  # (K,) level of each RoI
     pooled = maps[0].new_zeros((rois.shape[0], maps[0].shape[1], *pooler.output_size))
@@ -401,7 +408,8 @@ class RoIHeads(nn.Module):
         flat = proposals.reshape(-1, 4)  # (B*P, 4)
         image_of = torch.arange(batch, device=flat.device, dtype=flat.dtype)[:, None].expand(batch, count)
         rois = torch.cat([image_of.reshape(-1, 1), flat], dim=1)  # (B*P, 5)
-        logits, deltas = self.box_predictor(self.box_head(pool_rois(self.box_roi_pool, features, rois)))
+        pooled = pool_rois(self.box_roi_pool, features, rois, image_sizes)  # (B*P, C_feat, s, s)
+        logits, deltas = self.box_predictor(self.box_head(pooled))
         classes = logits.shape[1] - 1
         boxes = self.box_coder.decode_per_class(deltas[:, 4:], flat).reshape(batch, count, classes, 4)  # no bg
         boxes = clip_boxes(boxes, image_sizes)  # (B, P, C-1, 4)

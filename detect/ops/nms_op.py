@@ -71,8 +71,17 @@ def _torchvision_nms_table(boxes: Tensor, scores: Tensor, max_out: int, iou: flo
     image = torch.div(pair, classes, rounding_mode="floor")
     chosen = boxes[image, box]  # (K, 4)
     largest = torch.cat([chosen.reshape(-1), chosen.new_zeros(1)]).max()  # 0-d, defined for no candidates too
-    shift = (largest + 1) * pair.to(chosen.dtype)  # (K,) pairs never overlap after the shift
-    keep = torch.ops.torchvision.nms(chosen + shift[:, None], flat[candidates], iou)  # (P,) by score
+    # Two sentinel boxes in pairs -1 and -2 (no real box reaches there after the shift), always kept: torchvision's
+    # fake nms promises at least two kept boxes (pytorch/pytorch#121036), which the program then asserts at run
+    # time, so a real result of 0 or 1 boxes would fail. They are dropped right after.
+    count_in = candidates.shape[0]
+    sentinel = torch.tensor([[0.0, 0.0, 1.0, 1.0]], dtype=chosen.dtype, device=chosen.device).expand(2, 4)
+    chosen = torch.cat([chosen, sentinel])  # (K + 2, 4)
+    codes = torch.cat([pair, torch.tensor([-1, -2], dtype=pair.dtype, device=pair.device)])  # (K + 2,)
+    ranked = torch.cat([flat[candidates], torch.full((2,), float("inf"), dtype=flat.dtype, device=flat.device)])
+    shift = (largest + 1) * codes.to(chosen.dtype)  # (K + 2,) pairs never overlap after the shift
+    keep = torch.ops.torchvision.nms(chosen + shift[:, None], ranked, iou)  # (P + 2,) by score
+    keep = keep[keep < count_in]  # (P,) the real ones
     keep = keep[torch.sort(pair[keep], stable=True).indices]  # (P,) by pair, then score
     kept_pair = pair[keep]
     rank = torch.arange(kept_pair.shape[0], device=keep.device) - torch.searchsorted(kept_pair, kept_pair)
