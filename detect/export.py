@@ -65,6 +65,7 @@ Decisions:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -354,6 +355,9 @@ def _export_onnx(model: nn.Module, path: Path, props: Mapping[str, str], opset: 
 
 def _onnx_of(program: torch.export.ExportedProgram, inputs: list[str], outputs: list[str], opset: int) -> Any:
     """The onnxscript exporter's ModelProto of ``program``; :class:`ExportError` when it fails."""
+    quiet = logging.getLogger("onnx_ir")  # warns about every empty attribute list the translations write
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         onnx_program = torch.onnx.export(
             program, (), input_names=inputs, output_names=outputs, opset_version=opset, dynamo=True,
@@ -362,6 +366,8 @@ def _onnx_of(program: torch.export.ExportedProgram, inputs: list[str], outputs: 
         return onnx_program.model_proto
     except Exception as err:
         raise ExportError(f"the ONNX exporter failed: {_first_line(err)}") from err
+    finally:
+        quiet.setLevel(level)
 
 
 def _export_torch(model: FasterRCNN, path: Path, props: Mapping[str, str], format: str) -> None:
@@ -479,12 +485,16 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, *, calibration_i
 
 def _session(model: bytes | str, device: str | torch.device) -> Any:
     """An ONNX Runtime session on ``device`` (``cpu``, or ``cuda[:N]`` with the CUDA provider) that uses as many
-    intra-op threads as torch does (the service's ``torch_threads`` knob sizes both)."""
+    intra-op threads as torch does (the service's ``torch_threads`` knob sizes both), full graph optimisation, and
+    worker threads that sleep between calls: ORT's default spin-wait keeps its threads busy after each run, which on
+    a small machine takes the cores from whatever runs next in the process (torch, decoding, the next request)."""
     ort = _require("onnxruntime")
     device = torch.device(device)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     if device.type == "cpu":
         providers: list[Any] = ["CPUExecutionProvider"]
