@@ -316,7 +316,8 @@ def export(
         raise ExportError(f"{format} exports hold one program and are for Faster R-CNN; export {model.name} as onnx")
     out = Path(out)
     if format != "onnx" and out.suffix != ".pt2":
-        raise ConfigError(f"a {format} export is a .pt2 archive (torch's loaders insist): name it *.pt2, not {out.name}")
+        raise ConfigError(f"a {format} export is a .pt2 archive (torch's loaders insist): name it *.pt2, "
+                          f"not {out.name}")
     out.parent.mkdir(parents=True, exist_ok=True)
     props = metadata(model, source, sha256, format)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as scratch, warnings.catch_warnings():

@@ -90,8 +90,8 @@ def load_model(
     is_onnx = suffix == ".onnx"
     if backend == "torch":
         if is_onnx or suffix == ".pt2":
-            kind = "an ONNX export: run it with the onnxruntime" if is_onnx else "a .pt2 export: run it with the pt2 or aoti"
-            raise ConfigError(f"{weights} is {kind} backend")
+            runner = "the onnxruntime backend" if is_onnx else "the pt2 or aoti backend"
+            raise ConfigError(f"{weights} is {'an ONNX' if is_onnx else 'a .pt2'} export: run it with {runner}")
         return registered_weights.load_detector(weights, device, fold_batchnorm=True)
     from detect import export
 
