@@ -39,9 +39,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DETECT_", frozen=True, env_ignore_empty=True)
 
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    backend: Literal["torch", "onnxruntime"] = Field(
+    backend: Literal["torch", "onnxruntime", "pt2", "aoti"] = Field(
         "torch", description="runtime of the models: torch, or onnxruntime (pip install 'detect[onnx]'; an .onnx "
-        "weights file from `detect export`, other weights exported once into the cache)"
+        "weights file from `detect export`, other weights exported once into the cache), or pt2 / aoti (a .pt2 file "
+        "from `detect export --format pt2|aoti`)"
     )
     models: dict[str, ModelSpec] = Field(default_factory=dict)
     default_model: str | None = Field(None, description="model used when a request names none (default: the first)")

@@ -153,6 +153,25 @@ class WeightsNotFoundError(WeightsError):
     """A weights path that names no file."""
 
     code = "weights_not_found"
+class ExportError(DetectError):
+    """A detector the exporter cannot write (a model or configuration it does not handle), or an export that
+    failed; nothing is left at the output path."""
+
+    code = "export_unsupported"
+    http_status = 422
+    exit_code = 2
+
+
+class OpsetError(ConfigError):
+    """An ONNX opset the installed ``onnx`` package (or the exporter) cannot write."""
+
+    code = "unsupported_opset"
+
+
+class ExportVersionError(WeightsError):
+    """An exported file (``.onnx``, ``.pt2``) written by another version of the export format."""
+
+    code = "export_format_version"
 
 
 class ChecksumError(WeightsError):

@@ -1,74 +1,82 @@
-"""Export detectors to ONNX and TorchScript, quantise the ONNX graphs to int8, and run them with ONNX Runtime.
+"""Export detectors with ``torch.export`` to ONNX, ``.pt2`` and AOTInductor packages, quantise the ONNX graphs to
+int8, and run every artefact behind the detector interface.
 
-``detect export`` writes what :func:`export` makes; ``detect predict --backend onnxruntime`` and the API with
-``DETECT_BACKEND=onnxruntime`` load it through :func:`detect.inference.load_model`, which returns an object with
-the detector interface (``name``, ``class_names``, ``__call__(images, **kw) -> (detections, losses)``), so no
-caller knows which runtime answers.
+``detect export`` writes what :func:`export` makes; ``detect predict --backend onnxruntime|pt2|aoti`` and the API
+with ``DETECT_BACKEND=...`` load it through :func:`detect.inference.load_model`, which returns an object with the
+detector interface (``name``, ``class_names``, ``__call__(images, **kw) -> (detections, losses)``), so no caller
+knows which runtime answers.
 
 Decisions:
 
-- **What a Faster R-CNN graph holds.** Everything with parameters or data-dependent shapes: backbone, RPN head,
-  anchors, the proposal layer (per-level top-k, decoding, clipping, per-level NMS, post-NMS top-k), RoI pooling,
-  the box head and the detection post-processing (decoding, clipping, minimum size, per-class NMS, per-image cap),
-  and the mapping back to original pixels. Inputs: ``images (B, 3, H, W)`` float32, normalised, resized and
-  zero-padded at the bottom and right; ``image_sizes (B, 2)`` and ``original_sizes (B, 2)`` int64 ``(h, w)``.
-  Outputs, flat over the batch, image-major and best first: ``boxes (N, 4)`` xyxy original pixels, ``scores
-  (N,)``, ``labels (N,)`` int64 1-based, ``image_index (N,)`` int64. No detection is ``N = 0``.
-- **Resizing stays outside the graph**, as :mod:`detect.transform` does it (and as the ``preprocessing`` metadata
-  spells it out for other runtimes): the target size is a float function of the input shape that exporters trace
-  in float32 (torchvision's exported model resizes some images one row short of eager PyTorch), and ONNX's Resize
-  and torch's bilinear kernel differ in the last bits. Everything after it is in the graph.
-- **Batches.** The ONNX Runtime backend cuts a batch by padded size exactly as
-  :meth:`detect.detectors.faster_rcnn.FasterRCNN.forward` does (:meth:`detect.transform.RCNNTransform.grouped`) and
-  runs one session call per group, so an image's detections never depend on its batchmates with either backend.
-  The graph itself takes any ``B >= 1`` of one padded size.
-- **NMS** is ONNX's ``NonMaxSuppression``, used the way it is exact here: its batch axis carries (image, class)
-  pairs for the head (class-specific boxes) and images for the RPN, whose levels are its classes (a candidate
-  scores -1 outside its own level). It suppresses at ``IoU > threshold`` and keeps ``score > threshold``, as
-  :mod:`detect.ops.nms` does. The per-image caps are one ``TopK`` over an image's kept candidates (a kept
-  candidate's score, -1 elsewhere). Padding rows (proposals beyond an image's count) score -1 and never pass.
-- **Tracing** uses torch's TorchScript-based ONNX exporter (``dynamo=False``), which turns shape reads into graph
-  ops (dynamic ``H``, ``W``, ``B``, and the ``min(k, available)`` of each top-k), and the pure-torch kernels of
-  :mod:`detect.ops` (:func:`detect.ops.dispatch.use_backend`: the numba loops cannot be traced). RoI Align and
-  RoI Pool export as ONNX's ``RoiAlign``/``MaxRoiPool`` (torchvision's symbolics); an FPN pooler pools each level's
-  RoIs and scatters them back (torchvision's ``LevelMapper`` and scales, fixed at export time).
-- **TorchScript** is the same traced graph, with NMS as torchvision's ``batched_nms`` (NMS per (image, class)
-  group, then each group's cap); it loads with ``torch.jit.load`` wherever torchvision is imported.
+- **One model.** ``torch.export.export`` captures the detector's own modules and kernels; there is no second copy
+  of the model here. For Faster R-CNN the captured entry point is :meth:`FasterRCNN.detect_padded` (backbone,
+  :meth:`RegionProposalNetwork.padded_proposals`, :meth:`RoIHeads.padded_detections`, mapping back to original
+  pixels), the tensor-only inference of one padded batch, which eager PyTorch runs too (the parity tests check it
+  against :meth:`FasterRCNN.forward`). Its shapes are symbolic: ``Dim`` s for the batch and for the padded height
+  and width (multiples of ``size_divisible``); the data-dependent sizes (kept candidates, detections) are unbacked
+  sizes that the NMS operator's fake kernel and ``nonzero`` introduce. Inputs: ``images (B, 3, H, W)`` float32,
+  normalised, resized and zero-padded at the bottom and right; ``image_sizes (B, 2)`` and ``original_sizes (B, 2)``
+  int64 ``(h, w)``. Outputs, flat over the batch, image-major and best first: ``boxes (N, 4)`` xyxy original
+  pixels, ``scores (N,)``, ``labels (N,)`` int64 1-based, ``image_index (N,)`` int64.
+- **What is not captured, and why.** :meth:`FasterRCNN.forward` itself takes a list of images of any sizes and
+  returns a Python list of per-image :class:`Detections`. ``torch.export`` fixes the pytree of inputs and outputs
+  at export time, so a list whose length is the (dynamic) batch size cannot be a program's input or output, and
+  splitting the flat results per image needs ``Tensor.tolist()`` of data-dependent counts, which dynamo cannot
+  export (pytorch/pytorch#126685, open; the eager :meth:`forward_batch` does exactly that).
+  So the caller's side stays in Python, shared by every runtime: resizing and grouping by padded size
+  (:meth:`detect.transform.RCNNTransform.grouped`: the resized size is a float function of the input size that
+  exporters trace in float32, and ONNX's Resize and torch's bilinear kernel differ in the last bits) and the split
+  of the flat outputs per image. The smallest shim left is :class:`PaddedEntry`, which only makes
+  ``detect_padded`` a module's ``forward`` for ``torch.export``.
+- **NMS** is one custom operator, ``detect::nms_table`` (:mod:`detect.ops.nms_op`), with ONNX
+  ``NonMaxSuppression``'s contract; the model calls it and its registrations are where the runtimes differ: our
+  batched NMS eagerly, a fake kernel for tracing, one ``NonMaxSuppression`` node in ONNX, torchvision's ``nms`` in
+  ``.pt2`` and AOTInductor artefacts (so that they load where only torch and torchvision are installed). While a
+  graph is traced the box kernels take their torch path (:func:`detect.ops.dispatch.choose`); RoI Align and RoI
+  Pool become ONNX ``RoiAlign``/``MaxRoiPool`` (onnxscript's torchvision translations).
+- **Artefacts** (:data:`FORMATS`): ``onnx`` (``torch.onnx.export(exported_program, dynamo=True)``, the onnxscript
+  exporter, opset :data:`OPSET` by default) for ONNX Runtime's CPU and CUDA execution providers; ``pt2``
+  (``torch.export.save``: loads with ``torch.export.load`` and runs with torch and torchvision, no class of ours);
+  ``aoti`` (``torch._inductor.aoti_compile_and_package``: the graph compiled to a shared library by Inductor, run
+  by ``torch._inductor.aoti_load_package``; needs a C++ compiler at export time). TorchScript is gone.
 - **Region detectors** (R-CNN, SPP-Net) export their networks only; selective search, region warping or pyramid
-  pooling and the post-processing stay in Python. The graph has two independent parts, run as two sessions:
-  ``features`` (R-CNN: warped crops ``(K, 3, S, S)`` -> pooled ``(K, D)``; SPP-Net: images ``(B, 3, H, W)`` ->
-  conv maps) and ``heads`` (pooled ``(K, D)`` -> ``logits``, ``svm_scores``, ``deltas``). The backend is the
-  PyTorch detector rebuilt from the metadata with those two modules replaced by the sessions.
-- **Metadata** (ONNX ``metadata_props``): ``detect.detector`` (registry name), ``detect.class_names`` and
-  ``detect.config`` (JSON), ``detect.preprocessing`` (JSON), ``detect.source_sha256`` (the weights file's
-  SHA-256), ``detect.source``, ``detect.kind`` (``faster_rcnn`` or ``region``), ``detect.format_version`` and,
-  for quantised files, ``detect.quantization``.
+  pooling and the post-processing stay in Python. Two programs, exported separately from the model's own modules
+  and merged into one ONNX file with two independent parts, run as two sessions: ``features`` (R-CNN: warped
+  crops ``(K, 3, S, S)`` -> pooled ``(K, D)``; SPP-Net: images ``(B, 3, H, W)`` -> conv maps) and ``heads``
+  (pooled ``(K, D)`` -> ``logits``, ``svm_scores``, ``deltas``). The backend is the PyTorch detector rebuilt from
+  the metadata with those two modules replaced by the sessions. ``pt2``/``aoti`` hold one program, so they are
+  Faster R-CNN only.
+- **Metadata** (ONNX ``metadata_props``; ``detect.json`` in a ``.pt2``; the AOTInductor package's metadata):
+  ``detect.detector`` (registry name), ``detect.class_names`` and ``detect.config`` (JSON),
+  ``detect.preprocessing`` (JSON), ``detect.source_sha256`` (the weights file's SHA-256), ``detect.source``,
+  ``detect.kind`` (``faster_rcnn`` or ``region``), ``detect.format`` and ``detect.format_version`` and, for
+  quantised files, ``detect.quantization``. A file of another format version is refused
+  (:class:`ExportVersionError`): export it again.
+- **Atomic.** Every artefact is written into a scratch folder beside ``out`` and moved into place only when
+  complete (int8 quantisation included); a failure leaves nothing at ``out``.
 - **int8** (:func:`quantize`): ONNX Runtime's static quantiser, QDQ format, of the convolutions and fully
   connected layers only (never the box arithmetic or NMS): per-channel int8 weights and uint8 asymmetric
-  activations (U8S8, the x86 kernels' fast path: signed activations measured 1.8x slower than fp32 on the
-  project's AVX512-VNNI CPU, U8S8 on a par with it), calibrated (MinMax) on images of the shapes set. Its mAP
-  change is measured by ``benchmarks/runtime.py`` and bounded by :data:`INT8_MAX_MAP_DROP`.
-- **Without an ``.onnx`` file**, ``--backend onnxruntime`` exports the weights once into the cache
+  activations (U8S8, the x86 kernels' fast path), calibrated (MinMax) on images of the shapes set. Its mAP change
+  is measured by ``benchmarks/runtime.py`` and bounded by :data:`INT8_MAX_MAP_DROP`.
+- **Without an exported file**, ``--backend onnxruntime`` exports the weights once into the cache
   (``$XDG_CACHE_HOME/detect/onnx/<detector>-<sha256[:16]>-v<format>.onnx``) and loads that.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import logging
 import os
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torchvision
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from detect import weights as registered_weights
 from detect.config import from_dict, to_json
@@ -77,288 +85,119 @@ from detect.detectors.faster_rcnn import FasterRCNN
 from detect.detectors.rcnn import RCNN
 from detect.detectors.region import RegionDetector, RegionOutputs
 from detect.detectors.sppnet import SPPNet
-from detect.errors import ConfigError, WeightsError
-from detect.ops import dispatch
-from detect.ops.boxes import clip_boxes, min_size_mask
-from detect.ops.coder import BoxCoder
-from detect.roi_heads import SingleLevelRoIPool, ThreadedRoIPool
+from detect.errors import ConfigError, ExportError, ExportVersionError, OpsetError, WeightsError
+from detect.ops.nms_op import ONNX_TRANSLATION, torchvision_form
 from detect.structures import Detections
-from detect.transform import RCNNTransform, TransformConfig, as_image_list
-from proposals.rpn import MIN_SIZE
+from detect.transform import ImageBatch, RCNNTransform, as_image_list
 
 __all__ = [
-    "BACKENDS",
     "FORMATS",
     "FORMAT_VERSION",
     "INT8_MAX_MAP_DROP",
-    "OnnxFasterRCNN",
+    "ExportedFasterRCNN",
     "OnnxPart",
     "cached_onnx",
     "export",
+    "export_program",
+    "load_exported",
     "load_onnx",
     "quantize",
     "read_metadata",
 ]
 
-FORMATS = ("onnx", "torchscript")
-BACKENDS = ("torch", "onnxruntime")
-FORMAT_VERSION = 1
-OPSET = 17
-ONNX_MISSING = "the ONNX backend needs onnxruntime and onnx: pip install 'detect[onnx]'"
+FORMATS = ("onnx", "pt2", "aoti")
+FORMAT_VERSION = 2  # 1: the TorchScript-traced graphs (FasterRCNNGraph); 2: torch.export of the model itself
+OPSET = 18
+MIN_OPSET = 18  # the onnxscript exporter's translations target opset 18; older ones need a lossy down-conversion
+ONNX_MISSING = "the ONNX backend needs onnxruntime, onnx and onnxscript: pip install 'detect[onnx]'"
 INT8_MAX_MAP_DROP = 0.01
 """The stated accuracy cost of :func:`quantize`: VOC mAP@0.5 on the held-out shapes split drops by at most this
-(measured on ``faster_rcnn_shapes``: 0.9361 fp32, 0.9367 int8; ``benchmarks/runtime.py`` prints it)."""
-_INVALID = -1.0  # the score of a candidate that must never be kept (real scores are probabilities, >= 0)
+(``benchmarks/runtime.py`` prints it)."""
+_METADATA_FILE = "detect.json"  # the metadata inside a .pt2 file (torch.export.save's extra_files)
+_OUTPUTS = ["boxes", "scores", "labels", "image_index"]
+_REGION_OUTPUTS = ["logits", "svm_scores", "deltas"]
 
 
-# --- graph pieces that trace to ONNX and TorchScript ------------------------------------------------------------
+# --- what torch.export captures ----------------------------------------------------------------------------
 
 
-class _NonMaxSuppression(torch.autograd.Function):
-    """ONNX's ``NonMaxSuppression`` while exporting (see :func:`nms_table`)."""
-
-    @staticmethod
-    def forward(ctx: Any, boxes: Tensor, scores: Tensor, max_out: int, iou: float, score: float) -> Tensor:
-        return _nms_table_torch(boxes, scores, max_out, iou, score)
-
-    @staticmethod
-    def symbolic(g: Any, boxes: Any, scores: Any, max_out: int, iou: float, score: float) -> Any:
-        return g.op(
-            "NonMaxSuppression",
-            boxes,
-            scores,
-            g.op("Constant", value_t=torch.tensor([max_out], dtype=torch.int64)),
-            g.op("Constant", value_t=torch.tensor([iou], dtype=torch.float32)),
-            g.op("Constant", value_t=torch.tensor([score], dtype=torch.float32)),
-        )
-
-
-def nms_table(boxes: Tensor, scores: Tensor, max_out: int, iou: float, score: float) -> Tensor:
-    """ONNX ``NonMaxSuppression``'s contract: ``boxes (B, N, 4)`` xyxy, ``scores (B, C, N)`` -> ``(M, 3)`` int64
-    rows ``[b, c, n]`` of the boxes greedy NMS keeps in each ``(b, c)`` (suppress at ``IoU > iou``, candidates need
-    ``score > score``), at most ``max_out`` per ``(b, c)``."""
-    if torch.onnx.is_in_onnx_export():
-        return _NonMaxSuppression.apply(boxes, scores, max_out, iou, score)
-    return _nms_table_torch(boxes, scores, max_out, iou, score)
-
-
-def _nms_table_torch(boxes: Tensor, scores: Tensor, max_out: int, iou: float, score: float) -> Tensor:
-    """:func:`nms_table` with torchvision's ``batched_nms`` (what a TorchScript export runs)."""
-    classes, count = scores.shape[1], scores.shape[2]
-    flat = scores.reshape(-1)  # (B*C*N,) in (b, c, n) order
-    candidates = torch.nonzero(flat > score).squeeze(1)  # (K,)
-    group = torch.div(candidates, count, rounding_mode="floor")  # (K,) b * C + c
-    box = torch.remainder(candidates, count)  # (K,) n
-    image = torch.div(group, classes, rounding_mode="floor")
-    keep = torchvision.ops.batched_nms(boxes[image, box], flat[candidates], group, iou)  # (P,) by score
-    keep = keep[torch.sort(group[keep], stable=True).indices]  # (P,) by group, then score
-    kept_group = group[keep]
-    rank = torch.arange(kept_group.shape[0]) - torch.searchsorted(kept_group, kept_group)  # (P,) place in its group
-    keep = keep[rank < max_out]
-    return torch.stack([image[keep], torch.remainder(group[keep], classes), box[keep]], dim=1)  # (M, 3)
-
-
-def _kept_mask(selected: Tensor, rows: int, columns: int) -> Tensor:
-    """``(rows, columns)`` bool, True at ``selected``'s ``[row, _, column]`` triples."""
-    flat = selected[:, 0] * columns + selected[:, 2]  # (M,)
-    mask = torch.zeros(rows * columns, dtype=torch.float32)
-    mask = mask.scatter(0, flat, torch.ones_like(flat, dtype=torch.float32))
-    return mask.reshape(rows, columns) > 0
-
-
-def _dynamic_k(values: Tensor, k: int) -> Tensor:
-    """``min(k, values.shape[1])`` as a 0-d int64 tensor, so that a trace keeps it dynamic."""
-    available = torch._shape_as_tensor(values)[1:2]  # (1,)
-    return torch.min(torch.cat([torch.tensor([k], dtype=torch.int64), available]))
-
-
-def _decode(coder: BoxCoder, deltas: Tensor, boxes: Tensor) -> Tensor:
-    """:meth:`BoxCoder.decode`'s reference arithmetic, step for step, written without ``out=`` views."""
-    widths = boxes[..., 2] - boxes[..., 0]
-    heights = boxes[..., 3] - boxes[..., 1]
-    ctr_x = boxes[..., 0] + 0.5 * widths
-    ctr_y = boxes[..., 1] + 0.5 * heights
-    wx, wy, ww, wh = coder.weights
-    dx = deltas[..., 0] / wx
-    dy = deltas[..., 1] / wy
-    dw = (deltas[..., 2] / ww).clamp(max=coder.bbox_xform_clip)
-    dh = (deltas[..., 3] / wh).clamp(max=coder.bbox_xform_clip)
-    pred_x = dx * widths + ctr_x
-    pred_y = dy * heights + ctr_y
-    half_w = 0.5 * (torch.exp(dw) * widths)
-    half_h = 0.5 * (torch.exp(dh) * heights)
-    return torch.stack((pred_x - half_w, pred_y - half_h, pred_x + half_w, pred_y + half_h), dim=-1)
-
-
-class FasterRCNNGraph(nn.Module):
-    """A :class:`FasterRCNN`'s inference from the padded batch to detections in original pixels, written in
-    traceable ops (see the module docstring). Shares the detector's modules; has no state of its own."""
+class PaddedEntry(nn.Module):
+    """:meth:`FasterRCNN.detect_padded` as a module's ``forward``, the one thing ``torch.export`` needs from us
+    (see the module docstring). No state of its own."""
 
     def __init__(self, model: FasterRCNN) -> None:
         super().__init__()
-        self.backbone = model.backbone
-        self.rpn_head = model.rpn.head
-        self.box_head = model.roi_heads.box_head
-        self.box_predictor = model.roi_heads.box_predictor
-        generator = model.rpn.anchor_generator
-        self.cell_anchors = [base.clone() for base in generator.cell_anchors]
-        self.anchor_strides = generator.strides
-        self.rpn_config = model.rpn.config
-        self.rpn_coder = model.rpn.box_coder
-        self.head_config = model.roi_heads.config
-        self.head_coder = model.roi_heads.box_coder
-        pooler = model.roi_heads.box_roi_pool
-        self.pooler = pooler.pooler if isinstance(pooler, ThreadedRoIPool) else pooler
-        self.levels = self._pool_levels()
-
-    def _pool_levels(self) -> tuple[list[str], list[float], Any]:
-        """Feature names, scales and torchvision's level mapper of a multi-scale pooler (``None`` for one level)."""
-        if isinstance(self.pooler, SingleLevelRoIPool):
-            return None
-        from torchvision.ops.poolers import _setup_scales
-
-        side = 256
-        with torch.no_grad():
-            features = self.backbone(torch.zeros(1, 3, side, side, device=next(self.backbone.parameters()).device))
-        maps = [features[name] for name in self.pooler.featmap_names]
-        scales, mapper = _setup_scales(maps, [(side, side)], self.pooler.canonical_scale, self.pooler.canonical_level)
-        return list(self.pooler.featmap_names), scales, mapper
+        self.model = model
 
     def forward(self, images: Tensor, image_sizes: Tensor, original_sizes: Tensor) -> tuple[Tensor, ...]:
-        features = self.backbone(images)
-        named = features if isinstance(features, Mapping) else {"0": features}
-        maps = list(named.values())
-        boxes, valid = self.proposals(images, maps, image_sizes)  # (B, P, 4), (B, P)
-        return self.detect(named, boxes, valid, image_sizes, original_sizes)
-
-    def anchors(self, images: Tensor, maps: Sequence[Tensor]) -> list[Tensor]:
-        """Each level's ``(H_l * W_l * A_l, 4)`` anchors, as :class:`proposals.anchors.AnchorGenerator` lays them."""
-        out = []
-        for level, (base, feature) in enumerate(zip(self.cell_anchors, maps)):
-            height, width = feature.shape[-2], feature.shape[-1]
-            if self.anchor_strides is not None:
-                stride_h = stride_w = self.anchor_strides[level]
-            else:
-                stride_h, stride_w = images.shape[-2] // height, images.shape[-1] // width
-            ys = torch.arange(height, dtype=torch.int64) * stride_h  # (H,)
-            xs = torch.arange(width, dtype=torch.int64) * stride_w  # (W,)
-            shift_y, shift_x = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
-            shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=-1).reshape(-1, 1, 4)  # (H*W, 1, 4)
-            out.append((shifts.to(base.dtype) + base.reshape(1, -1, 4)).reshape(-1, 4))  # (H*W*A, 4)
-        return out
-
-    def proposals(self, images: Tensor, maps: Sequence[Tensor], image_sizes: Tensor) -> tuple[Tensor, Tensor]:
-        """The RPN's proposals, padded: boxes ``(B, P, 4)`` best first and which are real ``(B, P)``."""
-        cfg = self.rpn_config
-        logits, deltas = self.rpn_head(maps)
-        batch = images.shape[0]
-        level_boxes, level_scores, level_ids = [], [], []
-        for level, (logit, delta, anchors) in enumerate(zip(logits, deltas, self.anchors(images, maps))):
-            objectness = logit.permute(0, 2, 3, 1).reshape(batch, -1)  # (B, A, H, W) -> (B, H*W*A)
-            delta = delta.permute(0, 2, 3, 1).reshape(batch, -1, 4)  # (B, 4A, H, W) -> (B, H*W*A, 4)
-            top = objectness.topk(_dynamic_k(objectness, cfg.pre_nms_top_n_test), dim=1).indices  # (B, k)
-            decoded = _decode(
-                self.rpn_coder, delta.gather(1, top[:, :, None].expand(-1, -1, 4)), anchors[top]
-            )  # (B, k, 4)
-            boxes = clip_boxes(decoded, image_sizes)
-            scores = torch.sigmoid(objectness.gather(1, top))  # (B, k)
-            keep = min_size_mask(boxes, MIN_SIZE) & (scores >= cfg.score_thresh)
-            level_boxes.append(boxes)
-            level_scores.append(torch.where(keep, scores, torch.full_like(scores, _INVALID)))
-            level_ids.append(torch.full_like(top[0], level))
-        boxes, scores, levels = torch.cat(level_boxes, 1), torch.cat(level_scores, 1), torch.cat(level_ids)
-        num_levels = len(level_ids)
-        own_level = levels[None, None, :] == torch.arange(num_levels)[None, :, None]  # (1, L, K)
-        table = torch.where(own_level, scores[:, None, :], torch.full_like(scores[:, None, :], _INVALID))  # (B, L, K)
-        selected = nms_table(boxes, table, cfg.post_nms_top_n_test, cfg.nms_thresh, _INVALID / 2)
-        kept = _kept_mask(selected, batch, scores.shape[1])  # (B, K)
-        ranked = torch.where(kept, scores, torch.full_like(scores, _INVALID))
-        best, order = ranked.topk(_dynamic_k(ranked, cfg.post_nms_top_n_test), dim=1)  # (B, P)
-        return boxes.gather(1, order[:, :, None].expand(-1, -1, 4)), best > _INVALID / 2
-
-    def head(self, named: Mapping[str, Tensor], rois: Tensor) -> tuple[Tensor, Tensor]:
-        """Class logits ``(K, C)`` and deltas ``(K, C*4)`` of ``rois (K, 5)``, pooled as the detector's pooler does.
-
-        An FPN pooler pools each level's RoIs from its map (torchvision's level rule) and the head runs on them in
-        level order; only the small outputs are put back in RoI order (moving the pooled ``(K, 256, 7, 7)``
-        features back instead costs more than the head's first layer)."""
-        pooler = self.pooler
-        if self.levels is None:
-            feature = next(iter(named.values()))
-            if pooler.method == "pool":
-                pooled = torchvision.ops.roi_pool(feature, rois, pooler.output_size, pooler.spatial_scale)
-            else:
-                pooled = torchvision.ops.roi_align(
-                    feature, rois, pooler.output_size, pooler.spatial_scale, pooler.sampling_ratio, aligned=False
-                )
-            return self.box_predictor(self.box_head(pooled))
-        names, scales, mapper = self.levels
-        target = mapper([rois[:, 1:]])  # (K,) level of each RoI
-        output_size = tuple(pooler.output_size)
-        rows, pooled = [], []
-        for level, (name, scale) in enumerate(zip(names, scales)):
-            members = torch.nonzero(target == level).squeeze(1)  # (K_l,)
-            rows.append(members)
-            pooled.append(
-                torchvision.ops.roi_align(named[name], rois[members], output_size, scale, pooler.sampling_ratio, aligned=False)
-            )
-        logits, deltas = self.box_predictor(self.box_head(torch.cat(pooled)))  # level order
-        order = torch.cat(rows)  # (K,) RoI of each level-ordered row
-        back = torch.zeros_like(order).scatter(0, order, torch.arange(order.shape[0]))  # (K,) row of each RoI
-        return logits[back], deltas[back]
-
-    def detect(
-        self,
-        named: Mapping[str, Tensor],
-        boxes: Tensor,
-        valid: Tensor,
-        image_sizes: Tensor,
-        original_sizes: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The head on the padded proposals ``(B, P, 4)`` -> flat detections in original pixels."""
-        cfg = self.head_config
-        batch, count = boxes.shape[0], boxes.shape[1]
-        image_of = torch.arange(batch)[:, None].expand(batch, count).reshape(-1, 1)  # (B*P, 1)
-        rois = torch.cat([image_of.to(boxes.dtype), boxes.reshape(-1, 4)], dim=1)  # (B*P, 5)
-        logits, deltas = self.head(named, rois)  # (B*P, C), (B*P, C*4)
-        classes = logits.shape[1] - 1
-        per_class = deltas[:, 4:].reshape(batch, count, classes, 4)  # (B, P, C-1, 4), no background
-        decoded = clip_boxes(_decode(self.head_coder, per_class, boxes[:, :, None, :]), image_sizes)
-        scores = F.softmax(logits, dim=-1)[:, 1:].reshape(batch, count, classes)  # (B, P, C-1)
-        usable = min_size_mask(decoded, cfg.min_box_size) & valid[:, :, None]
-        scores = torch.where(usable, scores, torch.full_like(scores, _INVALID))
-        by_class = decoded.permute(0, 2, 1, 3).reshape(batch * classes, count, 4)  # (B*(C-1), P, 4)
-        class_scores = scores.permute(0, 2, 1).reshape(batch * classes, 1, count)  # (B*(C-1), 1, P)
-        selected = nms_table(by_class, class_scores, cfg.detections_per_img, cfg.nms_thresh, cfg.score_thresh)
-        kept = _kept_mask(selected, batch * classes, count).reshape(batch, classes * count)  # (B, (C-1)*P)
-        flat_scores = class_scores.reshape(batch, classes * count)
-        ranked = torch.where(kept, flat_scores, torch.full_like(flat_scores, _INVALID))
-        best, order = ranked.topk(_dynamic_k(ranked, cfg.detections_per_img), dim=1)  # (B, D) class-major index
-        label = torch.div(order, count, rounding_mode="floor")  # (B, D) 0-based foreground class
-        flat_boxes = by_class.reshape(batch, classes * count, 4)
-        chosen = flat_boxes.gather(1, order[:, :, None].expand(-1, -1, 4))  # (B, D, 4)
-        ratios = (original_sizes.to(torch.float32) / image_sizes.to(torch.float32))[:, [1, 0, 1, 0]]  # (B, 4)
-        chosen = chosen * ratios[:, None, :]
-        image, column = torch.nonzero(best > _INVALID / 2, as_tuple=True)  # (N,) each, image-major, best first
-        return chosen[image, column], best[image, column], label[image, column] + 1, image
+        return self.model.detect_padded(images, image_sizes, original_sizes)
 
 
-class RegionGraph(nn.Module):
-    """A region detector's networks as two independent parts: ``features`` (crops -> pooled for R-CNN, images ->
-    conv maps for SPP-Net) and ``heads`` (pooled -> logits, SVM scores, deltas)."""
+def _example_batch(model: FasterRCNN) -> tuple[Tensor, Tensor, Tensor]:
+    """Two images of one padded size, in the graph's input form."""
+    generator = torch.Generator().manual_seed(0)
+    image = (torch.rand(300, 400, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    (group,) = model.transform.grouped([image, image])
+    return _inputs(group.batch)
 
-    def __init__(self, model: RegionDetector) -> None:
-        super().__init__()
-        if isinstance(model, RCNN):
-            self.features = nn.Sequential(model.features, model.pool5, nn.Flatten(1))
-        elif isinstance(model, SPPNet):
-            self.features = model.backbone
-        else:
-            raise ConfigError(f"no export for region detector {type(model).__name__}")
-        self.heads = model.heads
 
-    def forward(self, inputs: Tensor, pooled: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return (self.features(inputs), *self.heads(pooled))
+def _inputs(batch: ImageBatch) -> tuple[Tensor, Tensor, Tensor]:
+    return (
+        batch.tensors,
+        torch.tensor(batch.image_sizes, dtype=torch.int64).reshape(-1, 2),
+        torch.tensor(batch.original_sizes, dtype=torch.int64).reshape(-1, 2),
+    )
+
+
+def _faster_rcnn_program(model: FasterRCNN) -> torch.export.ExportedProgram:
+    """``torch.export`` of :meth:`FasterRCNN.detect_padded` with a dynamic batch and padded size."""
+    step = model.transform.config.size_divisible
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    height, width = torch.export.Dim("rows", min=1, max=4096), torch.export.Dim("columns", min=1, max=4096)
+    shapes = {
+        "images": {0: batch, 2: step * height, 3: step * width},
+        "image_sizes": {0: batch},
+        "original_sizes": {0: batch},
+    }
+    inputs = _example_batch(model)
+    with torch.no_grad():
+        model.detect_padded(*inputs)  # a multi-scale RoI pooler learns its scales on its first call
+        return torch.export.export(PaddedEntry(model).eval(), inputs, dynamic_shapes=shapes)
+
+
+def _region_parts(model: RegionDetector) -> dict[str, tuple[nn.Module, Tensor, dict[int, Any]]]:
+    """A region detector's two networks, from its own modules: name -> (module, example input, dynamic dims)."""
+    regions = torch.export.Dim("regions", min=1, max=1 << 20)
+    auto = torch.export.Dim.AUTO
+    if isinstance(model, RCNN):
+        side = model.config.crop_size
+        features = nn.Sequential(model.features, model.pool5, nn.Flatten(1))
+        example = torch.rand(3, 3, side, side, generator=torch.Generator().manual_seed(0))
+        dims = {0: regions}
+    elif isinstance(model, SPPNet):
+        features = model.backbone
+        example = torch.rand(2, 3, 160, 224, generator=torch.Generator().manual_seed(0))
+        dims = {0: auto, 2: auto, 3: auto}
+    else:
+        raise ExportError(f"no export for region detector {type(model).__name__}")
+    pooled = torch.zeros(3, model.heads.in_features)
+    return {"features": (features.eval(), example, dims), "heads": (model.heads.eval(), pooled, {0: regions})}
+
+
+def export_program(model: nn.Module) -> torch.export.ExportedProgram:
+    """The ``torch.export`` program of a Faster R-CNN's inference (see the module docstring), NMS as the custom
+    operator; :class:`ExportError` for a model or configuration that does not export."""
+    if not isinstance(model, FasterRCNN):
+        raise ExportError(f"torch.export programs are for Faster R-CNN; got {type(model).__name__}")
+    try:
+        return _faster_rcnn_program(model)
+    except Exception as err:  # torch.export's own error types (unsupported ops, guards, data-dependent shapes)
+        raise ExportError(f"torch.export cannot capture {model.name}: {_first_line(err)}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]
 
 
 # --- export ------------------------------------------------------------------------------------------------
@@ -410,9 +249,10 @@ def preprocessing(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def metadata(model: nn.Module, source: str, sha256: str) -> dict[str, str]:
-    """The ``metadata_props`` of an export of ``model`` (see the module docstring)."""
+def metadata(model: nn.Module, source: str, sha256: str, format: str = "onnx") -> dict[str, str]:
+    """The metadata of an export of ``model`` (see the module docstring)."""
     return {
+        "detect.format": format,
         "detect.format_version": str(FORMAT_VERSION),
         "detect.kind": "faster_rcnn" if isinstance(model, FasterRCNN) else "region",
         "detect.detector": model.name,
@@ -433,43 +273,14 @@ def _config_of(model: nn.Module) -> Any:
     return model.config
 
 
-def _example(model: nn.Module) -> tuple[tuple[Tensor, ...], list[str], list[str], dict[str, dict[int, str]]]:
-    """Example inputs, input and output names and dynamic axes of ``model``'s graph."""
-    if isinstance(model, FasterRCNN):
-        generator = torch.Generator().manual_seed(0)
-        image = (torch.rand(300, 400, 3, generator=generator) * 255).to(torch.uint8).numpy()
-        (group,) = model.transform.grouped([image, image])
-        batch = group.batch
-        inputs = (
-            batch.tensors,
-            torch.tensor(batch.image_sizes, dtype=torch.int64),
-            torch.tensor(batch.original_sizes, dtype=torch.int64),
-        )
-        names = ["images", "image_sizes", "original_sizes"]
-        outputs = ["boxes", "scores", "labels", "image_index"]
-        axes = {"images": {0: "batch", 2: "height", 3: "width"}, "image_sizes": {0: "batch"},
-                "original_sizes": {0: "batch"}, "boxes": {0: "detections"}, "scores": {0: "detections"},
-                "labels": {0: "detections"}, "image_index": {0: "detections"}}
-        return inputs, names, outputs, axes
-    pooled = torch.zeros(3, model.heads.in_features)
-    if isinstance(model, RCNN):
-        side = model.config.crop_size
-        regions = torch.rand(3, 3, side, side, generator=torch.Generator().manual_seed(0))
-        axes = {"inputs": {0: "regions"}}
-    else:
-        regions = torch.rand(2, 3, 160, 224, generator=torch.Generator().manual_seed(0))
-        axes = {"inputs": {0: "batch", 2: "height", 3: "width"}, "features": {0: "batch", 2: "rows", 3: "columns"}}
-    axes.update({name: {0: "regions"} for name in ("pooled", "logits", "svm_scores", "deltas")})
-    return (regions, pooled), ["inputs", "pooled"], ["features", "logits", "svm_scores", "deltas"], axes
-
-
-def graph_of(model: nn.Module) -> nn.Module:
-    """The traceable module that an export of ``model`` holds."""
-    if isinstance(model, FasterRCNN):
-        return FasterRCNNGraph(model).eval()
-    if isinstance(model, RegionDetector):
-        return RegionGraph(model).eval()
-    raise ConfigError(f"no export for {type(model).__name__}")
+def check_opset(opset: int) -> int:
+    """``opset`` if the installed onnx package and the exporter can write it, else :class:`OpsetError`."""
+    onnx = _require("onnx")
+    newest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise OpsetError(f"ONNX opset {opset!r} cannot be written here: the exporter writes opsets {MIN_OPSET} to "
+                         f"{newest} (the newest the installed onnx {onnx.__version__} knows)")
+    return opset
 
 
 def export(
@@ -480,58 +291,99 @@ def export(
     model: nn.Module | None = None,
     int8: bool = False,
     calibration_images: int = 16,
+    opset: int = OPSET,
 ) -> ExportInfo:
-    """Export the detector of ``weights`` (registered name or file) to ``out`` as ONNX or TorchScript.
+    """Export the detector of ``weights`` (registered name or file) to ``out`` as ``onnx``, ``pt2`` or ``aoti``
+    (see the module docstring); the file appears complete or not at all.
 
     ``model``: the loaded detector when the caller already has it (it must come from ``weights``). ``int8``
     (ONNX only) quantises the graph after export (:func:`quantize`) with ``calibration_images`` shapes images.
-    """
+    ``opset``: the ONNX opset (:func:`check_opset`)."""
     if format not in FORMATS:
         raise ConfigError(f"export format must be one of {FORMATS}, got {format!r}")
     if int8 and format != "onnx":
         raise ConfigError("--int8 applies to ONNX exports only")
+    if format == "onnx":
+        check_opset(opset)
+        _require("onnxscript")
     start = time.perf_counter()
     source, sha256 = _source(weights)
     model = model if model is not None else registered_weights.load_detector(weights, fold_batchnorm=True)
     model = model.cpu().eval()
+    if not isinstance(model, (FasterRCNN, RCNN, SPPNet)):
+        raise ExportError(f"no export for {type(model).__name__}")
+    if format != "onnx" and not isinstance(model, FasterRCNN):
+        raise ExportError(f"{format} exports hold one program and are for Faster R-CNN; export {model.name} as onnx")
     out = Path(out)
+    if format != "onnx" and out.suffix != ".pt2":
+        raise ConfigError(f"a {format} export is a .pt2 archive (torch's loaders insist): name it *.pt2, "
+                          f"not {out.name}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    graph = graph_of(model)
-    inputs, names, outputs, axes = _example(model)
-    with torch.no_grad(), dispatch.use_backend("torch"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer and deprecation warnings: the parity tests are the judge
-        if format == "torchscript":
-            traced = torch.jit.trace(graph, inputs, check_trace=False)
-            extra = {k: v.encode() for k, v in metadata(model, source, sha256).items()}
-            torch.jit.save(traced, str(out), _extra_files=extra)
+    props = metadata(model, source, sha256, format)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as scratch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter chatter; the parity tests are the judge
+        target = Path(scratch) / ("model.onnx" if format == "onnx" else "model.pt2")  # AOTInductor wants .pt2
+        if format == "onnx":
+            _export_onnx(model, target, props, opset)
+            if int8:
+                quantize(target, target, calibration_images=calibration_images)
         else:
-            _export_onnx(graph, inputs, names, outputs, axes, out, metadata(model, source, sha256))
-    if int8:
-        quantize(out, out, calibration_images=calibration_images)
+            _export_torch(model, target, props, format)
+        os.replace(target, out)
     return ExportInfo(out, format, model.name, sha256, time.perf_counter() - start)
 
 
-def _export_onnx(
-    graph: nn.Module,
-    inputs: tuple[Tensor, ...],
-    names: list[str],
-    outputs: list[str],
-    axes: dict[str, dict[int, str]],
-    out: Path,
-    props: Mapping[str, str],
-) -> None:
-    """Trace ``graph`` to ONNX at ``out`` (written atomically) with ``props`` as its metadata."""
+def _export_onnx(model: nn.Module, path: Path, props: Mapping[str, str], opset: int) -> None:
+    """The ONNX file of ``model`` at ``path`` with ``props`` as its metadata."""
     onnx = _require("onnx")
-    with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
-        path = Path(scratch) / "model.onnx"
-        torch.onnx.export(
-            graph, inputs, str(path), input_names=names, output_names=outputs, dynamic_axes=axes,
-            opset_version=OPSET, dynamo=False, do_constant_folding=True,
+    if isinstance(model, FasterRCNN):
+        proto = _onnx_of(export_program(model), ["images", "image_sizes", "original_sizes"], _OUTPUTS, opset)
+    else:
+        parts = []
+        for name, (module, example, dims) in _region_parts(model).items():
+            names = (["inputs"], ["features"]) if name == "features" else (["pooled"], _REGION_OUTPUTS)
+            try:
+                with torch.no_grad():
+                    program = torch.export.export(module, (example,), dynamic_shapes=({**dims},))
+            except Exception as err:
+                raise ExportError(f"torch.export cannot capture {model.name}'s {name}: {_first_line(err)}") from err
+            part = _onnx_of(program, *names, opset)
+            parts.append(onnx.compose.add_prefix(part, f"{name}/", rename_inputs=False, rename_outputs=False))
+        proto = onnx.compose.merge_models(parts[0], parts[1], io_map=[])
+    _set_metadata(proto, props)
+    onnx.save(proto, str(path))
+
+
+def _onnx_of(program: torch.export.ExportedProgram, inputs: list[str], outputs: list[str], opset: int) -> Any:
+    """The onnxscript exporter's ModelProto of ``program``; :class:`ExportError` when it fails."""
+    quiet = logging.getLogger("onnx_ir")  # warns about every empty attribute list the translations write
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        onnx_program = torch.onnx.export(
+            program, (), input_names=inputs, output_names=outputs, opset_version=opset, dynamo=True,
+            custom_translation_table=ONNX_TRANSLATION, optimize=True, verbose=False,
         )
-        proto = onnx.load(str(path))
-        _set_metadata(proto, props)
-        onnx.save(proto, str(path))
-        os.replace(path, out)
+        return onnx_program.model_proto
+    except Exception as err:
+        raise ExportError(f"the ONNX exporter failed: {_first_line(err)}") from err
+    finally:
+        quiet.setLevel(level)
+
+
+def _export_torch(model: FasterRCNN, path: Path, props: Mapping[str, str], format: str) -> None:
+    """A ``.pt2`` program or an AOTInductor package of ``model``, NMS as torchvision ops."""
+    with torchvision_form():
+        program = export_program(model)
+    if format == "pt2":
+        torch.export.save(program, str(path), extra_files={_METADATA_FILE: json.dumps(dict(props))})
+        return
+    try:
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(path), inductor_configs={"aot_inductor.metadata": dict(props)}
+        )
+    except Exception as err:  # no C++ compiler, an op Inductor cannot lower
+        raise ExportError(f"AOTInductor could not compile {model.name}: {_first_line(err)}") from err
 
 
 def _set_metadata(proto: Any, props: Mapping[str, str]) -> None:
@@ -541,20 +393,28 @@ def _set_metadata(proto: Any, props: Mapping[str, str]) -> None:
         entry.key, entry.value = key, value
 
 
+def _check_props(path: str | os.PathLike, props: Mapping[str, str], kind: str) -> dict[str, str]:
+    """``props`` when they are this format version's detect metadata, else a clear error."""
+    if "detect.detector" not in props:
+        raise WeightsError(f"{path}: a{'n' if kind == 'ONNX' else ''} {kind} file without detect metadata; "
+                           f"export it with `detect export`")
+    if props.get("detect.format_version") != str(FORMAT_VERSION):
+        raise ExportVersionError(f"{path}: export format {props.get('detect.format_version')} is not "
+                                 f"{FORMAT_VERSION}; export it again with this version of detect")
+    if props["detect.detector"] not in DETECTORS:
+        raise WeightsError(f"{path}: unknown detector {props['detect.detector']!r}")
+    return dict(props)
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``detect.*`` metadata of an exported ONNX file; :class:`WeightsError` when it has none."""
+    """The ``detect.*`` metadata of an exported ONNX file; :class:`WeightsError` when it has none,
+    :class:`ExportVersionError` when it is from another format version."""
     onnx = _require("onnx")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # a truncated or foreign file: onnx raises its own DecodeError types
-        raise WeightsError(f"{path}: not a readable ONNX file ({str(err).splitlines()[0][:200]})") from err
-    props = {p.key: p.value for p in proto.metadata_props}
-    if "detect.detector" not in props:
-        raise WeightsError(f"{path}: an ONNX file without detect metadata; export it with `detect export`")
-    if int(props.get("detect.format_version", "0")) != FORMAT_VERSION:
-        raise WeightsError(f"{path}: export format {props.get('detect.format_version')} is not {FORMAT_VERSION}; "
-                           f"export it again with this version of detect")
-    return props
+        raise WeightsError(f"{path}: not a readable ONNX file ({_first_line(err)[:200]})") from err
+    return _check_props(path, {p.key: p.value for p in proto.metadata_props}, "ONNX")
 
 
 def _require(module: str) -> Any:
@@ -626,12 +486,16 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, *, calibration_i
 
 def _session(model: bytes | str, device: str | torch.device) -> Any:
     """An ONNX Runtime session on ``device`` (``cpu``, or ``cuda[:N]`` with the CUDA provider) that uses as many
-    intra-op threads as torch does (the service's ``torch_threads`` knob sizes both)."""
+    intra-op threads as torch does (the service's ``torch_threads`` knob sizes both), full graph optimisation, and
+    worker threads that sleep between calls: ORT's default spin-wait keeps its threads busy after each run, which on
+    a small machine takes the cores from whatever runs next in the process (torch, decoding, the next request)."""
     ort = _require("onnxruntime")
     device = torch.device(device)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     if device.type == "cpu":
         providers: list[Any] = ["CPUExecutionProvider"]
@@ -656,21 +520,42 @@ def _run(session: Any, outputs: Sequence[str] | None, feeds: Mapping[str, np.nda
 
 
 def _feeds(batch: Any) -> dict[str, np.ndarray]:
-    return {
-        "images": batch.tensors.numpy(),
-        "image_sizes": np.asarray(batch.image_sizes, dtype=np.int64).reshape(-1, 2),
-        "original_sizes": np.asarray(batch.original_sizes, dtype=np.int64).reshape(-1, 2),
-    }
+    images, image_sizes, original_sizes = _inputs(batch)
+    return {"images": images.numpy(), "image_sizes": image_sizes.numpy(), "original_sizes": original_sizes.numpy()}
 
 
-class OnnxFasterRCNN:
+Runner = Callable[[ImageBatch], Sequence[Any]]
+"""One padded batch -> the exported graph's four outputs (tensors or arrays)."""
+
+
+def onnx_runner(session: Any) -> Runner:
+    return lambda batch: _run(session, None, _feeds(batch))
+
+
+def torch_runner(module: Callable[..., Any], device: torch.device) -> Runner:
+    """A ``.pt2`` program's module or an AOTInductor model, fed tensors on ``device``."""
+
+    def run(batch: ImageBatch) -> Sequence[Any]:
+        inputs = [t.to(device) for t in _inputs(batch)]
+        try:
+            with torch.inference_mode():
+                return [t.cpu() for t in module(*inputs)]
+        except (RuntimeError, ValueError, AssertionError) as err:  # as _run: what forward_batch retries alone
+            raise RuntimeError(f"exported program: {_first_line(err)}") from err
+
+    return run
+
+
+class ExportedFasterRCNN:
     """An exported Faster R-CNN behind the detector interface: preprocessing and grouping by padded size as
-    :class:`FasterRCNN` does (:mod:`detect.transform`), one session call per group."""
+    :class:`FasterRCNN` does (:mod:`detect.transform`), one call of the exported graph per group (ONNX Runtime,
+    a ``.pt2`` program or an AOTInductor package: ``runner``), the flat outputs split per image."""
 
     proposal_methods = ("rpn",)
 
-    def __init__(self, session: Any, props: Mapping[str, str]) -> None:
-        self.session = session
+    def __init__(self, runner: Runner, props: Mapping[str, str], backend: str = "onnxruntime") -> None:
+        self.runner = runner
+        self.backend = backend
         self.metadata = dict(props)
         self.name = props["detect.detector"]
         self.class_names = tuple(json.loads(props["detect.class_names"]))
@@ -681,15 +566,13 @@ class OnnxFasterRCNN:
 
     def __call__(self, images: Any, targets: Any = None, **kwargs: Any) -> tuple[list[Detections], dict[str, Tensor]]:
         if targets is not None:
-            raise ConfigError("the onnxruntime backend runs inference only (no targets, no losses)")
+            raise ConfigError(f"the {self.backend} backend runs inference only (no targets, no losses)")
         if kwargs.get("proposals") is not None:
             raise ValueError("Faster R-CNN proposes its own regions (rpn); it takes no proposals")
         groups = self.transform.grouped(as_image_list(images), device="cpu")
         results: list[Detections | None] = [None] * sum(len(g.indices) for g in groups)
         for group in groups:
-            boxes, scores, labels, image = (
-                torch.from_numpy(np.ascontiguousarray(a)) for a in _run(self.session, None, _feeds(group.batch))
-            )
+            boxes, scores, labels, image = (torch.as_tensor(np.ascontiguousarray(a)) for a in self.runner(group.batch))
             counts = torch.bincount(image, minlength=len(group.indices)).tolist()
             parts = zip(boxes.split(counts), scores.split(counts), labels.split(counts))
             for index, (b, s, l), size in zip(group.indices, parts, group.batch.original_sizes):
@@ -699,14 +582,17 @@ class OnnxFasterRCNN:
     forward = __call__
     training = False
 
-    def eval(self) -> "OnnxFasterRCNN":
+    def eval(self) -> "ExportedFasterRCNN":
         """Already inference-only (``nn.Module``'s call, for callers that make sure)."""
         return self
 
-    def train(self, mode: bool = True) -> "OnnxFasterRCNN":
+    def train(self, mode: bool = True) -> "ExportedFasterRCNN":
         if mode:
-            raise ConfigError("an ONNX Runtime model cannot train; train the PyTorch weights and export again")
+            raise ConfigError(f"a {self.backend} model cannot train; train the PyTorch weights and export again")
         return self
+
+
+OnnxFasterRCNN = ExportedFasterRCNN  # the name callers knew
 
 
 class OnnxPart(nn.Module):
@@ -770,11 +656,55 @@ def load_onnx(path: str | os.PathLike, device: str | torch.device = "cpu") -> An
     if not path.is_file():
         raise WeightsError(f"ONNX file not found: {path}")
     props = read_metadata(path)
-    if props["detect.detector"] not in DETECTORS:
-        raise WeightsError(f"{path}: unknown detector {props['detect.detector']!r}")
     if props["detect.kind"] == "faster_rcnn":
-        return OnnxFasterRCNN(_session(str(path), device), props)
+        return ExportedFasterRCNN(onnx_runner(_session(str(path), device)), props)
     return _region_detector(onnx.load(str(path)), props, device)
+
+
+def read_pt2_metadata(path: str | os.PathLike, backend: str) -> dict[str, str]:
+    """The detect metadata of a ``.pt2`` program (``backend`` ``pt2``) or AOTInductor package (``aoti``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{backend} file not found: {path}")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise WeightsError(f"{path}: not a .pt2 archive")
+    if backend == "pt2":
+        extra = {_METADATA_FILE: ""}
+        try:
+            program = torch.export.load(str(path), extra_files=extra)
+        except Exception as err:  # an AOTInductor package, another torch's serialisation, a damaged archive
+            raise WeightsError(f"{path}: not a torch.export program this torch can load ({_first_line(err)})") from err
+        try:
+            props = json.loads(extra[_METADATA_FILE] or "{}")
+        except json.JSONDecodeError:
+            props = {}
+        return _check_props(path, props, "pt2") | {"_program": program}
+    try:
+        compiled = torch._inductor.aoti_load_package(str(path))
+        props = dict(compiled.get_metadata())
+    except Exception as err:
+        raise WeightsError(f"{path}: not an AOTInductor package this torch can load ({_first_line(err)})") from err
+    return _check_props(path, props, "AOTInductor") | {"_program": compiled}
+
+
+def load_exported(path: str | os.PathLike, backend: str, device: str | torch.device = "cpu") -> ExportedFasterRCNN:
+    """The detector of a ``.pt2`` program (``backend="pt2"``, run by ``ExportedProgram.module()``) or an
+    AOTInductor package (``backend="aoti"``), behind the detector interface. Only torch and torchvision run the
+    graph (the NMS inside is torchvision's)."""
+    props = read_pt2_metadata(path, backend)
+    program = props.pop("_program")
+    if props.get("detect.format") != backend:
+        raise WeightsError(f"{path}: a {props.get('detect.format')} export; load it with that backend")
+    device = torch.device(device)
+    if backend == "pt2":
+        module = program.module().to(device)
+    else:
+        if device.type != "cpu":
+            raise ConfigError(f"this AOTInductor package was compiled for the CPU, not {device}")
+        module = program
+    return ExportedFasterRCNN(torch_runner(module, device), props, backend)
 
 
 def cache_dir() -> Path:

@@ -9,8 +9,9 @@ Decisions:
   BatchNorm folded into the convolutions: a ResNet-50-FPN is about 10 % faster for the same detections up to float
   rounding. Without explicit weights a family uses its bundled ``<family>_shapes`` weights
   (:func:`default_weights`).
-- **Backends.** ``load_model(..., backend="onnxruntime")`` returns an exported model run by ONNX Runtime
-  (:mod:`detect.export`) behind the same interface, so the CLI, the API and every engine call it unchanged.
+- **Backends.** ``load_model(..., backend="onnxruntime")`` returns an exported model run by ONNX Runtime,
+  ``"pt2"`` a ``torch.export`` program and ``"aoti"`` an AOTInductor package (:mod:`detect.export`), behind the
+  same interface, so the CLI, the API and every engine call them unchanged.
 - **One batch, one forward; failures stay per image.** :func:`forward_batch` runs the batch in one forward pass;
   when it raises, the images are retried one by one so that only the culprit fails, with an
   :class:`~detect.errors.InferenceError`.
@@ -71,7 +72,7 @@ with the bundled Faster R-CNN at 0.01). A request's threshold can only tighten t
 everything the model keeps."""
 
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "pt2", "aoti")
 
 
 def load_model(
@@ -86,21 +87,29 @@ def load_model(
 
     ``backend`` ``"onnxruntime"`` runs the model with ONNX Runtime (:mod:`detect.export`): ``weights`` is then an
     exported ``.onnx`` file, or weights that are exported once into the cache (:func:`detect.export.cached_onnx`).
+    ``"pt2"`` and ``"aoti"`` load a ``.pt2`` file written by ``detect export --format pt2|aoti``.
     Either way the result has the detector interface (``name``, ``class_names``, ``__call__(images, **kw) ->
-    (detections, losses)``), so callers do not know which runtime answers. An ``.onnx`` file with the torch
-    backend, or an unknown backend, is a :class:`ConfigError`."""
+    (detections, losses)``), so callers do not know which runtime answers. An ``.onnx`` or ``.pt2`` file with the
+    torch backend, or an unknown backend, is a :class:`ConfigError`."""
     if family is not None and family not in families():
         raise UnknownModelError(f"unknown detector family {family!r}; known: {', '.join(families())}")
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    is_onnx = Path(weights).suffix.lower() == ".onnx"
+    suffix = Path(weights).suffix.lower()
+    is_onnx = suffix == ".onnx"
     device = resolve_device(device)
     if backend == "torch":
-        if is_onnx:
-            raise ConfigError(f"{weights} is an ONNX export: run it with the onnxruntime backend")
+        if is_onnx or suffix == ".pt2":
+            runner = "the onnxruntime backend" if is_onnx else "the pt2 or aoti backend"
+            raise ConfigError(f"{weights} is {'an ONNX' if is_onnx else 'a .pt2'} export: run it with {runner}")
         return registered_weights.load_detector(weights, device, fold_batchnorm=True)
     from detect import export
 
+    if backend in ("pt2", "aoti"):
+        if suffix != ".pt2":
+            raise ConfigError(f"the {backend} backend runs a .pt2 file from `detect export --format {backend}`; "
+                              f"got {weights}")
+        return export.load_exported(weights, backend, device)
     return export.load_onnx(weights if is_onnx else export.cached_onnx(weights), device)
 
 

@@ -49,6 +49,7 @@ from detect.errors import WeightsError
 from detect.ops.boxes import batched_box_iou, clip_boxes, min_size_mask
 from detect.ops.coder import BoxCoder
 from detect.ops.nms import multiclass_nms
+from detect.ops.nms_op import nms_table
 from detect.ops.pooling import roi_align, roi_pool
 from detect.ops.sampling import pad_boxes, sample_balanced
 from detect.ops.threads import one_thread
@@ -159,10 +160,12 @@ class ThreadedRoIPool(nn.Module):
         self, features: Features, proposals: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]]
     ) -> Tensor:
         """Same inputs and output as the wrapped pooler: ``(sum P_i, C, s, s)``, image-major."""
+        if isinstance(proposals, Tensor) or torch.compiler.is_compiling():  # (K, 5) RoIs, or a graph being traced
+            return self.pooler(features, proposals, image_sizes)
         first = features if isinstance(features, Tensor) else next(iter(features.values()))
         total = sum(len(p) for p in proposals)
         workers = min(torch.get_num_threads(), total // max(self.min_rois_per_thread, 1))
-        if first.device.type != "cpu" or workers < 2 or torch.jit.is_scripting() or torch.jit.is_tracing():
+        if first.device.type != "cpu" or workers < 2:
             return self.pooler(features, proposals, image_sizes)
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
@@ -172,6 +175,33 @@ class ThreadedRoIPool(nn.Module):
 
         chunks = _contiguous_chunks(proposals, workers)
         return torch.cat(list(_pool_executor().map(pool, chunks)))  # chunk order is image-major order
+
+
+def pool_rois(pooler: nn.Module, features: Features, rois: Tensor, image_sizes: Tensor) -> Tensor:
+    """``(K, C, s, s)`` features of ``(K, 5)`` RoIs ``[image, x1, y1, x2, y2]`` from a detector's box pooler (a
+    :class:`SingleLevelRoIPool` or torchvision's ``MultiScaleRoIAlign``, maybe in a :class:`ThreadedRoIPool`),
+    for callers without per-image box lists (the exportable inference path). A multi-scale pooler learns its
+    scales on its first eager call, as torchvision's does, from the images' ``(B, 2)`` sizes; each level's RoIs
+    are pooled by torchvision's level rule."""
+    pooler = pooler.pooler if isinstance(pooler, ThreadedRoIPool) else pooler
+    if isinstance(pooler, SingleLevelRoIPool):
+        return pooler(features, rois, [])
+    if getattr(pooler, "scales", None) is None:
+        if torch.compiler.is_compiling():
+            raise ValueError("a multi-scale RoI pooler learns its scales on its first call: run the detector once")
+        from torchvision.ops.poolers import _setup_scales
+
+        shapes = [tuple(int(v) for v in image_sizes.max(dim=0).values)]
+        maps = [features[name] for name in pooler.featmap_names]
+        pooler.scales, pooler.map_levels = _setup_scales(maps, shapes, pooler.canonical_scale, pooler.canonical_level)
+    maps = [features[name] for name in pooler.featmap_names]
+    level = pooler.map_levels([rois[:, 1:]])  # (K,) level of each RoI
+    pooled = maps[0].new_zeros((rois.shape[0], maps[0].shape[1], *pooler.output_size))
+    for index, (feature, scale) in enumerate(zip(maps, pooler.scales)):
+        members = torch.nonzero(level == index).squeeze(1)  # (K_l,)
+        part = roi_align(feature, rois[members], pooler.output_size, scale, pooler.sampling_ratio)
+        pooled = pooled.index_put((members,), part)
+    return pooled
 
 
 def _contiguous_chunks(proposals: Sequence[Tensor], parts: int) -> list[list[Tensor]]:
@@ -369,6 +399,38 @@ class RoIHeads(nn.Module):
         pooled = self.box_roi_pool(features, list(proposals), list(image_sizes))  # (K, C_feat, s, s)
         with one_thread(pooled, not self.training):  # thread-count-free products (detect.ops.threads)
             return self.box_predictor(self.box_head(pooled))
+
+    def padded_detections(
+        self, features: Features, proposals: Tensor, valid: Tensor, image_sizes: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Inference on padded proposals ``(B, P, 4)`` (``valid (B, P)`` marks the real ones), the form
+        ``torch.export`` captures (see :mod:`detect.export`): boxes ``(B, D, 4)`` in resized pixels, scores ``(B, D)``,
+        1-based labels ``(B, D)`` and which are detections ``(B, D)``, each image's best first. The same
+        post-processing as :meth:`postprocess`, with the per-class NMS as one ``detect::nms_table`` call over
+        ``(image, class)`` pairs and the per-image cap as one top-k."""
+        cfg = self.config
+        batch, count = proposals.shape[0], proposals.shape[1]
+        flat = proposals.reshape(-1, 4)  # (B*P, 4)
+        image_of = torch.arange(batch, device=flat.device, dtype=flat.dtype)[:, None].expand(batch, count)
+        rois = torch.cat([image_of.reshape(-1, 1), flat], dim=1)  # (B*P, 5)
+        pooled = pool_rois(self.box_roi_pool, features, rois, image_sizes)  # (B*P, C_feat, s, s)
+        logits, deltas = self.box_predictor(self.box_head(pooled))
+        classes = logits.shape[1] - 1
+        boxes = self.box_coder.decode_per_class(deltas[:, 4:], flat).reshape(batch, count, classes, 4)  # no bg
+        boxes = clip_boxes(boxes, image_sizes)  # (B, P, C-1, 4)
+        scores = F.softmax(logits, dim=-1)[:, 1:].reshape(batch, count, classes)  # (B, P, C-1)
+        usable = min_size_mask(boxes, cfg.min_box_size) & valid[:, :, None]
+        scores = scores.masked_fill(~usable, -1.0)  # never passes the score threshold
+        by_class = boxes.permute(0, 2, 1, 3).reshape(batch * classes, count, 4)  # (B*(C-1), P, 4)
+        class_scores = scores.permute(0, 2, 1).reshape(batch * classes, 1, count)  # (B*(C-1), 1, P)
+        selected = nms_table(by_class, class_scores, cfg.detections_per_img, cfg.nms_thresh, cfg.score_thresh)
+        flat_scores = class_scores.reshape(batch, classes * count)  # (B, (C-1)*P) class-major
+        image, column = torch.div(selected[:, 0], classes, rounding_mode="floor"), selected[:, 0] % classes * count
+        column = column + selected[:, 2]  # (M,) class-major column of each kept (image, class, proposal)
+        ranked = torch.full_like(flat_scores, -1.0).index_put((image, column), flat_scores[image, column])
+        best, order = ranked.topk(torch.sym_min(cfg.detections_per_img, ranked.shape[1]), dim=1)  # (B, D)
+        chosen = by_class.reshape(batch, classes * count, 4).gather(1, order[:, :, None].expand(-1, -1, 4))
+        return chosen, best, torch.div(order, count, rounding_mode="floor") + 1, best > -0.5
 
     def match(
         self, proposals: Tensor, valid: Tensor, targets: Sequence[Mapping[str, Tensor]]

@@ -156,6 +156,15 @@ class AnchorGenerator(nn.Module):
         """Anchors shared by every image of the batch, ``(sum_l H_l*W_l*A_l, 4)`` in ``feature_maps[0]``'s dtype."""
         padded = images.tensors.shape[-2:]
         grid_sizes = [tuple(f.shape[-2:]) for f in feature_maps]
+        if torch.compiler.is_compiling():  # torch.export: symbolic sizes, so no int() and no cache
+            first = feature_maps[0]
+            strides = self.level_strides(tuple(padded), grid_sizes)
+            return torch.cat(
+                [
+                    shifted_anchors(base.to(device=first.device, dtype=first.dtype), size, stride)
+                    for base, size, stride in zip(self.cell_anchors, grid_sizes, strides)
+                ]
+            )
         return self.grid_anchors(
             (int(padded[0]), int(padded[1])), grid_sizes, feature_maps[0].device, feature_maps[0].dtype
         )

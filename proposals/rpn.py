@@ -38,6 +38,7 @@ from torchvision.ops import Conv2dNormActivation
 from detect.ops.boxes import batched_box_iou, min_size_mask
 from detect.ops.coder import BoxCoder
 from detect.ops.nms import grouped_nms
+from detect.ops.nms_op import nms_table
 from detect.ops.sampling import pad_boxes, sample_balanced
 from detect.ops.threads import one_thread
 from proposals.anchors import AnchorGenerator, ImageBatch
@@ -212,11 +213,44 @@ class RegionProposalNetwork(nn.Module):
         ``(K,)``."""
         indices, levels, offset = [], [], 0
         for level, level_scores in enumerate(objectness.split(list(num_per_level), dim=1)):  # (B, A_l)
-            top = level_scores.topk(min(self.pre_nms_top_n(), level_scores.shape[1]), dim=1).indices  # (B, k_l)
+            top = level_scores.topk(torch.sym_min(self.pre_nms_top_n(), level_scores.shape[1]), dim=1).indices
             indices.append(top + offset)
             levels.append(torch.full((top.shape[1],), level, dtype=torch.int64, device=top.device))
             offset += level_scores.shape[1]
         return torch.cat(indices, dim=1), torch.cat(levels)
+
+    def candidates(
+        self, anchors: Tensor, objectness: Tensor, deltas: Tensor, image_sizes: Tensor, num_per_level: Sequence[int]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The proposal layer before NMS: each level's top-k decoded and clipped boxes ``(B, K, 4)``, their
+        sigmoid scores ``(B, K)``, which may be kept ``(B, K)`` (big enough, confident) and each column's level."""
+        top, levels = self.top_per_level(objectness, num_per_level)  # (B, K), (K,)
+        rows = torch.arange(objectness.shape[0], device=top.device)[:, None]  # (B, 1)
+        boxes = self.box_coder.decode(deltas[rows, top], anchors[top], clip_to=image_sizes)  # (B, K, 4), clipped
+        scores = torch.sigmoid(objectness[rows, top])  # (B, K)
+        keep = min_size_mask(boxes, MIN_SIZE) & (scores >= self.config.score_thresh)  # (B, K) big enough, confident
+        return boxes, scores, keep, levels
+
+    def padded_proposals(
+        self, images: ImageBatch, features: Sequence[Tensor], image_sizes: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Inference proposals as padded tensors, the form ``torch.export`` captures (no per-image lists, no host
+        reads; see :mod:`detect.export`): boxes ``(B, P, 4)``, each image's best first, and which are real
+        ``(B, P)``. The same proposals as :meth:`forward`'s; the per-level NMS is one ``detect::nms_table`` call
+        whose classes are the levels (a candidate scores -1 outside its own level and where it may not be kept)."""
+        level_logits, level_deltas = self.head(list(features))
+        anchors = self.anchor_generator(images, list(features))  # (N, 4)
+        objectness, deltas, num_per_level = flatten_predictions(level_logits, level_deltas)  # (B, N), (B, N, 4)
+        boxes, scores, keep, levels = self.candidates(anchors, objectness, deltas, image_sizes, num_per_level)
+        scores = scores.masked_fill(~keep, -1.0)  # (B, K)
+        own_level = levels[None, :] == torch.arange(len(num_per_level), device=levels.device)[:, None]  # (L, K)
+        table = scores[:, None, :].masked_fill(~own_level[None], -1.0)  # (B, L, K)
+        cap = self.post_nms_top_n()
+        selected = nms_table(boxes, table, cap, self.config.nms_thresh, -0.5)  # (M, 3) [b, level, k]
+        image, column = selected[:, 0], selected[:, 2]  # (M,) each
+        ranked = torch.full_like(scores, -1.0).index_put((image, column), scores[image, column])  # (B, K) kept only
+        best, order = ranked.topk(torch.sym_min(cap, ranked.shape[1]), dim=1)  # (B, P) best first
+        return boxes.gather(1, order[:, :, None].expand(-1, -1, 4)), best > -0.5
 
     def filter_proposals(
         self, anchors: Tensor, objectness: Tensor, deltas: Tensor, image_sizes: Tensor, num_per_level: Sequence[int]
@@ -225,11 +259,7 @@ class RegionProposalNetwork(nn.Module):
         ``image_sizes (B, 2)`` as ``(h, w)`` -> per image boxes ``(P_i, 4)`` and sigmoid scores ``(P_i,)``,
         best first, at most ``post_nms_top_n()`` each."""
         batch = objectness.shape[0]
-        top, levels = self.top_per_level(objectness, num_per_level)  # (B, K), (K,)
-        rows = torch.arange(batch, device=top.device)[:, None]  # (B, 1)
-        boxes = self.box_coder.decode(deltas[rows, top], anchors[top], clip_to=image_sizes)  # (B, K, 4), clipped
-        scores = torch.sigmoid(objectness[rows, top])  # (B, K)
-        keep = min_size_mask(boxes, MIN_SIZE) & (scores >= self.config.score_thresh)  # (B, K) big enough, confident
+        boxes, scores, keep, levels = self.candidates(anchors, objectness, deltas, image_sizes, num_per_level)
         image_of, column = keep.nonzero(as_tuple=True)  # (M,) each
         boxes, scores = boxes[keep], scores[keep]  # (M, 4), (M,)
         kept = grouped_nms(

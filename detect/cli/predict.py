@@ -109,7 +109,8 @@ def _add_backend_option(p: argparse.ArgumentParser, default: str | None) -> None
     p.add_argument(
         "--backend", choices=BACKENDS, default=default,
         help="runtime: torch, or onnxruntime (pip install 'detect[onnx]'; --weights may be a `detect export` .onnx "
-             "file, other weights are exported once into the cache)"
+             "file, other weights are exported once into the cache), or pt2 / aoti (--weights a `detect export "
+             "--format pt2|aoti` .pt2 file)"
         + ("" if default else "; default: DETECT_BACKEND, else torch"),
     )
 
@@ -233,7 +234,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     prepare_output_dir(out)
     weights = args.weights or default_weights(args.model)
     if ray_options is not None and args.backend != "torch":
-        raise ConfigError("--backend onnxruntime runs with the local engine only")
+        raise ConfigError(f"--backend {args.backend} runs with the local engine only")
     backend = {} if args.backend == "torch" else {"backend": args.backend}  # torch: load_model's default
     detector = load_model(weights, args.device, args.model, **backend) if ray_options is None else None
     class_names = detector.class_names if detector is not None else weights_class_names(weights)

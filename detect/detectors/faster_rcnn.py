@@ -179,6 +179,25 @@ class FasterRCNN(nn.Module):
         ]
         return detections, {**rpn_losses, **head_losses}
 
+    def detect_padded(
+        self, images: Tensor, image_sizes: Tensor, original_sizes: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Inference on one padded batch as tensors only, the entry point :mod:`detect.export` captures with
+        ``torch.export``: ``images (B, 3, H, W)`` normalised, resized and padded (:meth:`RCNNTransform.grouped`),
+        ``image_sizes`` and ``original_sizes`` int64 ``(B, 2)`` as ``(h, w)`` -> detections flat over the batch,
+        image-major and best first: boxes ``(N, 4)`` in original pixels, scores ``(N,)``, 1-based labels ``(N,)``
+        and each one's image ``(N,)``. Same modules and kernels as :meth:`forward_batch`; proposals and detections
+        stay padded tensors (:meth:`RegionProposalNetwork.padded_proposals`, :meth:`RoIHeads.padded_detections`)."""
+        features = self.backbone(images)
+        if isinstance(features, Tensor):
+            features = OrderedDict([("0", features)])
+        batch = ImageBatch(images, [], [])
+        proposals, valid = self.rpn.padded_proposals(batch, list(features.values()), image_sizes)  # (B, P, 4)
+        boxes, scores, labels, keep = self.roi_heads.padded_detections(features, proposals, valid, image_sizes)
+        ratios = (original_sizes.to(torch.float32) / image_sizes.to(torch.float32))[:, [1, 0, 1, 0]]  # (B, 4)
+        image, column = torch.nonzero(keep, as_tuple=True)  # (N,) each, image-major, best first
+        return (boxes * ratios[:, None, :])[image, column], scores[image, column], labels[image, column], image
+
     def backbone_device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 

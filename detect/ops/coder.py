@@ -50,9 +50,12 @@ def _size_and_centre(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 def _corners(ctr_x: Tensor, ctr_y: Tensor, half_w: Tensor, half_h: Tensor) -> Tensor:
     """``(...)`` centres and half sizes -> ``(..., 4)`` xyxy.
 
-    Written straight into the result (about 5x faster than ``torch.stack`` on CPU), unless autograd needs the graph.
+    Written straight into the result (about 5x faster than ``torch.stack`` on CPU), unless autograd needs the graph
+    or torch.export traces (an exported program may run with autograd on, where ``out=`` is refused).
     """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (ctr_x, ctr_y, half_w, half_h)):
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (ctr_x, ctr_y, half_w, half_h))
+    ):
         return torch.stack((ctr_x - half_w, ctr_y - half_h, ctr_x + half_w, ctr_y + half_h), dim=-1)
     out = ctr_x.new_empty((*ctr_x.shape, 4))
     torch.sub(ctr_x, half_w, out=out[..., 0])

@@ -26,6 +26,8 @@ Decisions:
 - The first call of a loop loads it from numba's on-disk cache, or compiles it (seconds) on a cold cache. A
   service calls :func:`detect.ops.warmup` at start-up so that no request pays this; :func:`detect.ops.warmup` returns the seconds it
   took per backend, reported apart from any timing.
+- While torch.export or torch.compile traces (``torch.compiler.is_compiling()``) every kernel takes the torch
+  path: the numba and Triton launches cannot be traced, and an exported program must run where neither exists.
 - :func:`use_backend` (or ``DETECT_OPS_BACKEND=torch|numba|triton`` in the environment) forces one
   implementation, for tests and benchmarks; a forced backend that cannot run an input falls back to ``"torch"``.
 """
@@ -99,7 +101,7 @@ def choose(kernel: str, device: torch.device, dtype: torch.dtype, *, needs_grad:
     autograd must see the computation, which only the torch path provides.
     """
     forced = _FORCED.get()
-    if forced == "torch" or needs_grad or dtype not in _FAST_DTYPES:
+    if forced == "torch" or needs_grad or dtype not in _FAST_DTYPES or torch.compiler.is_compiling():
         return "torch"
     if device.type == "cpu":
         if forced == "triton" and dtype == torch.float32 and _triton_interpreted() and gpu() is not None:
