@@ -12,6 +12,7 @@ half-batch means where one process sums four images), about 1e-7 relative per st
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -27,9 +28,10 @@ import yaml
 from safetensors.torch import load_file
 
 from detect.data.config import make_dataset
+from detect.errors import ConfigError
 from detect.evaluate import evaluate_detector
 from detect.training import TrainBatches, load_recipe
-from detect.training import distributed
+from detect.training import launch as distributed
 from detect.training.data import data_splits
 from detect.weights import load_detector
 
@@ -89,7 +91,7 @@ def max_difference(a: dict, b: dict) -> float:
 def test_every_world_size_draws_the_same_global_batches(tmp_path: Path) -> None:
     config = load_recipe(recipe(tmp_path, 1), {"batch_size": 1})
     dataset = make_dataset(config.data)
-    ids = lambda batches, i: [int(t["image_id"]) for _, t in batches.samples(i)]  # noqa: E731
+    ids = lambda batches, i: [int(t["image_id"]) for _, t in batches.samples(i)]
     for world in (1, 2, 4):  # global batch 4 = batch_size x world
         config_w = load_recipe(recipe(tmp_path, 4 // world), {"batch_size": 4 // world})
         ranks = [TrainBatches(dataset, config_w) for _ in range(world)]
@@ -141,7 +143,7 @@ def test_two_processes_match_one_at_the_same_global_batch(runs: dict[str, Path])
     difference = max_difference(weights_of(runs["two"]), weights_of(runs["one"]))
     assert difference < ATOL, difference
     # the logged losses are the means over the processes: the one-process losses, to reduction order
-    rows = lambda run: [yaml.safe_load(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    rows = lambda run: [yaml.safe_load(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     two, one = rows(runs["two"]), rows(runs["one"])
     assert [r["iteration"] for r in two] == list(range(1, STEPS + 1))
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)
@@ -156,9 +158,10 @@ def test_sharded_evaluation_equals_one_process_evaluation(runs: dict[str, Path])
     config = load_recipe(recipe(runs["tmp"], 2))
     model = load_detector(runs["two"] / "model.safetensors")
     reference = evaluate_detector(model, make_dataset(data_splits(config)[1]), config.batch_size)
-    reported = yaml.safe_load((runs["two"] / "report.json").read_text())
-    assert reported["mAP"] == reference["mAP"]
-    assert [c["ap"] for c in reported["per_class"]] == [c["ap"] for c in reference["per_class"]]
+    reported = json.loads((runs["two"] / "report.json").read_text())
+    assert reported["num_images"] == len(make_dataset(data_splits(config)[1])) == 5
+    for key in ("mAP", "ap", "num_detections", "num_gt"):
+        assert reported[key] == json.loads(json.dumps(reference[key])), key
 
 
 @pytest.mark.slow
@@ -224,7 +227,7 @@ def test_bad_process_counts_are_usage_errors(tmp_path: Path) -> None:
     done = cli("--recipe", str(recipe(tmp_path, 2)), "--out", str(tmp_path / "r"), "--nproc", "0", timeout=120)
     assert done.returncode == 2 and "--nproc must be at least 1" in done.stderr
     config = load_recipe(recipe(tmp_path, 2), {"device": "cuda"})
-    with pytest.raises(distributed.ConfigError, match="CUDA device"):
+    with pytest.raises(ConfigError, match="CUDA device"):
         distributed.check_processes(config, torch.cuda.device_count() + 1)
 
 

@@ -79,7 +79,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _distributed(args: argparse.Namespace, config: training.TrainConfig) -> int | None:
     """The exit code of a data-parallel run (``--nproc``, ``torchrun``'s environment, ``--engine ray``), or
     ``None`` for a one-process run."""
-    from detect.training import distributed
+    from detect.training import launch as distributed
 
     env = distributed.torchrun_env()
     if args.engine == "ray":
