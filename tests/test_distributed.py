@@ -160,8 +160,12 @@ def test_sharded_evaluation_equals_one_process_evaluation(runs: dict[str, Path])
     reference = evaluate_detector(model, make_dataset(data_splits(config)[1]), config.batch_size)
     reported = json.loads((runs["two"] / "report.json").read_text())
     assert reported["num_images"] == len(make_dataset(data_splits(config)[1])) == 5
+    plain = lambda v: None if isinstance(v, float) and v != v else v  # noqa: E731 - report.json writes NaN as null
     for key in ("mAP", "ap", "num_detections", "num_gt"):
-        assert reported[key] == json.loads(json.dumps(reference[key])), key
+        theirs = reference[key]
+        theirs = {k: plain(v) for k, v in theirs.items()} if isinstance(theirs, dict) else plain(theirs)
+        assert reported[key] == theirs, key
+    assert sum(reported["num_detections"].values()) > 0  # the model detects something: the AP compare is not vacuous
 
 
 @pytest.mark.slow
