@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -191,8 +192,8 @@ def _ray_worker(loop_config: dict) -> None:
         if path is None:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as folder:
-            os.link(path, Path(folder) / path.name) if _same_fs(path, folder) else _copy(path, folder)
+        with tempfile.TemporaryDirectory() as folder:  # Ray copies the folder into its storage, then it goes
+            shutil.copy2(path, Path(folder) / path.name)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
     dist = Distributed(context.get_world_rank(), context.get_world_size(), context.get_local_rank(), report)
@@ -206,12 +207,3 @@ def _ray_worker(loop_config: dict) -> None:
     os.environ["LOCAL_WORLD_SIZE"] = str(context.get_local_world_size())
     train_distributed(dataclasses.replace(config, device="cpu"), dist, loop_config["resume"])
 
-
-def _same_fs(path: Path, folder: str) -> bool:
-    return os.stat(path).st_dev == os.stat(folder).st_dev
-
-
-def _copy(path: Path, folder: str) -> None:
-    import shutil
-
-    shutil.copy2(path, Path(folder) / path.name)
