@@ -88,6 +88,7 @@ __all__ = [
     "plot_confusion_matrix",
     "ProposalCache",
     "cache_keys",
+    "detect_images",
     "evaluate_detector",
     "evaluate_weights",
 ]
@@ -701,16 +702,30 @@ def evaluate_detector(
     """VOC AP (area under the curve, IoU 0.5, difficult ignored) of ``model`` on ``dataset``; ``proposals``
     ``(images, targets) -> boxes`` feeds region detectors. With ``score_threshold``, the whole
     :meth:`~detect.evaluate.DetectionEvaluator.report` instead (COCO metrics, confusion matrix at that score)."""
-    model.eval()
     evaluator = DetectionEvaluator(dataset.class_names)
-    for start in range(0, len(dataset), batch_size):
-        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+    for target, found in detect_images(model, dataset, range(len(dataset)), batch_size, proposals):
+        evaluator.add(target["image_id"], found, target)
+    return evaluator.compute() if score_threshold is None else evaluator.report(score_threshold)
+
+@torch.no_grad()
+def detect_images(
+    model: nn.Module,
+    dataset: Any,
+    indices: Sequence[int],
+    batch_size: int = 4,
+    proposals: Callable[..., list[np.ndarray]] | None = None,
+) -> list[tuple[dict, Any]]:
+    """``(target, detections)`` of the images ``indices`` of ``dataset``, in that order, batch by batch (a
+    shard of an evaluation: distributed training evaluates one per process and gathers them)."""
+    model.eval()
+    indices, out = list(indices), []
+    for start in range(0, len(indices), batch_size):
+        samples = [dataset[i] for i in indices[start:start + batch_size]]
         images, targets = [s[0] for s in samples], [s[1] for s in samples]
         extra = {"proposals": [torch.from_numpy(p) for p in proposals(images, targets)]} if proposals else {}
         detections, _ = model(images, **extra)
-        for target, found in zip(targets, detections):
-            evaluator.add(target["image_id"], found, target)
-    return evaluator.compute() if score_threshold is None else evaluator.report(score_threshold)
+        out.extend(zip(targets, detections))
+    return out
 
 def evaluate_weights(
     weights_name: str | Path,

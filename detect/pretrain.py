@@ -260,6 +260,30 @@ def _warn_if_degenerate(dataset: Any, config: PretrainConfig) -> None:
         )
 
 
+def _process_group() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised ``torch.distributed`` group (distributed ``detect train``: each
+    process takes its share of every step's crops), ``(0, 1)`` without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_over_processes(params: list[nn.Parameter], loss: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum the gradients of ``params`` (a missing one counts as zeros), the loss and the correct count over the
+    process group, in one flat all-reduce."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.reshape(1), correct.to(loss.device).reshape(1)])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return flat[-2], flat[-1]
+
+
 def pretrain_backbone(
     backbone: Backbone,
     dataset: Any,
@@ -297,12 +321,19 @@ def pretrain_backbone(
         lr = config.lr * warm * 0.5 * (1 + math.cos(math.pi * step / config.iterations))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        logits = head(_pooled(backbone, x.to(device)))
-        loss = nn.functional.cross_entropy(logits, y.to(device))
+        rank, world = _process_group()
+        mine = slice(*np.linspace(0, len(x), world + 1).astype(int)[[rank, rank + 1]])  # this process's crops
+        logits = head(_pooled(backbone, x[mine].to(device)))
+        # the batch mean as each process's sum over the whole batch's count: summed over processes, the gradient
+        # is the one-process gradient of the whole batch (to float32 reduction order)
+        loss = nn.functional.cross_entropy(logits, y[mine].to(device), reduction="sum") / len(x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        correct = (logits.argmax(1).cpu() == y[mine]).sum().float()
+        if world > 1:
+            loss, correct = _sum_over_processes(params, loss.detach(), correct)
         optimizer.step()
-        accuracy = float((logits.argmax(1).cpu() == y).float().mean())
+        accuracy = float(correct) / len(x)
         row = {"iteration": step + 1, "lr": lr, "loss": float(loss.detach()), "accuracy": accuracy}
         if on_step:
             on_step(row)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from detect import evaluate, training
-from detect.errors import DetectError
+from detect.errors import ConfigError, DetectError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +28,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--init", help="start from this detector (registered name, detect train file or torchvision "
                    ".pth): every tensor that fits, class layers rebuilt for the data's classes (recipe: init)")
     p.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ... (recipe: device)")
-    p.add_argument("--workers", type=int, help="data loader processes, 0 = in the training process (recipe: workers)")
+    p.add_argument("--workers", type=int, help="data loader processes, 0 = in the training process (recipe: "
+                   "workers); with --engine ray: the number of Ray Train workers (loader processes then as the recipe)")
+    p.add_argument("--nproc", type=int, help="data-parallel training in N processes on this machine (one per GPU; "
+                   "gloo on CPU): global batch = recipe batch_size x N. Under torchrun, leave it out")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="ray: data-parallel training under Ray Train on the cluster RAY_ADDRESS names (--workers N)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray Train worker (default 0: CPU)")
     p.set_defaults(func=_cmd_train)
     p = subparsers.add_parser("eval", help="COCO and VOC metrics, PR curves and a confusion matrix of trained weights")
     p.add_argument("--weights", required=True, help="model.safetensors written by detect train, or a registered name")
@@ -50,10 +56,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.out:
         overrides["out_dir"] = args.out
-    overrides |= {key: value for key in ("init", "device", "workers") if (value := getattr(args, key)) is not None}
+    loader_keys = ("init", "device", "workers") if args.engine == "local" else ("init", "device")
+    overrides |= {key: value for key in loader_keys if (value := getattr(args, key)) is not None}
     try:
         overrides |= _data_overrides(args)
         config = training.load_recipe(args.recipe, overrides)
+        if (code := _distributed(args, config)) is not None:
+            return code
         result = training.train(config, resume=args.resume)
     except DetectError as err:
         print(f"detect train: {err}", file=sys.stderr)
@@ -65,6 +74,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(evaluate.format_table(result))
     print(f"wrote {Path(config.out_dir) / 'model.safetensors'}")
     return 0
+
+
+def _distributed(args: argparse.Namespace, config: training.TrainConfig) -> int | None:
+    """The exit code of a data-parallel run (``--nproc``, ``torchrun``'s environment, ``--engine ray``), or
+    ``None`` for a one-process run."""
+    from detect.training import launch as distributed
+
+    env = distributed.torchrun_env()
+    if args.engine == "ray":
+        if args.nproc is not None or env is not None:
+            raise ConfigError("--engine ray starts its own workers: give --workers N, not --nproc or torchrun")
+        return distributed.run_ray(config, args.workers or 1, args.gpus_per_worker, args.resume)
+    if env is not None:
+        if args.nproc is not None and args.nproc != env["world_size"]:
+            raise ConfigError(f"--nproc {args.nproc} under a launcher of WORLD_SIZE {env['world_size']}: leave it out")
+        return distributed.run_rank(config, env, args.resume)
+    if args.nproc is not None and args.nproc != 1:
+        return distributed.launch(config, args.nproc, args.resume)
+    return None
 
 
 def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:

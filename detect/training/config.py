@@ -23,17 +23,27 @@ __all__ = ["DataConfig", "OptimizerConfig", "ScheduleConfig", "TrainConfig", "de
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """``name`` ``"sgd"`` (momentum, weight decay) or ``"adamw"``; ``clip_grad_norm`` ``None`` disables clipping."""
+    """``name`` ``"sgd"`` (momentum, weight decay) or ``"adamw"``; ``clip_grad_norm`` ``None`` disables clipping.
+    ``scale_lr`` ``"linear"`` (Goyal et al.'s rule, for data-parallel runs): the learning rate used is ``lr *
+    global batch / base_batch_size`` (global batch: ``batch_size`` x processes), reached through the schedule's
+    warm-up; ``"none"`` uses ``lr`` whatever the global batch."""
 
     name: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
     clip_grad_norm: float | None = 10.0
+    scale_lr: str = "none"
+    base_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.name not in ("sgd", "adamw"):
             raise ConfigError(f"optimizer name must be 'sgd' or 'adamw', got {self.name!r}")
+        if self.scale_lr not in ("none", "linear"):
+            raise ConfigError(f"optimizer.scale_lr must be 'none' or 'linear', got {self.scale_lr!r}")
+        if self.scale_lr == "linear" and (self.base_batch_size is None or self.base_batch_size < 1):
+            raise ConfigError("optimizer.scale_lr 'linear' needs optimizer.base_batch_size (the global batch that "
+                              "optimizer.lr is meant for), a positive integer")
         if self.lr <= 0 or self.weight_decay < 0 or (self.clip_grad_norm is not None and self.clip_grad_norm <= 0):
             raise ConfigError(f"invalid {self}")
 

@@ -77,6 +77,21 @@ class TrainBatches(torch.utils.data.Dataset):
     ) -> None:
         self.dataset, self.config, self.cache, self.data = dataset, config, cache, data
         self.augment = Augment(config.augment)
+        # -- distributed training (detect.training.distributed): this process's slots of the GLOBAL batch, and
+        # where the global sample order stood at `origin_iteration` (a resume with another world size) --
+        self.global_batch = config.batch_size
+        self.slots = range(config.batch_size)
+        self.origin_iteration, self.origin_position = 0, 0
+
+    def shard(self, rank: int, world: int) -> None:
+        """Make this the batches of process ``rank`` of ``world``: the global batch is ``batch_size * world`` and
+        rank ``r`` takes its slots ``r*b .. (r+1)*b - 1``, so the global sample order is the same for any world."""
+        b = self.config.batch_size
+        self.global_batch, self.slots = b * world, range(rank * b, (rank + 1) * b)
+
+    def position(self, iteration: int) -> int:
+        """The global sample position of slot 0 of ``iteration`` (samples the run has drawn before it)."""
+        return self.origin_position + (iteration - self.origin_iteration) * self.global_batch
 
     def __len__(self) -> int:
         return self.config.max_iterations
@@ -85,8 +100,8 @@ class TrainBatches(torch.utils.data.Dataset):
         """The data set's samples of ``iteration``: one seeded permutation per epoch."""
         cfg, n = self.config, len(self.dataset)
         samples = []
-        for slot in range(cfg.batch_size):
-            position = iteration * cfg.batch_size + slot
+        for slot in self.slots:
+            position = self.position(iteration) + slot
             order = np.random.default_rng([cfg.seed, position // n]).permutation(n)
             image, target = self.dataset[int(order[position % n])]
             samples.append((image, dict(target)))
@@ -101,7 +116,7 @@ class TrainBatches(torch.utils.data.Dataset):
                 target["proposals"] = boxes
         out = [
             self.augment(image, target, np.random.default_rng([cfg.seed, iteration, k]))
-            for k, (image, target) in enumerate(samples)
+            for k, (image, target) in zip(self.slots, samples)
         ]
         return {
             "images": [torch.from_numpy(np.ascontiguousarray(image)) for image, _ in out],

@@ -31,7 +31,8 @@ from detect.training import checkpoints
 from detect.training.config import TrainConfig, detector_config
 from detect.training.data import TrainBatches, batch_loader, data_splits, describe_validation, model_inputs
 from detect.training.logs import MetricsLog, plot_losses, summary_writer, tensorboard_writer
-from detect.training.schedule import lr_factor
+from detect.training.distributed import Distributed
+from detect.training.schedule import base_lr, lr_factor
 
 __all__ = ["Trainer", "init_backbone", "short_side", "train"]
 
@@ -76,8 +77,9 @@ def short_side(model: nn.Module, side: int | None) -> Iterator[None]:
 class Trainer:
     """One training run of :class:`TrainConfig` into ``config.out_dir`` (see the module docstring)."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, dist: Distributed | None = None) -> None:
         self.config = config
+        self.dist = dist or Distributed()  # data-parallel runs (detect.training.distributed); rank 0 alone writes
         self.out = Path(config.out_dir)
         self.device = torch_device(config.device)
         self.train_data, self.val_data = data_splits(config)
@@ -104,6 +106,8 @@ class Trainer:
         cache_dir = Path(config.proposal_cache) if config.proposal_cache else self.out / "proposals"
         self.cache = ProposalCache(cache_dir, self.detector_config.proposals) if self.region else None
         self.batches = TrainBatches(self.dataset, config, self.cache, config.data)
+        self.batches.shard(self.dist.rank, self.dist.world)
+        self.net = self.dist.wrap(self.model, find_unused=self.region)  # what the step runs (DDP when distributed)
         if config.tensorboard:
             summary_writer()  # a missing package is a ConfigError now, before any training
         self.writer: Any = None
@@ -176,7 +180,13 @@ class Trainer:
         return self.out / "checkpoint.pt"
 
     def save_checkpoint(self) -> None:
+        """Rank 0 writes the checkpoint (every rank calls this: it gathers each rank's RNG state)."""
+        rng_states = self.dist.gather_rng_states()
+        if not self.dist.is_main:
+            return
         checkpoints.write_checkpoint(self.checkpoint_path, {
+            "samples_seen": self.batches.position(self.iteration),  # global: a resume may change the world size
+            "world_size": self.dist.world,
             "run": self.identity,
             "iteration": self.iteration,
             "train_seconds": self.train_seconds,
@@ -186,6 +196,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "torch_rng_ranks": rng_states,
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         })
 
@@ -195,15 +206,21 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"].cpu())
+        ranks = state.get("torch_rng_ranks") or []
+        # each rank continues its own generator when the world size is the one that wrote the checkpoint
+        own = ranks[self.dist.rank] if len(ranks) == self.dist.world else state["torch_rng"]
+        torch.set_rng_state(own.cpu())
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         self.iteration = int(state["iteration"])
+        self.batches.origin_iteration = self.iteration
+        self.batches.origin_position = int(state.get("samples_seen", self.iteration * self.config.batch_size))
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.pretrain_seconds = float(state.get("pretrain_seconds", 0.0))
         self.pretrain_heldout = dict(state.get("pretrain_heldout", {}))
-        self.log.truncate(self.iteration)
-        self.evaluations.truncate(self.iteration)
+        if self.dist.is_main:
+            self.log.truncate(self.iteration)
+            self.evaluations.truncate(self.iteration)
 
     # -- steps --
 
@@ -213,7 +230,7 @@ class Trainer:
         cfg = self.config
         batch = batch if batch is not None else self.batches[self.iteration]
         images, targets, proposals = model_inputs(batch, self.device)
-        lr = cfg.optimizer.lr * lr_factor(cfg.schedule, self.iteration, cfg.max_iterations)
+        lr = base_lr(cfg.optimizer, self.batches.global_batch) * lr_factor(cfg.schedule, self.iteration, cfg.max_iterations)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
@@ -221,7 +238,7 @@ class Trainer:
         with short_side(self.model, batch["short_side"]), torch.autocast(
             self.device.type, dtype=torch.float16, enabled=self.amp
         ):
-            _, losses = self.model(images, targets, **extra)
+            _, losses = self.net(images, targets, **extra)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: {losses}")
@@ -233,18 +250,24 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.iteration += 1
-        values = {k: float(v.detach()) for k, v in losses.items()}
-        row = {"iteration": self.iteration, "lr": lr, "loss": float(loss.detach()), **values}
+        values = self.dist.mean({"loss": float(loss.detach())} | {k: float(v.detach()) for k, v in losses.items()})
+        row = {"iteration": self.iteration, "lr": lr, **values}
         return row | ({"short_side": batch["short_side"]} if batch["short_side"] is not None else {})
 
     def run(self, resume: bool = False, progress: bool = True) -> dict:
         """Train to ``max_iterations`` (from the checkpoint with ``resume``), fit the region detectors' extras,
         save the model, plot the losses and evaluate; returns the last evaluation (empty without val data)."""
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
+        main = self.dist.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.load_checkpoint()
-            self.open_writer(resume=True)
+            if main:
+                self.open_writer(resume=True)
+        elif not main:
+            if cfg.pretrain.iterations:
+                self.pretrain(progress=False)
         else:
             # an older run's files in this folder are not this run's: a stale checkpoint must never be resumed
             for stale in (self.log.path, self.evaluations.path, self.out / "pretrain.jsonl", self.checkpoint_path):
@@ -255,20 +278,21 @@ class Trainer:
             if cfg.pretrain.iterations:
                 self.pretrain(progress)
         bar = None
-        if progress:
+        if progress and main:
             bar = Progress(cfg.max_iterations, self.iteration, desc="train", interval=cfg.progress_seconds)
         loader = batch_loader(self.batches, self.iteration, cfg.workers, self.device.type == "cuda")
         began = time.perf_counter()
         for batch in loader:  # waiting for a batch counts: it is what the loader workers are there to hide
             row = self.step(batch)
             self.train_seconds += time.perf_counter() - began
-            if self.iteration % cfg.log_every == 0:
+            if self.iteration % cfg.log_every == 0 and main:
                 self.log.append(row)
                 self.write_scalars("train", row)
             if bar:
                 bar.update(self.iteration, {k.removeprefix("loss_"): v for k, v in row.items() if k.startswith("loss")})
             if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.max_iterations:
                 self.save_checkpoint()
+                self.dist.checkpointed(self.checkpoint_path, row)
             if cfg.eval_every and self.iteration % cfg.eval_every == 0 and self.iteration < cfg.max_iterations:
                 self.write_scalars("val", {"iteration": self.iteration, "mAP": self.evaluate().get("mAP")})
             began = time.perf_counter()
@@ -278,10 +302,15 @@ class Trainer:
             began = time.perf_counter()
             self.fit_region_extras()
             self.train_seconds += time.perf_counter() - began
-        weights.write_detector(self.model, self.out / "model.safetensors", getattr(self.model, "config", self.detector_config))
-        if rows := self.log.rows():
-            plot_losses(rows, self.out / "loss.png")
+        if main:
+            weights.write_detector(
+                self.model, self.out / "model.safetensors", getattr(self.model, "config", self.detector_config)
+            )
+            if rows := self.log.rows():
+                plot_losses(rows, self.out / "loss.png")
         result = self.evaluate(report=True)
+        if not main:
+            return {}
         self.write_scalars("val", {"iteration": self.iteration, "mAP": result.get("mAP")})
         if self.writer is not None:
             self.writer.close()
@@ -299,6 +328,8 @@ class Trainer:
             "init": {"source": self.init_report.source, "copied": len(self.init_report.copied),
                      "mapped": self.init_report.mapped} if self.init_report else None,
             "workers": cfg.workers,
+            "processes": self.dist.world,
+            "global_batch": self.batches.global_batch,
         }
         atomic_write(self.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
         return result
@@ -311,7 +342,7 @@ class Trainer:
         bar = Progress(cfg.pretrain.iterations, desc="pretrain", interval=cfg.progress_seconds) if progress else None
 
         def on_step(row: dict[str, float]) -> None:
-            if row["iteration"] % cfg.log_every == 0:
+            if row["iteration"] % cfg.log_every == 0 and self.dist.is_main:
                 log.append(row)
                 self.write_scalars("pretrain", row)
             if bar:
@@ -321,15 +352,17 @@ class Trainer:
         if bar:
             bar.close()
         self.pretrain_heldout = {k: result[k] for k in ("heldout_accuracy", "heldout_chance", "heldout_crops")}
+        self.pretrain_seconds = result["seconds"]
+        self.train_seconds += result["seconds"]
+        self.save_checkpoint()
+        if not self.dist.is_main:
+            return
         print(
             f"pretrain: held-out crop accuracy {result['heldout_accuracy']:.3f} "
             f"(chance {result['heldout_chance']:.3f}, {result['heldout_crops']} crops of images no step drew)",
             file=sys.stderr,
         )
         self.write_scalars("pretrain", {"iteration": cfg.pretrain.iterations, **self.pretrain_heldout})
-        self.pretrain_seconds = result["seconds"]
-        self.train_seconds += result["seconds"]
-        self.save_checkpoint()
 
     def evaluate(self, report: bool = False) -> dict:
         """Validation mAP (logged to ``evaluations.jsonl``); with ``report`` also the JSON report and PR plots."""
@@ -338,7 +371,12 @@ class Trainer:
             return {}
         dataset = self.val_dataset
         proposals = self.proposals_for(data) if self.region else None
-        result = evaluate_detector(self.model, dataset, self.config.batch_size, proposals)
+        if self.dist.active:
+            result = self.dist.evaluate(self.model, dataset, self.config.batch_size, proposals)
+            if not self.dist.is_main:
+                return {}
+        else:
+            result = evaluate_detector(self.model, dataset, self.config.batch_size, proposals)
         self.evaluations.append({"iteration": self.iteration, "mAP": result["mAP"]})
         if report:
             write_report(result, self.out / "report.json")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 
-from detect.training.config import ScheduleConfig
+from detect.training.config import OptimizerConfig, ScheduleConfig
 
-__all__ = ["lr_factor"]
+__all__ = ["base_lr", "lr_factor"]
 
 
 def lr_factor(schedule: ScheduleConfig, iteration: int, max_iterations: int) -> float:
@@ -19,3 +19,11 @@ def lr_factor(schedule: ScheduleConfig, iteration: int, max_iterations: int) -> 
     if schedule.kind == "cosine":
         return warm * 0.5 * (1 + math.cos(math.pi * iteration / max_iterations))
     return warm * schedule.gamma ** sum(iteration >= m for m in schedule.milestones)
+
+
+def base_lr(optimizer: OptimizerConfig, global_batch: int) -> float:
+    """The learning rate the schedule multiplies: ``optimizer.lr``, scaled by ``global_batch / base_batch_size``
+    under ``scale_lr: linear`` (the global batch being every process's batch together)."""
+    if optimizer.scale_lr == "linear":
+        return optimizer.lr * global_batch / optimizer.base_batch_size
+    return optimizer.lr

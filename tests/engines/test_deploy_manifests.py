@@ -115,9 +115,14 @@ def test_kuberay_pod_templates_are_valid_core_pod_templates(kind: str) -> None:
     assert checked >= 2  # a head group and a worker group at least
 
 
+def named(kind: str, name: str) -> dict:
+    (doc,) = [d for d in by_kind(kind) if d["metadata"]["name"] == name]
+    return doc
+
+
 def test_the_kuberay_schema_refuses_a_typo() -> None:
     """The hand-written schema is not vacuous: a misspelt field and a missing required one are refused."""
-    (job,) = by_kind("RayJob")
+    job = named("RayJob", "detect-batch")
     typo = {**job, "spec": {**job["spec"], "entrypont": "x"}}
     missing = {**job, "spec": {k: v for k, v in job["spec"].items() if k != "rayClusterSpec"}}
     for bad in (typo, missing):
@@ -184,10 +189,34 @@ def test_rayservice_imports_our_builder_with_valid_args() -> None:
 def test_rayjob_entrypoint_is_a_valid_detect_command() -> None:
     from detect.cli import build_parser
 
-    (job,) = by_kind("RayJob")
+    job = named("RayJob", "detect-batch")
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[0] == "detect"
     args = build_parser().parse_args(argv[1:])
     assert (args.command, args.engine, args.resume, args.actors) == ("predict", "ray", True, 4)
     mounts = {m["mountPath"] for m in job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
     assert any(args.out.startswith(m + "/") for m in mounts)  # the driver writes onto a volume
+
+
+def test_training_rayjob_runs_ray_train_on_gpu_workers_sharing_the_run_folder() -> None:
+    """``detect train --engine ray``: a recipe of the repository, as many Ray Train workers as GPU pods, one GPU
+    each, and the run folder on the ReadWriteMany volume every pod mounts (rank 0 writes, all ranks resume)."""
+    from detect.cli import build_parser
+    from detect.training import load_recipe
+
+    job = named("RayJob", "detect-train")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    args = build_parser().parse_args(argv[1:])
+    assert (args.command, args.engine, args.gpus_per_worker) == ("train", "ray", 1)
+    load_recipe(Path(__file__).resolve().parents[2] / args.recipe)
+    (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == args.workers
+    container = group["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    pods = [job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"], group["template"]["spec"]]
+    for spec in pods:
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
+        mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+        assert any(args.out.startswith(path + "/") and claims.get(name) == "detect-train" for path, name in mounts.items())
+    (claim,) = [d for d in by_kind("PersistentVolumeClaim") if d["metadata"]["name"] == "detect-train"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
