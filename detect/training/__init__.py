@@ -61,7 +61,8 @@ Decisions:
 Where each part lives: :mod:`.config` (the recipe and its dataclasses), :mod:`.data` (splits, the batch of each
 iteration, the loader), :mod:`.schedule` (the learning rate), :mod:`.checkpoints` (checkpoints, run identity and
 resume), :mod:`.logs` (metric rows, plots, TensorBoard), :mod:`.loop` (:class:`Trainer`), :mod:`.bundle` (a run
-registered as weights). Evaluation of a model on data is :mod:`detect.evaluate`'s (``evaluate_detector``,
+registered as weights), :mod:`.auto` (the recipe derived from the data: ``detect train --data DIR``),
+:mod:`.budget` (the time budget and the schedule fitted to it), :mod:`.best` (the best model and early stopping). Evaluation of a model on data is :mod:`detect.evaluate`'s (``evaluate_detector``,
 ``evaluate_weights``, the proposal cache); training calls it.
 """
 

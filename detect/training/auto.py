@@ -290,15 +290,16 @@ def derive_recipe(
     cap = max(500, math.ceil(EPOCH_CAP * n / batch))
     rows.append(("batch size", str(batch), f"{device}, {side}-pixel input"))
     if budget_seconds:
-        pretrain_steps = int(min(400, max(50, budget_seconds * 0.12 / 0.6)))
+        pretrain_steps = 400  # a cap: the budget ends the stage at its share of the time
         length = f"fitted to the {_duration(budget_seconds)} budget from the measured step time (cap {cap})"
     else:
         pretrain_steps = 300
         cap = min(cap, 3000)
         length = f"{cap} iterations (no time budget)"
     rows.append(("iterations", "budget" if budget_seconds else str(cap), length))
-    rows.append(("pretrain on crops", f"{pretrain_steps} steps", "no outside weights: the backbone first learns "
-                 "to name the training boxes' crops"))
+    rows.append(("pretrain on crops", f"{pretrain_steps} steps" + (" at most" if budget_seconds else ""),
+                 "no outside weights: the backbone first learns to name the training boxes' crops"
+                 + (" (at most 15% of the budget)" if budget_seconds else "")))
     rows.append(("augmentation", "flip, colour jitter, IoU crops", "on"))
     rows.append(("validation", "--val-data" if val_data else f"{int(data.get('val_fraction', VAL_FRACTION) * 100)}% "
                  "held out" if data.get("val_fraction", VAL_FRACTION) else "none",
@@ -308,7 +309,7 @@ def derive_recipe(
         "detector_config": detector_config,
         "data": {"val_fraction": VAL_FRACTION, "on_error": "skip", **data},
         "val_data": dict(val_data) if val_data else None,
-        "pretrain": {"iterations": pretrain_steps, "images_per_batch": 32, "crop_size": 64, "optimizer": "adamw",
+        "pretrain": {"iterations": pretrain_steps, "images_per_batch": 16, "crop_size": 64, "optimizer": "adamw",
                      "lr": 0.002, "warmup_iterations": min(50, pretrain_steps // 5)},
         "augment": {"flip_prob": 0.5, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02,
                     "crop_prob": 0.3},

@@ -12,6 +12,9 @@ Decisions:
   evaluations take :data:`EVAL_SHARE` of the time at most (at most :data:`MAX_EVALS` with the final one). ``e`` is
   estimated from the step time until the first evaluation is measured; after each evaluation the plan is fitted
   again with the measured figures (running median of step times), so the run ends within the budget.
+- The pretrain stage (:mod:`detect.pretrain`) ends at its recipe's step count or when :data:`PRETRAIN_SHARE` of
+  the budget is spent, whichever comes first (its step time on photos depends on their decoding, so it is bounded
+  by time, not guessed).
 - The learning-rate schedule follows the plan: the trainer scales the recipe's warm-up and step milestones (or the
   cosine's length) to the planned number of steps, so warm-up and decay happen inside the budget.
 - A hard stop guards the end: the run stops when one more step would leave less than the reserve.
@@ -30,8 +33,9 @@ from typing import Any
 
 from detect.errors import ConfigError
 
-__all__ = ["Budget", "BudgetPlan", "EVAL_SHARE", "MAX_EVALS", "PROBE_STEPS", "format_seconds", "parse_duration"]
+__all__ = ["Budget", "BudgetPlan", "EVAL_SHARE", "MAX_EVALS", "PRETRAIN_SHARE", "PROBE_STEPS", "format_seconds", "parse_duration"]
 
+PRETRAIN_SHARE = 0.15  # the most of the budget the pretrain stage may take (it stops at the step that reaches it)
 PROBE_STEPS = 5  # timed steps (after one warm-up step) before the first plan
 EVAL_SHARE = 0.15  # the most of the remaining time evaluations may take
 MAX_EVALS = 10
@@ -160,7 +164,10 @@ class Budget:
         return self.plan
 
     def stop_now(self) -> bool:
-        """Whether one more step would eat into the reserve: the hard stop."""
+        """Whether one more step would eat into the reserve: the hard stop (before the first plan, whose figures
+        are not yet measured, only a spent budget stops)."""
+        if self.plan is None:
+            return self.left() <= 0
         step = self.step_seconds or 0.0
         return self.left() - step < self.reserve
 

@@ -31,8 +31,8 @@ from detect.training import checkpoints
 from detect.training.config import TrainConfig, detector_config
 from detect.training.data import TrainBatches, batch_loader, data_splits, describe_validation, model_inputs
 from detect.training.logs import MetricsLog, plot_losses, summary_writer, tensorboard_writer
-from detect.training.best import BestKeeper
-from detect.training.budget import Budget, format_seconds
+from detect.training.best import BestKeeper, score_of
+from detect.training.budget import PRETRAIN_SHARE, Budget, format_seconds
 from detect.training.schedule import fitted_schedule, lr_factor
 
 __all__ = ["Trainer", "init_backbone", "short_side", "train"]
@@ -132,6 +132,7 @@ class Trainer:
                                  cap=config.max_iterations, final_evaluations=2 if self.region else 1)
         self.best = BestKeeper(self.out, config.patience) if self.val_data is not None else None
         self.evaluated_at: int | None = None  # the iteration of the last scheduled evaluation
+        self.bar: Progress | None = None
 
     # -- data --
 
@@ -262,9 +263,12 @@ class Trainer:
             self.open_writer(resume=False)
             if cfg.pretrain.iterations:
                 self.pretrain(progress)
+        if self.region and self.budget is not None:
+            self.warm_proposals()
         bar = None
         if progress:
             bar = Progress(self.max_iterations, self.iteration, desc="train", interval=cfg.progress_seconds)
+        self.bar = bar
         loader = batch_loader(self.batches, self.iteration, cfg.workers, self.device.type == "cuda")
         began = time.perf_counter()
         for batch in loader:  # waiting for a batch counts: it is what the loader workers are there to hide
@@ -355,6 +359,15 @@ class Trainer:
         if bar:
             bar.set_total(self.max_iterations)
 
+    def warm_proposals(self) -> None:
+        """Selective search on every training image before the steps are timed (a budgeted region detector): each
+        image's proposals are computed once for the run, and the steps the budget measures are steps, not
+        searches. Cached images cost nothing (a resumed run)."""
+        proposals = self.proposals_for(self.config.data)
+        for start in range(0, len(self.dataset), 8):
+            samples = [self.dataset[i] for i in range(start, min(start + 8, len(self.dataset)))]
+            proposals([s[0] for s in samples], [s[1] for s in samples])
+
     def scheduled_evaluation(self) -> dict:
         """An evaluation on the plan: timed for the budget, offered to the best-model keeper."""
         began = self.clock()
@@ -362,10 +375,14 @@ class Trainer:
         self.evaluated_at = self.iteration
         if self.budget is not None:
             self.budget.record_eval(self.clock() - began)
-            self.refit(None)
+            self.refit(self.bar)
         self.write_scalars("val", {"iteration": self.iteration, "mAP": result.get("mAP")})
         if self.best is not None and result:
-            self.best.offer(self.iteration, result, self.write_model)
+            improved = self.best.offer(self.iteration, result, self.write_model)
+            voc, coco = score_of(result)
+            print(f"validation at iteration {self.iteration}: mAP@0.5 {voc:.4f}, mAP@[.5:.95] {coco:.4f}"
+                  + (" (best so far)" if improved else f" (best {self.best.score[0]:.4f} at {self.best.iteration})"),
+                  file=sys.stderr)
         return result
 
     def write_model(self, path: Path) -> None:
@@ -377,7 +394,9 @@ class Trainer:
         self.write_model(self.out / "last.safetensors")
         result: dict | None = None
         if self.best is not None:
-            if self.evaluated_at != self.iteration:  # the last model was not evaluated yet
+            # the last model against the best so far (a region detector evaluated never before has no rival: its one
+            # evaluation comes after its closed-form fits below)
+            if self.evaluated_at != self.iteration and (not self.region or self.best.iteration is not None):
                 self.scheduled_evaluation()
             if self.best.iteration != self.iteration and self.best.path.exists():
                 self.model.load_state_dict(weights.load_detector(self.best.path).state_dict())
@@ -389,7 +408,7 @@ class Trainer:
             self.fit_region_extras()
             self.train_seconds += time.perf_counter() - began
             result = None
-            if self.best is not None and self.best.path.exists():
+            if self.best is not None:  # the best (or only) model, now with its fits
                 self.write_model(self.best.path)
         self.write_model(self.out / "model.safetensors")
         if result is None:
@@ -413,7 +432,10 @@ class Trainer:
             if bar:
                 bar.update(int(row["iteration"]), {"loss": row["loss"], "batch accuracy": row["accuracy"]})
 
-        result = pretrain_backbone(find_backbone(self.model), self.dataset, cfg.pretrain, cfg.seed, on_step)
+        stop = None
+        if self.budget is not None:  # the stage may take PRETRAIN_SHARE of the budget, however many steps that is
+            stop = lambda: self.budget.elapsed() >= PRETRAIN_SHARE * self.budget.seconds  # noqa: E731
+        result = pretrain_backbone(find_backbone(self.model), self.dataset, cfg.pretrain, cfg.seed, on_step, stop)
         if bar:
             bar.close()
         self.pretrain_heldout = {k: result[k] for k in ("heldout_accuracy", "heldout_chance", "heldout_crops")}
