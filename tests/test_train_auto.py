@@ -295,7 +295,7 @@ def test_a_derived_recipe_written_and_reread_gives_the_same_run(tmp_path: Path, 
 def test_cli_writes_the_recipe_and_explicit_fields_win(tmp_path: Path, monkeypatch, capsys) -> None:
     data = _plain_set(tmp_path / "pets")
     ran = {}
-    monkeypatch.setattr("detect.training.train", lambda config, resume=False: ran.setdefault("config", config) and {})
+    monkeypatch.setattr("detect.training.train", lambda config, resume=False, started=None: ran.setdefault("config", config) and {})
     out = tmp_path / "run"
     assert _cli(["train", "--data", str(data), "--out", str(out), "--time", "2m", "--iterations", "77"]) == 0
     printed = capsys.readouterr().out
@@ -359,3 +359,30 @@ def test_budget_plan_fits_with_a_simulated_clock() -> None:
     # evaluations before the final one: min(10 - 1, 0.15 * 55.125 // 0.875 = 9) -> 9 at 0.875 s; steps
     # (55.125 - 7.875) // 0.5 = 94, so an evaluation every ceil(94 / 10) steps (the tenth is the final one)
     assert plan.evaluations == 9 and plan.max_iterations == 6 + 94 and plan.eval_every == math.ceil(94 / 10)
+
+
+@pytest.mark.parametrize("model, detector", [("sppnet", "sppnet_tiny"), ("rcnn", "rcnn_tiny")])
+def test_region_detectors_derive_their_recipes(tmp_path: Path, model: str, detector: str) -> None:
+    data = _plain_set(tmp_path / "pets")
+    derivation = auto.derive_for({"source": "auto", "path": str(data)}, None, model=model, budget_seconds=600)
+    auto.write_recipe(tmp_path / "r.yaml", derivation.recipe)
+    config = load_recipe(tmp_path / "r.yaml")
+    assert config.detector == detector and config.fit_box_regressor
+    assert derivation.bpr_default is None  # selective search, no anchors
+    trainer = Trainer(override(config, {"out_dir": str(tmp_path / "run")}))
+    assert trainer.region and trainer.budget is not None
+
+
+@pytest.mark.slow
+def test_a_budgeted_sppnet_run_end_to_end(tmp_path: Path, capsys) -> None:
+    """A real (tiny) run through the CLI: 8 training images, a 25-second budget; proposals are computed once per
+    image before the timed steps, the best model is written beside the last, and the run ends near its budget."""
+    data = _plain_set(tmp_path / "pets")
+    out = tmp_path / "run"
+    assert _cli(["train", "--data", str(data), "--model", "sppnet", "--time", "25s", "--out", str(out)]) == 0
+    for name in ("best", "last", "model", "recipe"):
+        assert (out / f"{name}.{'yaml' if name == 'recipe' else 'safetensors'}").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["time_budget"] == 25 and summary["wall_seconds"] <= 25 * 1.05 + 15  # the final fits and report
+    assert len(list((out / "proposals").rglob("*.npy"))) >= 8  # each training image searched once
+    assert "AP@0.5" in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     """0 when training (and evaluation) finished, 1 when training diverged, 2 on a bad set-up."""
+    started = time.monotonic()  # a time budget counts from here
     overrides: dict[str, Any] = {}
     if args.out:
         overrides["out_dir"] = args.out
@@ -85,7 +87,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         else:
             overrides |= _data_overrides(args)
             config = training.load_recipe(args.recipe, overrides)
-        result = training.train(config, resume=args.resume)
+        result = training.train(config, resume=args.resume, started=started)
     except DetectError as err:
         print(f"detect train: {err}", file=sys.stderr)
         return 2

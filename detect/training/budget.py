@@ -2,7 +2,8 @@
 
 Decisions:
 
-- The budget is wall time of the whole run: the pretrain stage, every optimisation step, every evaluation and the
+- The budget is wall time of the whole run, from the command's start (the derivation's read of the data, opening
+  the data, building the model): the pretrain stage, every optimisation step, every evaluation and the
   end of the run (the region detectors' closed-form fits, the final evaluation, writing the model). Time spent
   before a kill is carried in the checkpoint, so a resumed run spends what is left, not a new budget.
 - The schedule is fitted, not guessed: the first :data:`PROBE_STEPS` steps after one warm-up step are timed and
@@ -103,9 +104,9 @@ class Budget:
 
     # -- the clock --
 
-    def start(self) -> None:
-        """Start (or restart after a resume) counting from now."""
-        self._origin = self.clock()
+    def start(self, origin: float | None = None) -> None:
+        """Start (or restart after a resume) counting from ``origin`` on the clock (default: now)."""
+        self._origin = self.clock() if origin is None else origin
 
     def elapsed(self) -> float:
         """Seconds spent so far, earlier sessions of a resumed run included."""

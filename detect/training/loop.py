@@ -78,9 +78,12 @@ def short_side(model: nn.Module, side: int | None) -> Iterator[None]:
 class Trainer:
     """One training run of :class:`TrainConfig` into ``config.out_dir`` (see the module docstring)."""
 
-    def __init__(self, config: TrainConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: TrainConfig, clock: Callable[[], float] = time.monotonic,
+                 started: float | None = None) -> None:
         self.config = config
         self.clock = clock
+        # a time budget counts from here (or from ``started`` on ``clock``: the command's start), not from run()
+        self.started = clock() if started is None else started
         self.out = Path(config.out_dir)
         self.device = resolve_device(config.device)
         self.train_data, self.val_data = data_splits(config)
@@ -247,11 +250,11 @@ class Trainer:
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         if self.budget is not None:
-            self.budget.start()
+            self.budget.start(self.started)
         if resume:
             self.load_checkpoint()
             if self.budget is not None:
-                self.budget.start()
+                self.budget.start(self.started)
             self.open_writer(resume=True)
         else:
             # an older run's files in this folder are not this run's: a stale checkpoint must never be resumed
@@ -495,6 +498,7 @@ class Trainer:
             generator = torch.Generator().manual_seed(cfg.seed)
             self.model.fit_svms(features.fc7, features.labels, features.overlaps, generator=generator)
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Run :class:`Trainer` on ``config``; returns the final evaluation (empty without ``val_data``)."""
-    return Trainer(config).run(resume=resume, progress=progress)
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, started: float | None = None) -> dict:
+    """Run :class:`Trainer` on ``config``; returns the final evaluation (empty without ``val_data``). ``started``
+    (:func:`time.monotonic`) is when a time budget began, when earlier than now (the command's start)."""
+    return Trainer(config, started=started).run(resume=resume, progress=progress)
