@@ -11,8 +11,9 @@ Decisions:
   (:attr:`Budget.reserve`: the final evaluation and two steps), ``E`` evaluations costing ``e`` seconds each,
   ``N = (R - E e) / t`` more steps fit, evaluated every ``N / (E + 1)`` steps (the final evaluation is the last);
   evaluations take :data:`EVAL_SHARE` of the time at most (at most :data:`MAX_EVALS` with the final one). ``e`` is
-  estimated from the step time until the first evaluation is measured; after each evaluation the plan is fitted
-  again with the measured figures (running median of step times), so the run ends within the budget.
+  estimated from the step time until the first evaluation is measured; after every step the plan is fitted
+  again with the measured figures (running median of step times; a shared machine's speed changes), so the run
+  ends within the budget.
 - The pretrain stage (:mod:`detect.pretrain`) ends at its recipe's step count or when :data:`PRETRAIN_SHARE` of
   the budget is spent, whichever comes first (its step time on photos depends on their decoding, so it is bounded
   by time, not guessed).

@@ -334,10 +334,12 @@ class Trainer:
 
     # -- the budget and the best model (called from run at fixed points) --
 
-    def apply_plan(self, max_iterations: int, eval_every: int) -> None:
-        """Make a budget's plan the run's: its length, next evaluation and the recipe's schedule fitted to it."""
+    def apply_plan(self, max_iterations: int, eval_every: int, reschedule: bool = True) -> None:
+        """Make a budget's plan the run's: its length, the recipe's schedule fitted to it and (``reschedule``, or
+        when none is due) its next evaluation."""
         self.max_iterations, self.eval_every = max(max_iterations, self.iteration), eval_every
-        self.next_eval = self.iteration + eval_every if eval_every else None
+        if reschedule or self.next_eval is None:
+            self.next_eval = self.iteration + eval_every if eval_every else None
         self.schedule = fitted_schedule(self.config.schedule, self.max_iterations, self.config.max_iterations)
 
     def eval_due(self) -> bool:
@@ -348,17 +350,18 @@ class Trainer:
         return bool(self.eval_every) and self.iteration % self.eval_every == 0
 
     def after_step(self, seconds: float, bar: Progress | None) -> None:
-        """Time the step; once enough are timed (and after each evaluation) fit the rest of the run to the budget."""
+        """Time the step; once enough are timed, fit the rest of the run to the budget (after every step: the
+        machine's speed may change; the next evaluation moves only when an evaluation is done)."""
         if self.budget is None:
             return
         self.budget.record_step(seconds)
-        if self.budget.plan is None and self.budget.ready():
-            self.refit(bar)
+        if self.budget.ready():
+            self.refit(bar, reschedule=False)
 
-    def refit(self, bar: Progress | None) -> None:
+    def refit(self, bar: Progress | None, reschedule: bool = True) -> None:
         done = len(self.budget.eval_times)
         plan = self.budget.fit(self.iteration, done, evaluate=self.val_data is not None)
-        self.apply_plan(plan.max_iterations, plan.eval_every)
+        self.apply_plan(plan.max_iterations, plan.eval_every, reschedule)
         if bar:
             bar.set_total(self.max_iterations)
 
