@@ -290,10 +290,12 @@ def pretrain_backbone(
     config: PretrainConfig,
     seed: int = 0,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """Train ``backbone`` in place on crop classification over ``dataset`` (index-addressable ``(image,
     target)`` with ``class_names``) for ``config.iterations`` steps; ``on_step`` gets each step's row
-    (iteration, lr, loss, batch accuracy). Returns the last row plus ``seconds`` and the held-out
+    (iteration, lr, loss, batch accuracy); ``stop()`` true before a step ends the stage there (a time budget's
+    share spent; the learning rate then has not decayed fully). Returns the last row plus ``seconds`` and the held-out
     ``heldout_accuracy``, ``heldout_chance`` and ``heldout_crops`` (see the module docstring)."""
     config = _with_background(dataset, config)
     _warn_if_degenerate(dataset, config)
@@ -309,6 +311,8 @@ def pretrain_backbone(
     was_training = backbone.training
     backbone.train()
     for step in range(config.iterations):
+        if stop is not None and step and stop():
+            break
         rng = np.random.default_rng([seed, 0x5EED, step])
         x, y = torch.zeros(0), torch.zeros(0)
         for _ in range(10):  # images without objects give no crops: draw again, a bounded number of times

@@ -96,6 +96,13 @@ class Progress:
             f"{rate}, elapsed {_clock(elapsed)}, ETA {_clock(eta)}"
         )
 
+    def set_total(self, total: int) -> None:
+        """A new ``total`` (a time-budgeted run's plan, refitted as it learns its speed)."""
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def close(self) -> None:
         """End the bar on a terminal (the plain form writes its last line when ``done`` reaches ``total``)."""
         if self.bar is not None:

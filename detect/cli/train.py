@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from detect import evaluate, training
 from detect.errors import ConfigError, DetectError
+from detect.inference import torch_device
+from detect.training import auto
+from detect.training.budget import parse_duration
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``train`` and ``eval`` (each sets ``func``)."""
-    p = subparsers.add_parser("train", help="train a detector from a recipe file")
-    p.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
+    p = subparsers.add_parser("train", help="train a detector on your data (recipe derived from it) or from a recipe")
+    p.add_argument("--recipe", help="YAML recipe (see recipes/); without it the recipe is derived from --data, "
+                   "printed and written to OUT/recipe.yaml")
+    p.add_argument("--model", choices=sorted(auto.MODELS), help="the detector family of a derived recipe "
+                   "(default faster_rcnn)")
+    p.add_argument("--time", help="time budget, e.g. 30m, 90s, 1h30m: the run is fitted to end within it "
+                   "(default for a derived recipe: 30m, none on a GPU with --iterations)")
+    p.add_argument("--iterations", type=int, help="training iterations (recipe: max_iterations; with --time a cap)")
     p.add_argument(
         "--data", help="data to train on instead of the recipe's: a folder (VOC devkit, flat, images + annotations "
         "pair), a COCO .json or a YOLO data.yaml"
@@ -23,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "seeded hold-out of data.val_fraction of it)")
     p.add_argument("--images", help="the image folder of an image + annotation folder pair (with --annotations)")
     p.add_argument("--annotations", help="the annotation folder (VOC .xml, LabelMe .json, YOLO .txt) or COCO .json")
-    p.add_argument("--out", help="output folder (default: the recipe's out_dir)")
+    p.add_argument("--out", help="output folder (default: the recipe's out_dir; derived: runs/<data folder name>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--init", help="start from this detector (registered name, detect train file or torchvision "
                    ".pth): every tensor that fits, class layers rebuilt for the data's classes (recipe: init)")
@@ -53,17 +63,40 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     """0 when training (and evaluation) finished, 1 when training diverged, 2 on a bad set-up."""
+    started = time.monotonic()  # a time budget counts from here
     overrides: dict[str, Any] = {}
     if args.out:
         overrides["out_dir"] = args.out
     loader_keys = ("init", "device", "workers") if args.engine == "local" else ("init", "device")
     overrides |= {key: value for key in loader_keys if (value := getattr(args, key)) is not None}
+    if args.iterations is not None:
+        if args.iterations < 1:
+            print("detect train: --iterations must be positive", file=sys.stderr)
+            return 2
+        overrides["max_iterations"] = args.iterations
     try:
-        overrides |= _data_overrides(args)
-        config = training.load_recipe(args.recipe, overrides)
+        if args.time is not None:
+            overrides["time_budget"] = parse_duration(args.time)
+    except DetectError as err:
+        print(f"detect train: {err}", file=sys.stderr)
+        return 2
+    if args.recipe is None and not (args.data or (args.images and args.annotations)):
+        print("detect train: give --data (the recipe is derived from it) or --recipe", file=sys.stderr)
+        return 2
+    if args.recipe is not None and args.model is not None:
+        print("detect train: --model chooses the family of a derived recipe; with --recipe it is the recipe's "
+              "detector", file=sys.stderr)
+        return 2
+    try:
+        if args.recipe is None:
+            recipe = _derived_recipe(args, overrides)
+            config = training.load_recipe(recipe)
+        else:
+            overrides |= _data_overrides(args)
+            config = training.load_recipe(args.recipe, overrides)
         if (code := _distributed(args, config)) is not None:
             return code
-        result = training.train(config, resume=args.resume)
+        result = training.train(config, resume=args.resume, started=started)
     except DetectError as err:
         print(f"detect train: {err}", file=sys.stderr)
         return 2
@@ -93,6 +126,35 @@ def _distributed(args: argparse.Namespace, config: training.TrainConfig) -> int 
     if args.nproc is not None and args.nproc != 1:
         return distributed.launch(config, args.nproc, args.resume)
     return None
+
+
+def _derived_recipe(args: argparse.Namespace, overrides: dict[str, Any]) -> Path:
+    """``OUT/recipe.yaml`` derived from the data (printed as a table), the command line's fields over the derived
+    ones; a ``--resume`` reruns the recipe already there."""
+    data = _data_overrides(args)
+    name = Path(args.data or args.images or "train").resolve().name or "train"
+    out = Path(overrides.get("out_dir") or f"runs/{name}")
+    path = out / "recipe.yaml"
+    if args.resume and path.exists():
+        print(f"resuming with {path}", file=sys.stderr)
+        return path
+    device = torch_device(args.device or "auto").type
+    budget = overrides.get("time_budget")
+    if budget is None and not (device == "cuda" and args.iterations):
+        budget = auto.DEFAULT_BUDGET
+    derivation = auto.derive_for(data["data"], data.get("val_data"), args.model or "faster_rcnn", budget, device,
+                                 str(out))
+    recipe = override_plain(derivation.recipe, {**overrides, "out_dir": str(out)})
+    print(auto.format_derivation(derivation))
+    out.mkdir(parents=True, exist_ok=True)
+    auto.write_recipe(path, recipe, "derived by detect train --data; rerun: detect train --recipe " + str(path))
+    print(f"wrote {path} (rerun: detect train --recipe {path})")
+    return path
+
+
+def override_plain(recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``recipe`` with the command line's ``overrides`` (top-level fields) on top."""
+    return {**recipe, **{k: v for k, v in overrides.items() if v is not None}}
 
 
 def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:

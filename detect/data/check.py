@@ -28,7 +28,7 @@ from detect.data.layouts import detect_layout, open_dataset
 from detect.errors import DetectError, ImageError
 from detect.io import probe_image
 
-__all__ = ["check_dataset", "format_check", "likely_typos", "SMALL_AREA", "LARGE_AREA"]
+__all__ = ["check_dataset", "format_check", "likely_typos", "scan_dataset", "SMALL_AREA", "LARGE_AREA"]
 
 SMALL_AREA = 32**2
 LARGE_AREA = 96**2
@@ -45,15 +45,9 @@ def check_dataset(
     ``images``, ``objects_per_class``, ``box_sizes``, ``image_sizes`` and ``problems`` (``{"file", "message"}``
     each). A layout that is not recognised or a set that cannot be opened raises :class:`DatasetError`."""
     layout = detect_layout(path, images, annotations)
-    dataset = open_dataset(layout, split, class_names, on_error="skip")
-    problems = [{"file": p.source, "message": p.message} for p in dataset.problems]
-    targets, sizes = [], []
-    for i in range(len(dataset)):
-        target = dataset.annotation(i)
-        size = _image_size(dataset, i, problems)
-        targets.append(target)
-        if size is not None:
-            sizes.append(size)
+    scan = scan_dataset(open_dataset(layout, split, class_names, on_error="skip"))
+    dataset, targets, problems = scan["dataset"], scan["targets"], scan["problems"]
+    sizes = [size for size in scan["sizes"] if size is not None]
     labels = np.concatenate([t["labels"] for t in targets] or [np.zeros(0, np.int64)])
     boxes = np.concatenate([t["boxes"] for t in targets] or [np.zeros((0, 4), np.float32)]).astype(np.float64)
     counts = np.bincount(labels - 1, minlength=len(dataset.class_names)) if labels.size else [0] * len(dataset.class_names)
@@ -74,6 +68,18 @@ def check_dataset(
         "problems": problems,
         "likely_typos": likely_typos(dataset.class_names, counts),
     }
+
+
+def scan_dataset(dataset: Any) -> dict[str, Any]:
+    """One pass over an opened data set (each image decoded once, in full): ``targets`` (each image's annotation), ``sizes`` (its
+    ``(H, W)`` from the file's header, ``None`` where unreadable) and ``problems``. :func:`check_dataset` reports
+    on it; ``detect train --data`` derives its recipe from it (:mod:`detect.training.auto`)."""
+    problems = [{"file": p.source, "message": p.message} for p in getattr(dataset, "problems", ())]
+    targets, sizes = [], []
+    for i in range(len(dataset)):
+        targets.append(dataset.annotation(i))
+        sizes.append(_image_size(dataset, i, problems))
+    return {"dataset": dataset, "targets": targets, "sizes": sizes, "problems": problems}
 
 
 def _edit_distance(a: str, b: str) -> int:

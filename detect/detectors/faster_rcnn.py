@@ -99,11 +99,15 @@ COCO_CLASS_NAMES: tuple[str, ...] = tuple(_COCO_NAMES_BY_ID.get(i, "N/A") for i 
 
 @dataclass(frozen=True)
 class FasterRCNNConfig:
-    """Everything but the architecture: input sizes, proposal and head settings."""
+    """Everything but the architecture: input sizes, proposal and head settings. ``anchor_sizes`` and
+    ``anchor_ratios`` (height / width) replace a single-level builder's anchors (``detect train --data`` fits them
+    to the training boxes); empty keeps the builder's own."""
 
     transform: TransformConfig = field(default_factory=TransformConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
+    anchor_sizes: tuple[float, ...] = ()
+    anchor_ratios: tuple[float, ...] = ()
 
 
 VGG16_FC67 = (0, 3)  # fc6 and fc7 are classifier.0 and classifier.3 in torchvision's vgg16 checkpoint
@@ -299,7 +303,9 @@ def fasterrcnn_vgg16(
     ImageNet ``vgg16`` checkpoint, which initialises conv1_1-conv5_3 and, as in the paper, fc6 and fc7."""
     num_classes, names = _class_names(num_classes, class_names)
     backbone = vgg16(trainable_layers=trainable_layers)
-    anchors = AnchorGenerator.single_level((128, 256, 512), (0.5, 1.0, 2.0), backbone.stride)
+    anchors = AnchorGenerator.single_level(
+        config.anchor_sizes or (128, 256, 512), config.anchor_ratios or (0.5, 1.0, 2.0), backbone.stride
+    )
     rpn = RegionProposalNetwork(anchors, RPNHead(512, anchors.num_anchors_per_location()[0]), config.rpn)
     box_head = TwoMLPHead(512 * 7 * 7, 4096, dropout=0.5)
     if backbone_weights is not None:
@@ -342,7 +348,8 @@ def fasterrcnn_tiny(
     stride-8 level, anchors 16-128 pixels x 3 ratios, RoI Align 7 x 7 and a 256-wide two-layer head."""
     num_classes, names = _class_names(num_classes, class_names)
     backbone = tiny()
-    anchors = AnchorGenerator.single_level(*TINY_ANCHORS, stride=backbone.stride)
+    sizes, ratios = config.anchor_sizes or TINY_ANCHORS[0], config.anchor_ratios or TINY_ANCHORS[1]
+    anchors = AnchorGenerator.single_level(sizes, ratios, stride=backbone.stride)
     rpn_head = RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0])
     rpn = RegionProposalNetwork(anchors, rpn_head, config.rpn)
     roi_pool = ThreadedRoIPool(SingleLevelRoIPool(7, 1.0 / backbone.stride, method="align"))

@@ -61,8 +61,10 @@ Decisions:
 Where each part lives: :mod:`.config` (the recipe and its dataclasses), :mod:`.data` (splits, the batch of each
 iteration, the loader), :mod:`.schedule` (the learning rate), :mod:`.checkpoints` (checkpoints, run identity and
 resume), :mod:`.logs` (metric rows, plots, TensorBoard), :mod:`.loop` (:class:`Trainer`), :mod:`.bundle` (a run
-registered as weights), :mod:`.distributed` (data-parallel training: the process group, each rank's share of the
-global batch, sharded evaluation) and :mod:`.launch` (``--nproc``, ``torchrun``, Ray Train). Evaluation of a model on data is :mod:`detect.evaluate`'s (``evaluate_detector``,
+registered as weights), :mod:`.auto` (the recipe derived from the data: ``detect train --data DIR``),
+:mod:`.budget` (the time budget and the schedule fitted to it), :mod:`.best` (the best model and early stopping),
+:mod:`.distributed` (data-parallel training: the process group, each rank's share of the global batch, sharded
+evaluation) and :mod:`.launch` (``--nproc``, ``torchrun``, Ray Train). Evaluation of a model on data is :mod:`detect.evaluate`'s (``evaluate_detector``,
 ``evaluate_weights``, the proposal cache); training calls it.
 """
 

@@ -74,7 +74,10 @@ class TrainConfig:
     is set); ``device`` ``"auto"`` takes CUDA when present. ``init`` starts the whole detector from another,
     ``init_backbone`` only its backbone (one or the other); ``trainable_backbone_layers`` ``None`` keeps the
     builder's freezing. ``workers`` loader processes (0: the training process itself); ``progress_seconds``
-    between plain progress lines when stderr is not a terminal; ``tensorboard`` also writes TensorBoard events."""
+    between plain progress lines when stderr is not a terminal; ``tensorboard`` also writes TensorBoard events.
+    ``time_budget`` (seconds) fits the run into that wall time (:mod:`detect.training.budget`; ``max_iterations``
+    is then a cap and ``eval_every`` the budget's); ``patience`` evaluations without a better validation score stop
+    it early (0: never; :mod:`detect.training.best`)."""
 
     detector: str = "fasterrcnn_tiny"
     detector_config: Mapping[str, Any] = field(default_factory=dict)
@@ -104,6 +107,8 @@ class TrainConfig:
     fit_box_regressor: bool = True
     fit_svms: bool = False
     region_fit_images: int = 100
+    time_budget: float | None = None
+    patience: int = 0
 
     def __post_init__(self) -> None:
         detectors.entry(self.detector)  # ConfigError naming the known detectors
@@ -121,6 +126,10 @@ class TrainConfig:
             raise ConfigError("eval_every, seed and region_fit_images must be >= 0")
         if self.workers < 0 or self.progress_seconds <= 0 or (self.trainable_backbone_layers or 0) < 0:
             raise ConfigError("workers and trainable_backbone_layers must be >= 0, progress_seconds positive")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ConfigError(f"time_budget must be a positive number of seconds, got {self.time_budget}")
+        if self.patience < 0:
+            raise ConfigError(f"patience must be >= 0 (0: no early stop), got {self.patience}")
         if self.init and self.init_backbone:
             raise ConfigError("give init (the whole detector) or init_backbone (its backbone), not both")
 

@@ -31,8 +31,10 @@ from detect.training import checkpoints
 from detect.training.config import TrainConfig, detector_config
 from detect.training.data import TrainBatches, batch_loader, data_splits, describe_validation, model_inputs
 from detect.training.logs import MetricsLog, plot_losses, summary_writer, tensorboard_writer
+from detect.training.best import BestKeeper, score_of
+from detect.training.budget import PRETRAIN_SHARE, Budget, format_seconds
 from detect.training.distributed import Distributed
-from detect.training.schedule import base_lr, lr_factor
+from detect.training.schedule import base_lr, fitted_schedule, lr_factor
 
 __all__ = ["Trainer", "init_backbone", "short_side", "train"]
 
@@ -77,9 +79,16 @@ def short_side(model: nn.Module, side: int | None) -> Iterator[None]:
 class Trainer:
     """One training run of :class:`TrainConfig` into ``config.out_dir`` (see the module docstring)."""
 
-    def __init__(self, config: TrainConfig, dist: Distributed | None = None) -> None:
+    def __init__(self, config: TrainConfig, dist: Distributed | None = None, clock: Callable[[], float] = time.monotonic,
+                 started: float | None = None) -> None:
         self.config = config
         self.dist = dist or Distributed()  # data-parallel runs (detect.training.distributed); rank 0 alone writes
+        if self.dist.active and config.time_budget:
+            raise ConfigError("a time budget (--time) plans one process's steps: with several processes give "
+                              "--iterations (or max_iterations) instead")
+        self.clock = clock
+        # a time budget counts from here (or from ``started`` on ``clock``: the command's start), not from run()
+        self.started = clock() if started is None else started
         self.out = Path(config.out_dir)
         self.device = torch_device(config.device)
         self.train_data, self.val_data = data_splits(config)
@@ -127,6 +136,19 @@ class Trainer:
         self.pretrain_seconds = 0.0  # the part of it spent in the pretrain stage
         self.pretrain_heldout: dict[str, float] = {}  # the stage's held-out crop accuracy, chance and crop count
         self.identity = checkpoints.run_identity(config, self.train_data, self.dataset)
+        # the length, schedule and evaluation cadence in force: the recipe's, or the time budget's plan
+        self.max_iterations, self.schedule, self.eval_every = config.max_iterations, config.schedule, config.eval_every
+        self.next_eval: int | None = None  # a budgeted run's next evaluation (its plan moves as it measures)
+        self.budget: Budget | None = None
+        if config.time_budget:
+            eval_images = len(self.val_dataset) if self.val_dataset is not None else 0
+            self.budget = Budget(config.time_budget, clock, eval_images=eval_images, batch_size=config.batch_size,
+                                 cap=config.max_iterations, final_evaluations=2 if self.region else 1)
+        # best-model keeping and early stopping decide on rank 0's evaluation: one process only for now (with
+        # several, the last model is the model)
+        self.best = BestKeeper(self.out, config.patience) if self.val_data is not None and not self.dist.active else None
+        self.evaluated_at: int | None = None  # the iteration of the last scheduled evaluation
+        self.bar: Progress | None = None
 
     # -- data --
 
@@ -198,6 +220,9 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "torch_rng_ranks": rng_states,
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "plan": {"max_iterations": self.max_iterations, "eval_every": self.eval_every, "next_eval": self.next_eval},
+            "budget": self.budget.state() if self.budget else None,
+            "best": self.best.state() if self.best else None,
         })
 
     def load_checkpoint(self) -> None:
@@ -218,6 +243,15 @@ class Trainer:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.pretrain_seconds = float(state.get("pretrain_seconds", 0.0))
         self.pretrain_heldout = dict(state.get("pretrain_heldout", {}))
+        if self.budget is not None:
+            if not state.get("budget"):
+                raise ConfigError(f"--resume: {self.checkpoint_path} was written by a run without a time budget")
+            self.budget.restore(state["budget"])
+            if self.budget.plan is not None:
+                self.apply_plan(self.budget.plan.max_iterations, self.budget.plan.eval_every)
+                self.next_eval = state["plan"].get("next_eval")
+        if self.best is not None:
+            self.best.restore(state.get("best"))
         if self.dist.is_main:
             self.log.truncate(self.iteration)
             self.evaluations.truncate(self.iteration)
@@ -230,7 +264,7 @@ class Trainer:
         cfg = self.config
         batch = batch if batch is not None else self.batches[self.iteration]
         images, targets, proposals = model_inputs(batch, self.device)
-        lr = base_lr(cfg.optimizer, self.batches.global_batch) * lr_factor(cfg.schedule, self.iteration, cfg.max_iterations)
+        lr = base_lr(cfg.optimizer, self.batches.global_batch) * lr_factor(self.schedule, self.iteration, self.max_iterations)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
@@ -255,63 +289,81 @@ class Trainer:
         return row | ({"short_side": batch["short_side"]} if batch["short_side"] is not None else {})
 
     def run(self, resume: bool = False, progress: bool = True) -> dict:
-        """Train to ``max_iterations`` (from the checkpoint with ``resume``), fit the region detectors' extras,
-        save the model, plot the losses and evaluate; returns the last evaluation (empty without val data)."""
+        """Train to ``max_iterations`` or the time budget's plan (from the checkpoint with ``resume``), evaluating
+        every ``eval_every`` iterations and keeping the best model, stopping early after ``patience`` evaluations
+        without improvement; then :meth:`finish`. Returns the final model's evaluation (empty without val data)."""
         cfg = self.config
         main = self.dist.is_main
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
+        if self.budget is not None:
+            self.budget.start(self.started)
         if resume:
             self.load_checkpoint()
+            if self.budget is not None:
+                self.budget.start(self.started)
             if main:
                 self.open_writer(resume=True)
-        elif not main:
+        elif not main:  # the other ranks take part in the pretrain stage; rank 0 alone cleans and writes
             if cfg.pretrain.iterations:
                 self.pretrain(progress=False)
         else:
             # an older run's files in this folder are not this run's: a stale checkpoint must never be resumed
-            for stale in (self.log.path, self.evaluations.path, self.out / "pretrain.jsonl", self.checkpoint_path):
+            for stale in (self.log.path, self.evaluations.path, self.out / "pretrain.jsonl", self.checkpoint_path,
+                          self.out / "best.safetensors", self.out / "last.safetensors"):
                 stale.unlink(missing_ok=True)
             checkpoints.write_run_identity(self.out, self.identity)
             shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
             self.open_writer(resume=False)
             if cfg.pretrain.iterations:
                 self.pretrain(progress)
+        if self.region and self.budget is not None:
+            self.warm_proposals()
         bar = None
         if progress and main:
-            bar = Progress(cfg.max_iterations, self.iteration, desc="train", interval=cfg.progress_seconds)
+            bar = Progress(self.max_iterations, self.iteration, desc="train", interval=cfg.progress_seconds)
+        self.bar = bar
         loader = batch_loader(self.batches, self.iteration, cfg.workers, self.device.type == "cuda")
         began = time.perf_counter()
         for batch in loader:  # waiting for a batch counts: it is what the loader workers are there to hide
+            if self.iteration >= self.max_iterations:
+                break
+            stepped = self.clock()
             row = self.step(batch)
             self.train_seconds += time.perf_counter() - began
+            self.after_step(self.clock() - stepped, bar)
             if self.iteration % cfg.log_every == 0 and main:
                 self.log.append(row)
                 self.write_scalars("train", row)
             if bar:
-                bar.update(self.iteration, {k.removeprefix("loss_"): v for k, v in row.items() if k.startswith("loss")})
-            if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.max_iterations:
+                figures = {k.removeprefix("loss_"): v for k, v in row.items() if k.startswith("loss")}
+                if self.budget is not None:
+                    figures["budget left"] = format_seconds(self.budget.eta())
+                bar.update(self.iteration, figures)
+            last = self.iteration >= self.max_iterations or (self.budget is not None and self.budget.stop_now())
+            if self.eval_due() and not last:
+                self.scheduled_evaluation()
+                last = last or (self.best is not None and self.best.exhausted())
+                if self.best is not None and self.best.exhausted():
+                    print(f"early stop at iteration {self.iteration}: validation mAP@0.5 has not improved for "
+                          f"{self.best.patience} evaluations (best {self.best.score[0]:.4f} at iteration "
+                          f"{self.best.iteration})", file=sys.stderr)
+            if last:
+                self.max_iterations = self.iteration
+            if self.iteration % cfg.checkpoint_every == 0 or last:
                 self.save_checkpoint()
                 self.dist.checkpointed(self.checkpoint_path, row)
-            if cfg.eval_every and self.iteration % cfg.eval_every == 0 and self.iteration < cfg.max_iterations:
-                self.write_scalars("val", {"iteration": self.iteration, "mAP": self.evaluate().get("mAP")})
+            if last:
+                break
             began = time.perf_counter()
         if bar:
+            bar.set_total(self.iteration)
             bar.close()
-        if self.region:
-            began = time.perf_counter()
-            self.fit_region_extras()
-            self.train_seconds += time.perf_counter() - began
-        if main:
-            weights.write_detector(
-                self.model, self.out / "model.safetensors", getattr(self.model, "config", self.detector_config)
-            )
-            if rows := self.log.rows():
-                plot_losses(rows, self.out / "loss.png")
-        result = self.evaluate(report=True)
+        result = self.finish()
         if not main:
             return {}
-        self.write_scalars("val", {"iteration": self.iteration, "mAP": result.get("mAP")})
+        if rows := self.log.rows():
+            plot_losses(rows, self.out / "loss.png")
         if self.writer is not None:
             self.writer.close()
         summary = {
@@ -323,15 +375,112 @@ class Trainer:
             "val_data": dataclasses.asdict(self.val_data) if self.val_data else None,
             "val_images": self.val_images,
             "skipped": {"count": len(self.skipped), "items": self.skipped},
+            "processes": self.dist.world,
+            "global_batch": self.batches.global_batch,
             "mAP": result.get("mAP"),
             "pretrain_heldout": self.pretrain_heldout or None,
             "init": {"source": self.init_report.source, "copied": len(self.init_report.copied),
                      "mapped": self.init_report.mapped} if self.init_report else None,
             "workers": cfg.workers,
-            "processes": self.dist.world,
-            "global_batch": self.batches.global_batch,
+            "best_iteration": self.best.iteration if self.best else None,
+            "time_budget": cfg.time_budget,
+            "wall_seconds": round(self.budget.elapsed(), 1) if self.budget else None,
         }
         atomic_write(self.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        return result
+
+    # -- the budget and the best model (called from run at fixed points) --
+
+    def apply_plan(self, max_iterations: int, eval_every: int, reschedule: bool = True) -> None:
+        """Make a budget's plan the run's: its length, the recipe's schedule fitted to it and (``reschedule``, or
+        when none is due) its next evaluation."""
+        self.max_iterations, self.eval_every = max(max_iterations, self.iteration), eval_every
+        if reschedule or self.next_eval is None:
+            self.next_eval = self.iteration + eval_every if eval_every else None
+        self.schedule = fitted_schedule(self.config.schedule, self.max_iterations, self.config.max_iterations)
+
+    def eval_due(self) -> bool:
+        """Whether the model of this iteration is evaluated: every ``eval_every`` iterations, or on a budget's
+        plan."""
+        if self.budget is not None:
+            return self.next_eval is not None and self.iteration >= self.next_eval
+        return bool(self.eval_every) and self.iteration % self.eval_every == 0
+
+    def after_step(self, seconds: float, bar: Progress | None) -> None:
+        """Time the step; once enough are timed, fit the rest of the run to the budget (after every step: the
+        machine's speed may change; the next evaluation moves only when an evaluation is done)."""
+        if self.budget is None:
+            return
+        self.budget.record_step(seconds)
+        if self.budget.ready():
+            self.refit(bar, reschedule=False)
+
+    def refit(self, bar: Progress | None, reschedule: bool = True) -> None:
+        done = len(self.budget.eval_times)
+        plan = self.budget.fit(self.iteration, done, evaluate=self.val_data is not None)
+        self.apply_plan(plan.max_iterations, plan.eval_every, reschedule)
+        if bar:
+            bar.set_total(self.max_iterations)
+
+    def warm_proposals(self) -> None:
+        """Selective search on every training image before the steps are timed (a budgeted region detector): each
+        image's proposals are computed once for the run, and the steps the budget measures are steps, not
+        searches. Cached images cost nothing (a resumed run)."""
+        proposals = self.proposals_for(self.config.data)
+        for start in range(0, len(self.dataset), 8):
+            samples = [self.dataset[i] for i in range(start, min(start + 8, len(self.dataset)))]
+            proposals([s[0] for s in samples], [s[1] for s in samples])
+
+    def scheduled_evaluation(self) -> dict:
+        """An evaluation on the plan: timed for the budget, offered to the best-model keeper."""
+        began = self.clock()
+        result = self.evaluate(report=False, full=self.best is not None)
+        self.evaluated_at = self.iteration
+        if self.budget is not None:
+            self.budget.record_eval(self.clock() - began)
+            self.refit(self.bar)
+        self.write_scalars("val", {"iteration": self.iteration, "mAP": result.get("mAP")})
+        if self.best is not None and result:
+            improved = self.best.offer(self.iteration, result, self.write_model)
+            voc, coco = score_of(result)
+            print(f"validation at iteration {self.iteration}: mAP@0.5 {voc:.4f}, mAP@[.5:.95] {coco:.4f}"
+                  + (" (best so far)" if improved else f" (best {self.best.score[0]:.4f} at {self.best.iteration})"),
+                  file=sys.stderr)
+        return result
+
+    def write_model(self, path: Path) -> None:
+        if not self.dist.is_main:  # rank 0 alone writes
+            return
+        weights.write_detector(self.model, path, getattr(self.model, "config", self.detector_config))
+
+    def finish(self) -> dict:
+        """The end of the run: the last model; with validation data the best one (the region detectors fit their
+        closed-form extras on it first) as ``model.safetensors``, its report and per-class result."""
+        self.write_model(self.out / "last.safetensors")
+        result: dict | None = None
+        if self.best is not None:
+            # the last model against the best so far (a region detector evaluated never before has no rival: its one
+            # evaluation comes after its closed-form fits below)
+            if self.evaluated_at != self.iteration and (not self.region or self.best.iteration is not None):
+                self.scheduled_evaluation()
+            if self.best.iteration != self.iteration and self.best.path.exists():
+                self.model.load_state_dict(weights.load_detector(self.best.path).state_dict())
+                print(f"best model: iteration {self.best.iteration} (validation mAP@0.5 {self.best.score[0]:.4f}; "
+                      f"last iteration {self.iteration})", file=sys.stderr)
+            result = self.best.result  # None when the best came from before a resume: evaluated again below
+        if self.region:
+            began = time.perf_counter()
+            self.fit_region_extras()
+            self.train_seconds += time.perf_counter() - began
+            result = None
+            if self.best is not None:  # the best (or only) model, now with its fits
+                self.write_model(self.best.path)
+        self.write_model(self.out / "model.safetensors")
+        if result is None:
+            result = self.evaluate(report=True, full=self.best is not None)
+        else:
+            self.report(result)
+        self.write_scalars("val", {"iteration": self.iteration, "mAP": result.get("mAP")})
         return result
 
     def pretrain(self, progress: bool) -> None:
@@ -348,7 +497,10 @@ class Trainer:
             if bar:
                 bar.update(int(row["iteration"]), {"loss": row["loss"], "batch accuracy": row["accuracy"]})
 
-        result = pretrain_backbone(find_backbone(self.model), self.dataset, cfg.pretrain, cfg.seed, on_step)
+        stop = None
+        if self.budget is not None:  # the stage may take PRETRAIN_SHARE of the budget, however many steps that is
+            stop = lambda: self.budget.elapsed() >= PRETRAIN_SHARE * self.budget.seconds  # noqa: E731
+        result = pretrain_backbone(find_backbone(self.model), self.dataset, cfg.pretrain, cfg.seed, on_step, stop)
         if bar:
             bar.close()
         self.pretrain_heldout = {k: result[k] for k in ("heldout_accuracy", "heldout_chance", "heldout_crops")}
@@ -364,24 +516,32 @@ class Trainer:
         )
         self.write_scalars("pretrain", {"iteration": cfg.pretrain.iterations, **self.pretrain_heldout})
 
-    def evaluate(self, report: bool = False) -> dict:
-        """Validation mAP (logged to ``evaluations.jsonl``); with ``report`` also the JSON report and PR plots."""
+    def evaluate(self, report: bool = False, full: bool = False) -> dict:
+        """Validation mAP (logged to ``evaluations.jsonl``); ``full`` adds COCO's mAP@[.5:.95] (the best model's
+        tie-break); with ``report`` also the JSON report and PR plots."""
         data = self.val_data
         if data is None:
             return {}
         dataset = self.val_dataset
         proposals = self.proposals_for(data) if self.region else None
-        if self.dist.active:
+        if self.dist.active:  # each rank a shard, the detections gathered on rank 0 (detect.training.distributed)
             result = self.dist.evaluate(self.model, dataset, self.config.batch_size, proposals)
             if not self.dist.is_main:
                 return {}
         else:
-            result = evaluate_detector(self.model, dataset, self.config.batch_size, proposals)
-        self.evaluations.append({"iteration": self.iteration, "mAP": result["mAP"]})
+            result = evaluate_detector(self.model, dataset, self.config.batch_size, proposals,
+                                       score_threshold=0.5 if full else None)
+        row = {"iteration": self.iteration, "mAP": result["mAP"]}
+        if full and result.get("coco"):
+            row["mAP@[.5:.95]"] = result["coco"].get("AP")
+        self.evaluations.append(row)
         if report:
-            write_report(result, self.out / "report.json")
-            plot_pr_curves(result, self.out / "pr_curves")
+            self.report(result)
         return result
+
+    def report(self, result: dict) -> None:
+        write_report(result, self.out / "report.json")
+        plot_pr_curves(result, self.out / "pr_curves")
 
     @torch.no_grad()
     def fit_region_extras(self) -> None:
@@ -407,6 +567,7 @@ class Trainer:
             generator = torch.Generator().manual_seed(cfg.seed)
             self.model.fit_svms(features.fc7, features.labels, features.overlaps, generator=generator)
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Run :class:`Trainer` on ``config``; returns the final evaluation (empty without ``val_data``)."""
-    return Trainer(config).run(resume=resume, progress=progress)
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, started: float | None = None) -> dict:
+    """Run :class:`Trainer` on ``config``; returns the final evaluation (empty without ``val_data``). ``started``
+    (:func:`time.monotonic`) is when a time budget began, when earlier than now (the command's start)."""
+    return Trainer(config, started=started).run(resume=resume, progress=progress)

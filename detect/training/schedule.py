@@ -3,11 +3,25 @@ the iteration *is* the scheduler's state and a resumed run continues it exactly)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from detect.training.config import OptimizerConfig, ScheduleConfig
 
-__all__ = ["base_lr", "lr_factor"]
+__all__ = ["base_lr", "fitted_schedule", "lr_factor"]
+
+
+def fitted_schedule(schedule: ScheduleConfig, iterations: int, planned: int) -> ScheduleConfig:
+    """``schedule`` (written for ``planned`` iterations) fitted to a run of ``iterations`` (a time budget's plan):
+    step milestones scale with the length, warm-up takes at most a tenth of it. Unchanged when nothing is cut."""
+    if iterations >= planned:
+        return schedule
+    ratio = iterations / max(planned, 1)
+    return dataclasses.replace(
+        schedule,
+        warmup_iterations=min(schedule.warmup_iterations, max(1, iterations // 10)),
+        milestones=tuple(max(1, round(m * ratio)) for m in schedule.milestones),
+    )
 
 
 def lr_factor(schedule: ScheduleConfig, iteration: int, max_iterations: int) -> float:
