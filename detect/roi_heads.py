@@ -414,7 +414,8 @@ class RoIHeads(nn.Module):
         image_of = torch.arange(batch, device=flat.device, dtype=flat.dtype)[:, None].expand(batch, count)
         rois = torch.cat([image_of.reshape(-1, 1), flat], dim=1)  # (B*P, 5)
         pooled = pool_rois(self.box_roi_pool, features, rois, image_sizes)  # (B*P, C_feat, s, s)
-        logits, deltas = self.box_predictor(self.box_head(pooled))
+        with one_thread(pooled, not self.training):  # as forward's (detect.ops.threads); a no-op while exporting
+            logits, deltas = self.box_predictor(self.box_head(pooled))
         classes = logits.shape[1] - 1
         boxes = self.box_coder.decode_per_class(deltas[:, 4:], flat).reshape(batch, count, classes, 4)  # no bg
         boxes = clip_boxes(boxes, image_sizes)  # (B, P, C-1, 4)

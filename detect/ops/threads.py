@@ -32,15 +32,9 @@ def one_thread(like: Tensor, enabled: bool = True) -> Iterator[None]:
     """Run the block on one intra-op thread when ``like`` is on the CPU (and ``enabled``: modules pass ``not
     self.training``, so training keeps its threads), restoring the caller's count on exit.
     ``torch.set_num_threads`` acts on the calling thread (OpenMP's and MKL's counts are per thread), so other
-    threads running torch at the same time keep theirs. A no-op on other devices and while tracing, scripting or
-    compiling."""
-    if (
-        not enabled
-        or like.device.type != "cpu"
-        or torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.compiler.is_compiling()
-    ):
+    threads running torch at the same time keep theirs. A no-op on other devices and while torch.export or
+    torch.compile traces (``torch.compiler.is_compiling()``: a thread count is no part of a graph)."""
+    if not enabled or like.device.type != "cpu" or torch.compiler.is_compiling():
         yield
         return
     threads = torch.get_num_threads()

@@ -71,10 +71,25 @@ def _image_id(dataset: Any, index: int) -> Any:
     return index
 
 
+def _changed(values: Any, defaults: Any) -> Any:
+    """The parts of ``values`` that differ from ``defaults`` (nested dicts compared key by key): a field a later
+    version adds with its default does not change the digest of an older run's recipe."""
+    if isinstance(values, dict) and isinstance(defaults, dict):
+        out = {}
+        for key, value in values.items():
+            if key not in defaults:
+                out[key] = value
+            elif value != defaults[key]:
+                out[key] = _changed(value, defaults[key])
+        return out
+    return values
+
+
 def run_identity(config: Any, data_config: Any, dataset: Any) -> dict[str, Any]:
-    """What makes a run this run: a digest of its recipe (without :data:`VOLATILE_FIELDS`), of its data, and the
-    seed, plus the detector's name (for the message)."""
-    recipe = {k: v for k, v in dataclasses.asdict(config).items() if k not in VOLATILE_FIELDS}
+    """What makes a run this run: a digest of its recipe (the fields it sets away from their defaults, without
+    :data:`VOLATILE_FIELDS`), of its data, and the seed, plus the detector's name (for the message)."""
+    recipe = _changed(dataclasses.asdict(config), dataclasses.asdict(type(config)()))
+    recipe = {k: v for k, v in recipe.items() if k not in VOLATILE_FIELDS}
     return {
         "detector": config.detector,
         "recipe": _digest(recipe),
