@@ -442,3 +442,24 @@ def missing_declared_dependency(reason: str, declared: set[str]) -> str | None:
         if name in declared:
             return name
     return None
+
+
+def capture_failing_after(frames: int) -> type:
+    """A ``cv2.VideoCapture`` stand-in (made before the real one is patched away) whose ``grab()`` fails after
+    ``frames`` frames, as on a file whose next frame is corrupt while its header promises more."""
+    import cv2
+
+    real = cv2.VideoCapture
+
+    class Failing:
+        def __init__(self, *args):
+            self.capture, self.grabs = real(*args), 0
+
+        def grab(self):
+            self.grabs += 1
+            return self.grabs <= frames and self.capture.grab()
+
+        def __getattr__(self, name):
+            return getattr(self.capture, name)
+
+    return Failing

@@ -14,7 +14,7 @@ from detect import cli
 from detect.data.shapes_video import MovingShapesConfig, moving_shapes, write_video
 from detect.engines.video import iter_video_results
 from detect.inference import DEFAULT_SCORE_THRESHOLD, Refinement, load_model
-from tests.helpers import image_server, png
+from tests.helpers import capture_failing_after, image_server, png
 
 FRAMES = 6
 
@@ -75,19 +75,7 @@ def test_resume_continues_after_the_last_complete_line(clip, tmp_path):
 
 def test_a_corrupt_frame_stops_the_video_keeping_what_was_written(clip, tmp_path, monkeypatch, capsys):
     real = cv2.VideoCapture
-
-    class CorruptAtFour:
-        def __init__(self, *args):
-            self.capture, self.grabs = real(*args), 0
-
-        def grab(self):
-            self.grabs += 1
-            return self.grabs <= 4 and self.capture.grab()
-
-        def __getattr__(self, name):
-            return getattr(self.capture, name)
-
-    monkeypatch.setattr(cv2, "VideoCapture", CorruptAtFour)
+    monkeypatch.setattr(cv2, "VideoCapture", capture_failing_after(4))
     out = tmp_path / "out"
     assert cli.main(["predict", str(clip), "--out", str(out), "--save-video", "--batch-size", "3"]) == 1
     err = capsys.readouterr().err

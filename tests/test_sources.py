@@ -23,7 +23,7 @@ from detect.errors import (
 from detect.io import decode_image
 from detect.sources import UrlPolicy, fetch_url, iter_video, kind_of, read_stdin, url_name
 from tests.helpers import URL_PNG as PNG
-from tests.helpers import image_server
+from tests.helpers import capture_failing_after, image_server
 
 OPEN = UrlPolicy(allow_private=True, connect_timeout_s=2, read_timeout_s=2, total_timeout_s=3, max_bytes=100_000)
 
@@ -170,20 +170,8 @@ def test_a_frame_that_fails_to_decode_is_reported_with_its_number(tmp_path, monk
 
     path = tmp_path / "clip.mp4"
     _write_video(path, frames=6)
-    real = cv2.VideoCapture
-
-    class Failing:  # the capture of a file whose frame 4 is corrupt: grab() fails there, the header says 6
-        def __init__(self, *args):
-            self.capture, self.grabs = real(*args), 0
-
-        def grab(self):
-            self.grabs += 1
-            return self.grabs <= 4 and self.capture.grab()
-
-        def __getattr__(self, name):
-            return getattr(self.capture, name)
-
-    monkeypatch.setattr(cv2, "VideoCapture", Failing)
+    # the capture of a file whose frame 4 is corrupt: grab() fails there, the header says 6
+    monkeypatch.setattr(cv2, "VideoCapture", capture_failing_after(4))
     items = list(iter_video(str(path)))
     assert [f.index for f in items[:-1]] == [0, 1, 2, 3]
     assert isinstance(items[-1], FrameDecodeError) and items[-1].details["frame"] == 4
