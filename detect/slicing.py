@@ -32,7 +32,8 @@ Decisions:
     merges (an object spread over several tiles).
 
   On the generated 6000x4000 scene (slice 640, overlap 0.2, bundled ``faster_rcnn_shapes``), greedy merging gives
-  a higher mAP than NMS with the same recall (figures in ``notes/closing-issue-26.md``).
+  a higher mAP than NMS with the same recall: recall@0.5 0.947 both, mAP@0.5 0.840 against 0.834; at slice 320,
+  0.540 / 0.214 against 0.420 / 0.173 (``python benchmarks/sliced.py``).
 * **Results** are one :class:`~detect.structures.Detections` per image, in original image pixels, sorted by score,
   at most ``max_detections`` of them; ``extras["tiles"]`` holds the number of tiles run.
 """
