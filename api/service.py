@@ -604,7 +604,6 @@ class DetectionService:
         started are dropped and running ones abandoned to their threads, queued jobs cancelled (the dispatcher skips them), the announcement withdrawn.
         A request that finds the queue full is refused before decoding, so overload costs no decoding work."""
         self.batcher.check_room(len(sources), self.settings.retry_after_s)
-        loop = asyncio.get_running_loop()
         ticket = self.batcher.announce(len(sources))
         held: list[Reservation] = []  # released when the answer is built, or when abandoned decodes end
         try:

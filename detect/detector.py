@@ -219,15 +219,13 @@ class Detector:
         return self.predict_arrays([self._read(source)], [_describe(source, 0)], **overrides)[0]
 
     def _read(self, source: ImageLike) -> np.ndarray:
+        """One input as RGB: a URL fetched with the guards first; paths and bytes decoded under ``max_pixels``."""
         if isinstance(source, str) and kind_of(source) == "url":
-            return decode_image(fetch_url(source, self.url_policy), **self._limits())
-        if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)) and self.max_pixels is not None:
-            data = source if not isinstance(source, (str, os.PathLike)) else os.fspath(source)
-            return decode_image(bytes(data) if not isinstance(data, str) else data, **self._limits())
+            source = fetch_url(source, self.url_policy)
+        if self.max_pixels is not None and isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+            data = os.fspath(source) if isinstance(source, (str, os.PathLike)) else bytes(source)
+            return decode_image(data, max_pixels=self.max_pixels)
         return to_rgb(source)
-
-    def _limits(self) -> dict[str, int]:
-        return {} if self.max_pixels is None else {"max_pixels": self.max_pixels}
 
     def video(self, source: str | int, *, stride: int = 1, track: bool = False, **overrides: Any) -> Iterator[Any]:
         """Per-frame results of a video file, a stream URL (``rtsp://``, ``http(s)://...mp4``) or a camera index,

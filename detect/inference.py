@@ -260,15 +260,12 @@ def forward_batch(
 
 
 def torch_device(name: str | torch.device) -> torch.device:
-    """``"auto"`` (CUDA when present) or a torch device name; :class:`ConfigError` for one this machine lacks."""
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """:func:`resolve_device` as a ``torch.device``, checked: :class:`ConfigError` for a name torch does not know
+    or a CUDA device this machine lacks (training and evaluation want the error before anything is built)."""
     try:
-        device = torch.device(name)
+        device = torch.device(resolve_device(name))
     except RuntimeError as err:
-        raise ConfigError(f"device {name!r}: {err}") from err
+        raise ConfigError(f"device {str(name)!r}: {err}") from err
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(f"device {name!r}: no such CUDA device here ({torch.cuda.device_count()} found)")
+        raise ConfigError(f"device {str(name)!r}: no such CUDA device here ({torch.cuda.device_count()} found)")
     return device

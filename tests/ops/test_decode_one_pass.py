@@ -63,15 +63,6 @@ def _edge_deltas(rows: int, columns: int, seed: int) -> torch.Tensor:
     return torch.where(where, specials[picks], deltas)
 
 
-@pytest.fixture(params=["serial", "split"])
-def split(request, monkeypatch) -> str:
-    if request.param == "split":
-        monkeypatch.setattr(dispatch, "PARALLEL_WORK", 0)
-        if torch.get_num_threads() < 2:
-            monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    return request.param
-
-
 @one_pass
 @pytest.mark.parametrize("weights", WEIGHTS)
 def test_one_pass_decode_equals_torchvision_across_blocks(split, weights) -> None:

@@ -57,16 +57,6 @@ def assert_same(ours: torch.Tensor, ref: torch.Tensor) -> None:
         torch.testing.assert_close(ours, ref, rtol=4e-7, atol=0, equal_nan=True)
 
 
-@pytest.fixture(params=["serial", "split"])
-def split(request, monkeypatch) -> str:
-    """Run the numba loops as one range ("serial") or split over worker threads even for tiny inputs."""
-    if request.param == "split":
-        monkeypatch.setattr(dispatch, "PARALLEL_WORK", 0)
-        if torch.get_num_threads() < 2:
-            monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    return request.param
-
-
 # ----------------------------------------------------------------------------------------------- dispatch
 
 
