@@ -57,7 +57,7 @@ from detect import weights as registered_weights
 from detect.detectors import DETECTORS, families
 from detect.drawing import Style, draw_detections, encode_like
 from detect.slicing import SliceOptions, detect_sliced
-from detect.sources import UrlPolicy, fetch_url, kind_of
+from detect.sources import UrlPolicy, allow_pixels, fetch_url, kind_of
 from detect.errors import (
     ConfigError,
     DetectError,
@@ -200,6 +200,8 @@ class Detector:
             "overlap": overlap,
         }
         self.max_pixels = max_pixels
+        if max_pixels is not None:
+            allow_pixels(max_pixels)  # a deliberate limit above Pillow's 89 MP ceiling, as detect predict --max-pixels
         self.url_policy = UrlPolicy(allow_private=allow_private_urls)
         self._refinement(**self._thresholds(self.defaults))  # refuse bad thresholds or classes now, not at the first call
         self._slicing(slice, overlap)

@@ -145,3 +145,23 @@ def test_slice_and_video_are_the_cli_s_functions(det, tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="unknown option 'slize'"):
         det(big, slize=128)
+
+
+def test_max_pixels_above_pillows_ceiling_takes_effect(det, tmp_path: Path) -> None:
+    """Detector(max_pixels=...) raises Pillow's process-wide bomb ceiling as detect predict --max-pixels does; the
+    default refuses the same image with our code."""
+    from PIL import Image as PILImage
+
+    from detect import Detector
+    from detect.errors import ImageTooLargeError
+
+    path = tmp_path / "wide.png"
+    PILImage.new("RGB", (9_600, 9_600)).save(path)  # 92 MP: above Pillow's 89 MP and our 40 MP defaults
+    with pytest.raises(ImageTooLargeError):
+        det(str(path))
+    saved = PILImage.MAX_IMAGE_PIXELS
+    try:
+        big = Detector("faster_rcnn", device="cpu", max_pixels=100_000_000)
+        assert big(str(path), slice=4800).to_json()["width"] == 9_600
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = saved
