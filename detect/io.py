@@ -142,6 +142,15 @@ def probe_image(
         return ImageInfo(image.format or fmt, image.width, image.height, image.mode, frames)
 
 
+def upright_size(source: ImageSource) -> tuple[int, int]:
+    """``(width, height)`` of an image once EXIF-upright (what :func:`decode_image` returns), from its header alone;
+    the errors of :func:`probe_image`."""
+    with _open_checked(source, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, DEFAULT_MAX_ASPECT) as (image, fmt):
+        with _pillow_errors(fmt):
+            orientation = _exif_orientation(image)
+        return (image.height, image.width) if orientation in (5, 6, 7, 8) else (image.width, image.height)
+
+
 def decode_image(
     source: ImageSource,
     *,

@@ -65,10 +65,12 @@ class Progress:
         )
 
     def update(
-        self, done: int, figures: Mapping[str, float | int | str] | None = None, elapsed: float | None = None
+        self, done: int, figures: Mapping[str, float | int | str] | None = None, elapsed: float | None = None,
+        eta: float | None = None,
     ) -> None:
         """``done`` steps of ``total`` are finished; ``figures`` (losses, accuracy) go on the line; ``elapsed``
-        (seconds since the loop began) when the loop began before this object."""
+        (seconds since the loop began) when the loop began before this object; ``eta`` (seconds) when the loop
+        knows its end better than its rate does (a time budget)."""
         step, self.done = done - self.done, done
         if self.bar is not None:
             if figures:
@@ -79,14 +81,17 @@ class Progress:
         if now - self.last >= self.interval or done >= self.total:
             self.last = now
             seconds = elapsed if elapsed is not None else now - self.began
-            self.stream.write(self.line(done, figures or {}, seconds) + "\n")
+            self.stream.write(self.line(done, figures or {}, seconds, eta) + "\n")
             self.stream.flush()
 
-    def line(self, done: int, figures: Mapping[str, float | int | str], elapsed: float | None = None) -> str:
-        """The plain line: ``desc done/total (pct%) figures | rate, elapsed, ETA``."""
+    def line(self, done: int, figures: Mapping[str, float | int | str], elapsed: float | None = None,
+             eta: float | None = None) -> str:
+        """The plain line: ``desc done/total (pct%) figures | rate, elapsed, ETA`` (``eta`` given, or from the
+        rate)."""
         elapsed = time.perf_counter() - self.began if elapsed is None else elapsed
         per_step = elapsed / max(done - self.initial, 1)
-        eta = per_step * max(self.total - done, 0)
+        if eta is None:
+            eta = per_step * max(self.total - done, 0)
         percent = 100.0 * done / self.total if self.total else 100.0
         parts = " ".join(f"{k} {_figure(v)}" for k, v in figures.items())
         head = f"{self.desc} " if self.desc else ""

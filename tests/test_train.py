@@ -395,6 +395,9 @@ def test_progress_writes_plain_lines_when_not_a_terminal(tmp_path: Path, capsys:
     lines = stream.getvalue().splitlines()
     assert "\r" not in stream.getvalue() and len(lines) == 3
     assert lines[-1].startswith("train 3/3 (100%) loss 0.5 |") and "ETA 0:00:00" in lines[-1]
+    budgeted = io.StringIO()  # a time budget's ETA is the time left, whatever the rate says
+    Progress(100, desc="train", stream=budgeted, interval=0.0).update(1, {}, elapsed=1.0, eta=754.0)
+    assert budgeted.getvalue().rstrip().endswith("ETA 0:12:34")
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

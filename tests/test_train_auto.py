@@ -186,6 +186,43 @@ def test_a_60s_budget_ends_on_time_with_warmup_and_evaluations_inside(tmp_path: 
     assert summary["wall_seconds"] == pytest.approx(clock.now, abs=0.01)
 
 
+def test_the_plan_counts_waiting_for_batches_and_checkpoints(tmp_path: Path, monkeypatch) -> None:
+    """A step costs 0.3 s of compute, each batch 0.2 s of loading and each checkpoint 1 s: the plan (the schedule's
+    length and the ETA) must count all of it."""
+    import detect.training.loop as loop
+
+    clock = FakeClock()
+    real_loader = loop.batch_loader
+
+    def slow_loader(*args, **kwargs):
+        for batch in real_loader(*args, **kwargs):
+            clock.now += 0.2
+            yield batch
+
+    monkeypatch.setattr(loop, "batch_loader", slow_loader)
+    trainer = Trainer(_config(tmp_path), clock=clock)
+    _simulate(trainer, clock, lambda k: (0.1 * k, 0.0), step_seconds=0.3)
+    save = trainer.save_checkpoint
+
+    def slow_save():
+        clock.now += 1.0
+        save()
+
+    trainer.save_checkpoint = slow_save
+    planned: list[int] = []
+    step = trainer.step
+    trainer.step = lambda batch=None: (planned.append(trainer.max_iterations), step(batch))[1]
+    trainer.run(progress=False)
+    assert 57.0 <= clock.now <= 63.0
+    # about 0.5 s a step plus 1 s every 5 steps: 0.7 s; a plan from the compute alone (0.3 s) would have planned
+    # more than twice the steps that fit
+    # about 0.5 s a step plus 1 s every 5 steps (0.7 s): from the twentieth step on, the plan is the run's real length
+    # (a plan from the compute alone, 0.3 s, would say twice the steps, then shrink step after step while the
+    # cosine decay is squeezed into the end)
+    assert all(abs(p - trainer.iteration) <= 0.1 * trainer.iteration for p in planned[20:])
+    assert 65 <= trainer.iteration <= 85
+
+
 def test_best_model_is_kept_not_the_last(tmp_path: Path) -> None:
     clock = FakeClock()
     trainer = Trainer(_config(tmp_path, time_budget=None, max_iterations=25, eval_every=5), clock=clock)

@@ -21,6 +21,9 @@ Decisions:
 - ``on_error="skip"`` (see :mod:`detect.data`) lists every problem instead of stopping at the first: a file that
   cannot be parsed drops its image, a bad object (empty box, box outside the image, unknown class) only itself, and
   an image file that is not there drops its image (checked when the set is built, in this mode only).
+- A file that states no image size (``0 x 0``, as labelling tools write when they did not open the image, or no
+  ``<size>``) takes its image's size from the image's header in :class:`VocDataset`: that is a fact the data
+  holds, not a repair. A negative size is still an error.
 """
 
 from __future__ import annotations
@@ -31,13 +34,13 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from detect.data import OnError, ProblemLog
 from detect.errors import DatasetError, ImageError
-from detect.io import decode_image
+from detect.io import decode_image, upright_size
 
 __all__ = ["VocObject", "VocAnnotation", "parse_voc_xml", "voc_xml", "VocDataset"]
 
@@ -69,12 +72,19 @@ class VocAnnotation:
 
 
 # --- reading -----------------------------------------------------------------------------------------------
-def parse_voc_xml(source: str | os.PathLike | bytes, problems: list[str] | None = None) -> VocAnnotation:
+def parse_voc_xml(
+    source: str | os.PathLike | bytes,
+    problems: list[str] | None = None,
+    image_size: Callable[[str], tuple[int, int]] | None = None,
+) -> VocAnnotation:
     """Parse one VOC annotation from a path or from the XML bytes themselves.
 
     Raises :class:`DatasetError` for unreadable, empty, oversized, malformed or unsafe XML, missing fields,
     non-numeric values, and boxes that are empty or not inside the image. With a ``problems`` list, an object at
     fault is left out and its message appended there instead (the file's own faults still raise).
+    ``image_size(filename)``, when given, is asked for the image's ``(width, height)`` where the file states a
+    size of zero or none (labelling tools write ``0 x 0`` when they did not read the image); it raises
+    :class:`DatasetError` when it cannot tell.
     """
     if isinstance(source, bytes):
         data, where = source, "<bytes>"
@@ -98,9 +108,15 @@ def parse_voc_xml(source: str | os.PathLike | bytes, problems: list[str] | None 
     if root.tag != "annotation":
         raise DatasetError(f"{where}: root element is <{root.tag}>, expected <annotation>", path=where)
 
-    size = _child(root, "size", where)
-    width = _integer(_text(size, "width", where), "size/width", where)
-    height = _integer(_text(size, "height", where), "size/height", where)
+    size = root.find("size")
+    if size is None and image_size is not None:
+        width = height = 0
+    else:
+        size = _child(root, "size", where)
+        width = _integer(_text(size, "width", where), "size/width", where)
+        height = _integer(_text(size, "height", where), "size/height", where)
+    if (width <= 0 or height <= 0) and image_size is not None and width >= 0 and height >= 0:
+        width, height = image_size(_text(root, "filename", where))
     if width <= 0 or height <= 0:
         raise DatasetError(f"{where}: image size {width}x{height} is not positive", path=where)
     objects = []
@@ -234,7 +250,7 @@ class VocDataset:
     ) -> None:
         self.images_dir, self.annotations_dir, image_ids = _layout(root, split)
         log = ProblemLog(on_error)
-        records, kept = _parse_all(self.annotations_dir, image_ids, log)
+        records, kept = _parse_all(self.annotations_dir, image_ids, log, self.images_dir)
         if class_names is None:
             class_names = sorted({obj.name for record in records for obj in record.objects})
         elif len(set(class_names)) != len(class_names) or not all(class_names):
@@ -281,25 +297,44 @@ class VocDataset:
 
     def image_path(self, i: int) -> Path:
         """The image file of image ``i``; :class:`DatasetError` naming the annotation when there is none."""
-        filename = self.records[i].filename
-        candidates = [self.images_dir / filename] if Path(filename).name == filename else []
-        candidates += [self.images_dir / f"{self.image_ids[i]}{suffix}" for suffix in _IMAGE_SUFFIXES]
-        for path in candidates:
-            if path.is_file():
-                return path
-        raise DatasetError(
-            f"{self.records[i].source}: image {filename!r} not found in {self.images_dir}", path=self.records[i].source
-        )
+        return _find_image(self.images_dir, self.records[i].filename, self.image_ids[i], self.records[i].source)
 
 
-def _parse_all(folder: Path, image_ids: Sequence[str], log: ProblemLog) -> tuple[list[VocAnnotation], list[str]]:
+def _find_image(images_dir: Path, filename: str, image_id: str, source: str) -> Path:
+    """The image an annotation names (``filename`` in ``images_dir``, else ``<image_id>`` with a common suffix)."""
+    candidates = [images_dir / filename] if Path(filename).name == filename else []
+    candidates += [images_dir / f"{image_id}{suffix}" for suffix in _IMAGE_SUFFIXES]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise DatasetError(f"{source}: image {filename!r} not found in {images_dir}", path=source)
+
+
+def _header_size(images_dir: Path, image_id: str, source: str) -> Callable[[str], tuple[int, int]]:
+    """For :func:`parse_voc_xml`: the upright ``(width, height)`` of the annotation's image, from its header."""
+
+    def size(filename: str) -> tuple[int, int]:
+        path = _find_image(images_dir, filename, image_id, source)
+        try:
+            return upright_size(path)
+        except ImageError as e:
+            raise DatasetError(f"{source}: states no image size, and image {path}: {e.message}", path=source) from e
+
+    return size
+
+
+def _parse_all(
+    folder: Path, image_ids: Sequence[str], log: ProblemLog, images_dir: Path | None = None
+) -> tuple[list[VocAnnotation], list[str]]:
     """Every annotation of ``image_ids`` and the ids kept; per ``log``, a faulty file or object raises or is
-    reported and dropped."""
+    reported and dropped. With ``images_dir``, a file stating no image size takes its image's."""
     records, kept = [], []
     for image_id in image_ids:
         object_problems: list[str] | None = [] if log.on_error == "skip" else None
+        xml = folder / f"{image_id}.xml"
         try:
-            record = parse_voc_xml(folder / f"{image_id}.xml", object_problems)
+            size = _header_size(images_dir, image_id, str(xml)) if images_dir is not None else None
+            record = parse_voc_xml(xml, object_problems, size)
         except DatasetError as e:
             log.report(str(folder / f"{image_id}.xml"), e.message)
             continue

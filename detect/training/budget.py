@@ -7,12 +7,14 @@ Decisions:
   end of the run (the region detectors' closed-form fits, the final evaluation, writing the model). Time spent
   before a kill is carried in the checkpoint, so a resumed run spends what is left, not a new budget.
 - The schedule is fitted, not guessed: the first :data:`PROBE_STEPS` steps after one warm-up step are timed and
-  their median step time ``t`` gives the plan. With ``R`` seconds left after a reserve for the end of the run
+  their mean step time ``t`` gives the plan. A step's time is wall time from the end of the previous step,
+  evaluations left out: waiting for the batch, logging and checkpoints are part of it. With ``R`` seconds left after a reserve for the end of the run
   (:attr:`Budget.reserve`: the final evaluation and two steps), ``E`` evaluations costing ``e`` seconds each,
   ``N = (R - E e) / t`` more steps fit, evaluated every ``N / (E + 1)`` steps (the final evaluation is the last);
   evaluations take :data:`EVAL_SHARE` of the time at most (at most :data:`MAX_EVALS` with the final one). ``e`` is
   estimated from the step time until the first evaluation is measured; after every step the plan is fitted
-  again with the measured figures (running median of step times; a shared machine's speed changes), so the run
+  again with the measured figures (the mean of the last :data:`STEP_WINDOW` step times; a shared machine's speed
+  changes), so the run
   ends within the budget.
 - The pretrain stage (:mod:`detect.pretrain`) ends at its recipe's step count or when :data:`PRETRAIN_SHARE` of
   the budget is spent, whichever comes first (its step time on photos depends on their decoding, so it is bounded
@@ -41,6 +43,7 @@ PRETRAIN_SHARE = 0.15  # the most of the budget the pretrain stage may take (it 
 PROBE_STEPS = 5  # timed steps (after one warm-up step) before the first plan
 EVAL_SHARE = 0.15  # the most of the remaining time evaluations may take
 MAX_EVALS = 10
+STEP_WINDOW = 200  # the recent steps whose mean time plans the rest (a shared machine's speed changes)
 EVAL_STEP_RATIO = 0.35  # an image's evaluation cost per training image-step, until an evaluation is measured
 
 _UNITS = {"": 60.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hr": 3600.0}
@@ -126,9 +129,11 @@ class Budget:
 
     @property
     def step_seconds(self) -> float | None:
-        """The median step time, the first (warm-up) step left out once there are others."""
+        """The mean time of the last :data:`STEP_WINDOW` steps, the first (warm-up) step left out once there are
+        others. A mean, not a median: the periodic costs (a checkpoint every hundred steps, the log) belong to
+        the steps' cost, and a median would plan as if they were free."""
         times = self.step_times[1:] if len(self.step_times) > 1 else self.step_times
-        return statistics.median(times) if times else None
+        return statistics.fmean(times[-STEP_WINDOW:]) if times else None
 
     @property
     def eval_seconds(self) -> float:

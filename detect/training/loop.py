@@ -325,24 +325,34 @@ class Trainer:
         self.bar = bar
         loader = batch_loader(self.batches, self.iteration, cfg.workers, self.device.type == "cuda")
         began = time.perf_counter()
+        # a step's time for the budget runs from the end of the previous step to the end of this one, less any
+        # evaluation between them: the wait for the batch (decoding and augmenting it, without loader workers),
+        # the logging and the checkpoints are part of what each step costs; timing the step alone planned more
+        # steps than fit, and the hard stop then cut the learning-rate schedule before its decay
+        mark = self.clock()
         for batch in loader:  # waiting for a batch counts: it is what the loader workers are there to hide
             if self.iteration >= self.max_iterations:
                 break
-            stepped = self.clock()
             row = self.step(batch)
             self.train_seconds += time.perf_counter() - began
-            self.after_step(self.clock() - stepped, bar)
+            stepped = self.clock()
+            self.after_step(stepped - mark, bar)
             if self.iteration % cfg.log_every == 0 and main:
                 self.log.append(row)
                 self.write_scalars("train", row)
             if bar:
                 figures = {k.removeprefix("loss_"): v for k, v in row.items() if k.startswith("loss")}
-                if self.budget is not None:
-                    figures["budget left"] = format_seconds(self.budget.eta())
-                bar.update(self.iteration, figures)
+                eta = None
+                if self.budget is not None:  # the ETA is the budget's: the run ends when it is spent
+                    eta = self.budget.eta()
+                    figures["budget left"] = format_seconds(eta)
+                bar.update(self.iteration, figures, eta=eta)
             last = self.iteration >= self.max_iterations or (self.budget is not None and self.budget.stop_now())
+            evaluation = 0.0
             if self.eval_due() and not last:
+                evaluated = self.clock()
                 self.scheduled_evaluation()
+                evaluation = self.clock() - evaluated
                 last = last or (self.best is not None and self.best.exhausted())
                 if self.best is not None and self.best.exhausted():
                     print(f"early stop at iteration {self.iteration}: validation mAP@0.5 has not improved for "
@@ -355,6 +365,7 @@ class Trainer:
                 self.dist.checkpointed(self.checkpoint_path, row)
             if last:
                 break
+            mark = stepped + evaluation
             began = time.perf_counter()
         if bar:
             bar.set_total(self.iteration)

@@ -284,3 +284,36 @@ def test_missing_annotation_for_split_id(voc_root):
     (voc_root / "ImageSets" / "Main" / "train.txt").write_text("1\n99\n")
     with pytest.raises(DatasetError, match=r"99\.xml: cannot read annotation"):
         VocDataset(voc_root, split="train")
+
+
+def test_a_file_stating_no_size_takes_the_image_header(tmp_path):
+    """Labelling tools write ``0 x 0`` (or no ``<size>``) when they never opened the image: the data set reads the
+    size from the image's header, EXIF-upright (a phone photo stored 40 x 30 with orientation 6 is 30 x 40)."""
+    from PIL import Image
+
+    _write_sample(tmp_path, tmp_path, "1", _obj("cat", (1, 1, 35, 25)))
+    xml = (tmp_path / "1.xml").read_text()
+    (tmp_path / "1.xml").write_text(xml.replace("<width>40</width><height>30</height>",
+                                                "<width>0</width><height>0</height>"))
+    _write_sample(tmp_path, tmp_path, "2", _obj("cat", (1, 1, 25, 35)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show upright
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(tmp_path / "2.jpg", exif=exif)
+    xml = (tmp_path / "2.xml").read_text()
+    (tmp_path / "2.xml").write_text(xml.replace("<size><width>40</width><height>30</height></size>", ""))
+    data = VocDataset(tmp_path)
+    assert [(r.width, r.height) for r in data.records] == [(40, 30), (30, 40)]
+    assert data[0][0].shape == (30, 40, 3) and data[1][0].shape == (40, 30, 3)
+    assert data.annotation(1)["boxes"].tolist() == [[0.0, 0.0, 25.0, 35.0]]
+    # without its image the size cannot be known: the file is a problem, as any unreadable annotation
+    (tmp_path / "1.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"1\.xml: image '1\.jpg' not found"):
+        VocDataset(tmp_path)
+    assert VocDataset(tmp_path, on_error="skip").image_ids == ("2",)
+    # a negative size is the file's error, never looked up
+    (tmp_path / "1.xml").unlink()
+    xml = (tmp_path / "2.xml").read_text()
+    (tmp_path / "2.xml").write_text(xml.replace("<filename>", "<size><width>-1</width><height>5</height></size>"
+                                                "<filename>"))
+    with pytest.raises(DatasetError, match="-1x5 is not positive"):
+        VocDataset(tmp_path)
