@@ -423,3 +423,19 @@ def test_a_budgeted_sppnet_run_end_to_end(tmp_path: Path, capsys) -> None:
     assert summary["time_budget"] == 25 and summary["wall_seconds"] <= 25 * 1.05 + 15  # the final fits and report
     assert len(list((out / "proposals").rglob("*.npy"))) >= 8  # each training image searched once
     assert "AP@0.5" in capsys.readouterr().out
+
+
+def test_epochs_give_the_length_in_passes_over_the_training_images(tmp_path: Path, monkeypatch, capsys) -> None:
+    data = _plain_set(tmp_path / "pets")  # 10 images: 8 train, 2 held out
+    ran = {}
+    monkeypatch.setattr("detect.training.train", lambda config, resume=False, started=None: ran.setdefault("config", config) and {})
+    out = tmp_path / "run"
+    assert _cli(["train", "--data", str(data), "--out", str(out), "--epochs", "2.5", "--device", "cpu"]) == 0
+    config = ran["config"]
+    assert config.epochs == 2.5 and config.time_budget == auto.DEFAULT_BUDGET  # a cap under the CPU's default
+    trainer = Trainer(override(config, {"batch_size": 3}))
+    assert len(trainer.dataset) == 8 and trainer.config.max_iterations == 7  # ceil(2.5 * 8 / 3)
+    assert trainer.budget.cap == 7
+    for bad in (["--epochs", "0"], ["--epochs", "-1"], ["--epochs", "2", "--iterations", "5"]):
+        assert _cli(["train", "--data", str(data), "--out", str(out), *bad]) == 2
+        assert "--epochs" in capsys.readouterr().err

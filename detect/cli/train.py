@@ -23,8 +23,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", choices=sorted(auto.MODELS), help="the detector family of a derived recipe "
                    "(default faster_rcnn)")
     p.add_argument("--time", help="time budget, e.g. 30m, 90s, 1h30m: the run is fitted to end within it "
-                   "(default for a derived recipe: 30m, none on a GPU with --iterations)")
+                   "(default for a derived recipe: 30m, none on a GPU with --epochs or --iterations)")
     p.add_argument("--iterations", type=int, help="training iterations (recipe: max_iterations; with --time a cap)")
+    p.add_argument("--epochs", type=float, help="training length in passes over the training images, instead of "
+                   "--iterations (recipe: epochs; with --time a cap)")
     p.add_argument(
         "--data", help="data to train on instead of the recipe's: a folder (VOC devkit, flat, images + annotations "
         "pair), a COCO .json or a YOLO data.yaml"
@@ -74,6 +76,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print("detect train: --iterations must be positive", file=sys.stderr)
             return 2
         overrides["max_iterations"] = args.iterations
+    if args.epochs is not None:
+        if args.iterations is not None or not args.epochs > 0:
+            print("detect train: --epochs must be positive, and given instead of --iterations, not with it",
+                  file=sys.stderr)
+            return 2
+        overrides["epochs"] = args.epochs
     try:
         if args.time is not None:
             overrides["time_budget"] = parse_duration(args.time)
@@ -140,7 +148,7 @@ def _derived_recipe(args: argparse.Namespace, overrides: dict[str, Any]) -> Path
         return path
     device = torch_device(args.device or "auto").type
     budget = overrides.get("time_budget")
-    if budget is None and not (device == "cuda" and args.iterations):
+    if budget is None and not (device == "cuda" and (args.iterations or args.epochs)):
         budget = auto.DEFAULT_BUDGET
     derivation = auto.derive_for(data["data"], data.get("val_data"), args.model or "faster_rcnn", budget, device,
                                  str(out))

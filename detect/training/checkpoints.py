@@ -38,7 +38,8 @@ __all__ = ["VOLATILE_FIELDS", "data_fingerprint", "read_checkpoint", "run_identi
 # TrainConfig fields a resume may change: those that do not change what a run computes, and the length of the run
 # and its evaluation cadence (a run may be resumed to go on longer than first planned).
 VOLATILE_FIELDS = ("out_dir", "workers", "progress_seconds", "tensorboard", "log_every", "log_format",
-                   "checkpoint_every", "device", "proposal_cache", "max_iterations", "eval_every", "time_budget")
+                   "checkpoint_every", "device", "proposal_cache", "max_iterations", "eval_every", "time_budget",
+                   "epochs")
 
 
 def _digest(value: Any) -> str:

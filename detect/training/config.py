@@ -77,7 +77,8 @@ class TrainConfig:
     between plain progress lines when stderr is not a terminal; ``tensorboard`` also writes TensorBoard events.
     ``time_budget`` (seconds) fits the run into that wall time (:mod:`detect.training.budget`; ``max_iterations``
     is then a cap and ``eval_every`` the budget's); ``patience`` evaluations without a better validation score stop
-    it early (0: never; :mod:`detect.training.best`)."""
+    it early (0: never; :mod:`detect.training.best`). ``epochs``, when set, gives the run's length in passes over
+    the training images instead of ``max_iterations`` (which the trainer sets from it and the global batch)."""
 
     detector: str = "fasterrcnn_tiny"
     detector_config: Mapping[str, Any] = field(default_factory=dict)
@@ -109,6 +110,7 @@ class TrainConfig:
     region_fit_images: int = 100
     time_budget: float | None = None
     patience: int = 0
+    epochs: float | None = None
 
     def __post_init__(self) -> None:
         detectors.entry(self.detector)  # ConfigError naming the known detectors
@@ -126,6 +128,8 @@ class TrainConfig:
             raise ConfigError("eval_every, seed and region_fit_images must be >= 0")
         if self.workers < 0 or self.progress_seconds <= 0 or (self.trainable_backbone_layers or 0) < 0:
             raise ConfigError("workers and trainable_backbone_layers must be >= 0, progress_seconds positive")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"epochs must be a positive number, got {self.epochs}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ConfigError(f"time_budget must be a positive number of seconds, got {self.time_budget}")
         if self.patience < 0:

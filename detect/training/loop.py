@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
@@ -116,6 +117,9 @@ class Trainer:
         self.cache = ProposalCache(cache_dir, self.detector_config.proposals) if self.region else None
         self.batches = TrainBatches(self.dataset, config, self.cache, config.data)
         self.batches.shard(self.dist.rank, self.dist.world)
+        if config.epochs:  # the run's length in passes over the training images
+            steps = max(1, math.ceil(config.epochs * len(self.dataset) / self.batches.global_batch))
+            self.config = config = dataclasses.replace(config, max_iterations=steps)
         self.net = self.dist.wrap(self.model, find_unused=self.region)  # what the step runs (DDP when distributed)
         if config.tensorboard:
             summary_writer()  # a missing package is a ConfigError now, before any training
