@@ -254,7 +254,8 @@ def multiclass(start, stop, scores, boxes, row_start, classes, class_specific, s
 _TORCH_EXP_SYMBOL = "detect_ops_torch_vms_exp"
 _VML_MODE = 0x2 | 0x140000 | 0x100  # VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE: the mode torch's vml.h passes
 DECODE_BLOCK = 512
-"""Rows per block of :func:`decode`: 2 x 512 float32 exponents (4 KiB) and 8 KiB of deltas stay in L1."""
+"""Rows per block of :func:`decode`: its six per-row arrays (12 KiB) and the block's deltas and corners (8 KiB each)
+stay in L1."""
 
 
 def _find_torch_exp() -> int | None:
@@ -304,70 +305,106 @@ def _torch_exp(typingctx, n, src, dst):
     return sig, codegen
 
 
+@numba.njit(inline="always", nogil=True, error_model="numpy")
+def _box_rows(bq, step, k, run, bw, bh, bx, by, half):
+    """Width, height and centre of ``run`` reference boxes, box ``j`` at ``bq[step * j:]``, into rows ``k ...``
+    of the block's arrays, in the reference's order (``widths = x2 - x1``, ``ctr_x = x1 + 0.5 * widths``)."""
+    for j in range(run):
+        x1 = bq[step * j]
+        y1 = bq[step * j + 1]
+        widths = bq[step * j + 2] - x1
+        heights = bq[step * j + 3] - y1
+        bw[k + j] = widths
+        bh[k + j] = heights
+        bx[k + j] = x1 + half * widths
+        by[k + j] = y1 + half * heights
+
+
 @_jit
 def decode(start, stop, out, deltas, boxes, outer_stride, inner, inner_stride, wx, wy, ww, wh, clip, half, sizes,
            rows_per_size, zero):
-    """:meth:`detect.ops.coder.BoxCoder.decode` of rows ``r = o * inner + i`` of ``out (R, 4)`` for ``o`` in
-    ``[start, stop)``, in one pass, optionally clipped.
+    """:meth:`detect.ops.coder.BoxCoder.decode` of rows ``r = o * inner + i`` for ``o`` in ``[start, stop)``, in
+    one pass, optionally clipped. ``out``, ``deltas`` and ``boxes`` are flat (4 floats a row).
 
-    Row ``r``'s deltas are ``deltas[r]``, its reference box ``boxes[o * outer_stride + i * inner_stride]`` (the
-    boxes broadcast against the deltas, collapsed to two dimensions). Per block of :data:`DECODE_BLOCK` rows: the
-    scaled, clamped ``dw, dh`` into a buffer, torch's exp of it in place (:func:`_torch_exp`), then the corners in
-    the reference's order (:func:`decode_finish`). With ``sizes`` of shape ``(S, 2)`` as ``(H, W)`` the corners are
-    clipped as :func:`clip` does, row ``r`` to ``sizes[r // rows_per_size]``; ``(0, 2)`` leaves them unclipped.
+    Row ``r``'s deltas are ``deltas[4r:4r+4]``, its reference box the row ``o * outer_stride + i * inner_stride``
+    of ``boxes`` (the boxes broadcast against the deltas, collapsed to two dimensions). Per block of
+    :data:`DECODE_BLOCK` rows: the boxes' widths, heights and centres into four arrays (a box shared by the
+    classes of a row is computed once and repeated), the scaled, clamped ``dw, dh`` into two and torch's exp of
+    them in place (:func:`_torch_exp`), then the corners. Every loop but the boxes' indexes its arrays as
+    ``4 * k + c`` from a slice that starts at the block: numba then proves the indices non-negative (no
+    wraparound check) and LLVM vectorises the interleaved reads and writes; the same loops written on 2-D arrays
+    stayed scalar (1.5 ms against 0.8 ms for 336,000 rows on one thread). With ``sizes`` of shape ``(S, 2)`` as
+    ``(H, W)`` the corners are clipped as :func:`clip` does, row ``r`` to ``sizes[r // rows_per_size]``;
+    ``(0, 2)`` leaves them unclipped.
     """
     block = DECODE_BLOCK
-    exps = np.empty(2 * block, dtype=np.float32)
-    # per row of the block, as a structure of arrays (unit strides let LLVM vectorise the arithmetic; the
-    # interleaved (R, 4) rows would keep it scalar): dx, dy, dw, dh, box width, height, centre x, y, the corners
-    # x1, y1, x2, y2 and, when clipping, the image's H and W
-    soa = np.empty((14, block), dtype=np.float32)
+    ew = np.empty(block, dtype=np.float32)
+    eh = np.empty(block, dtype=np.float32)
+    bw = np.empty(block, dtype=np.float32)
+    bh = np.empty(block, dtype=np.float32)
+    bx = np.empty(block, dtype=np.float32)
+    by = np.empty(block, dtype=np.float32)
     first, last = start * inner, stop * inner
     do_clip = sizes.shape[0] > 0
     for b0 in range(first, last, block):
         n = min(block, last - b0)
         o = b0 // inner
         i = b0 - o * inner
-        for k in range(n):  # gather: the boxes' rows are a serial recurrence, kept out of the vectorised loops
-            r = b0 + k
-            soa[0, k], soa[1, k], soa[2, k], soa[3, k] = deltas[r, 0], deltas[r, 1], deltas[r, 2], deltas[r, 3]
-            b = o * outer_stride + i * inner_stride
-            x1, y1 = boxes[b, 0], boxes[b, 1]
-            widths = boxes[b, 2] - x1
-            heights = boxes[b, 3] - y1
-            soa[4, k], soa[5, k] = widths, heights
-            soa[6, k], soa[7, k] = x1 + half * widths, y1 + half * heights
-            if do_clip:
+        k = 0
+        if inner == 1 and outer_stride == 1:  # one box per row, in the rows' order
+            _box_rows(boxes[4 * b0:4 * (b0 + n)], 4, 0, n, bw, bh, bx, by, half)
+            k = n
+        while k < n:  # the rows of one outer index at a time
+            run = min(n - k, inner - i)
+            base = 4 * (o * outer_stride + i * inner_stride)
+            if inner_stride == 0:  # one box for the whole run (class-specific deltas): computed once
+                _box_rows(boxes[base:base + 4], 0, k, 1, bw, bh, bx, by, half)
+                bw[k + 1:k + run] = bw[k]
+                bh[k + 1:k + run] = bh[k]
+                bx[k + 1:k + run] = bx[k]
+                by[k + 1:k + run] = by[k]
+            elif inner_stride == 1:
+                _box_rows(boxes[base:base + 4 * run], 4, k, run, bw, bh, bx, by, half)
+            else:
+                _box_rows(boxes[base:base + 4 * inner_stride * (run - 1) + 4], 4 * inner_stride, k, run, bw, bh,
+                          bx, by, half)
+            k += run
+            o += 1
+            i = 0
+        dq = deltas[4 * b0:4 * (b0 + n)]
+        oq = out[4 * b0:4 * (b0 + n)]
+        for k in range(n):
+            dw = dq[4 * k + 2] / ww
+            dh = dq[4 * k + 3] / wh
+            ew[k] = clip if dw > clip else dw
+            eh[k] = clip if dh > clip else dh
+        _torch_exp(n, ew, ew)
+        _torch_exp(n, eh, eh)
+        for k in range(n):  # the reference's order: pred = d / w * size + ctr, half = 0.5 * (exp * size)
+            pred_x = dq[4 * k] / wx * bw[k] + bx[k]
+            pred_y = dq[4 * k + 1] / wy * bh[k] + by[k]
+            half_w = half * (ew[k] * bw[k])
+            half_h = half * (eh[k] * bh[k])
+            oq[4 * k] = pred_x - half_w
+            oq[4 * k + 1] = pred_y - half_h
+            oq[4 * k + 2] = pred_x + half_w
+            oq[4 * k + 3] = pred_y + half_h
+        if do_clip:  # per image: x into [0, W], y into [0, H], as clip does
+            r = b0
+            while r < b0 + n:
                 s = r // rows_per_size
-                soa[12, k], soa[13, k] = sizes[s, 0], sizes[s, 1]
-            i += 1
-            if i == inner:
-                i = 0
-                o += 1
-        for k in range(n):
-            dw = soa[2, k] / ww
-            dh = soa[3, k] / wh
-            exps[k] = clip if dw > clip else dw
-            exps[n + k] = clip if dh > clip else dh
-        _torch_exp(2 * n, exps, exps)
-        for k in range(n):
-            pred_x = soa[0, k] / wx * soa[4, k] + soa[6, k]
-            pred_y = soa[1, k] / wy * soa[5, k] + soa[7, k]
-            half_w = half * (exps[k] * soa[4, k])
-            half_h = half * (exps[n + k] * soa[5, k])
-            soa[8, k], soa[9, k] = pred_x - half_w, pred_y - half_h
-            soa[10, k], soa[11, k] = pred_x + half_w, pred_y + half_h
-        if do_clip:
-            for c in range(8, 12):
-                bound_row = 13 if c % 2 == 0 else 12  # x against W, y against H
-                for k in range(n):
-                    v = soa[c, k]
+                end = min(b0 + n, (s + 1) * rows_per_size)
+                height = sizes[s, 0]
+                width = sizes[s, 1]
+                seg = out[4 * r:4 * end]
+                for q in range(2 * (end - r)):
+                    v = seg[2 * q]
                     v = zero if v < zero else v
-                    bound = soa[bound_row, k]
-                    soa[c, k] = bound if v > bound else v
-        for k in range(n):
-            r = b0 + k
-            out[r, 0], out[r, 1], out[r, 2], out[r, 3] = soa[8, k], soa[9, k], soa[10, k], soa[11, k]
+                    seg[2 * q] = width if v > width else v
+                    v = seg[2 * q + 1]
+                    v = zero if v < zero else v
+                    seg[2 * q + 1] = height if v > height else v
+                r = end
 
 
 # The two-pass decode (float64, and float32 where torch has no MKL) and the encode: the coder's exp and log stay

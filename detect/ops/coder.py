@@ -225,7 +225,8 @@ def _decode_fused(
         if sizes is None and clip_to is not None:
             return clip_boxes(_decode_fused(coder, deltas, boxes, backend, None), clip_to)
         size_args = (_NO_SIZES, 1) if sizes is None else (sizes.contiguous().numpy(), rows // sizes.shape[0])
-        args = (out.view(rows, 4).numpy(), flat_deltas.numpy(), flat_boxes.numpy(), outer_stride, inner, inner_stride)
+        args = (out.view(-1).numpy(), flat_deltas.view(-1).numpy(), flat_boxes.view(-1).numpy(), outer_stride, inner,
+                inner_stride)
         dispatch.run_cpu(cpu.decode, outer, rows, *args, *_decode_constants(coder), *size_args, _ZERO32)
         return out
     out = deltas.new_empty(shape)

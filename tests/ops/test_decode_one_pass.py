@@ -80,6 +80,26 @@ def test_one_pass_decode_equals_torchvision_across_blocks(split, weights) -> Non
 
 
 @one_pass
+@pytest.mark.parametrize("outer_stride, inner_stride", [(0, 2), (3, 0), (1, 0), (7, 3)])
+def test_the_loop_indexes_any_box_layout(outer_stride: int, inner_stride: int) -> None:
+    """The loop itself, for box layouts the coder's collapse does not produce today (inner stride above 1, outer
+    strides other than 0 and 1): row ``o * inner + i`` decodes against box ``o * outer_stride + i * inner_stride``,
+    over block boundaries and from a start that is not 0."""
+    outer, inner = 41, 29  # 1,189 rows: three blocks, runs of rows cut by the blocks
+    boxes = random_boxes(outer * outer_stride + inner * inner_stride + 1, seed=13)
+    deltas = _edge_deltas(outer * inner, 4, seed=14)
+    index = (torch.arange(outer)[:, None] * outer_stride + torch.arange(inner)[None] * inner_stride).reshape(-1)
+    weights = (10.0, 10.0, 5.0, 5.0)
+    expected = TorchvisionBoxCoder(weights).decode(deltas, [boxes[index]])[:, 0]
+    out = torch.full((outer * inner, 4), 7.0)
+    constants = [np.float32(v) for v in (*weights, BoxCoder(weights).bbox_xform_clip, 0.5)]
+    _cpu.decode(2, outer, out.view(-1).numpy(), deltas.view(-1).numpy(), boxes.view(-1).numpy(), outer_stride, inner,
+                inner_stride, *constants, np.empty((0, 2), np.float32), 1, np.float32(0.0))
+    assert same_with_nan(out[2 * inner:], expected[2 * inner:])
+    assert bool((out[: 2 * inner] == 7.0).all())  # rows before start untouched
+
+
+@one_pass
 def test_one_pass_decode_ignores_thread_counts() -> None:
     boxes = random_boxes(40_000, seed=5)
     deltas = _edge_deltas(40_000, 4, seed=6)
