@@ -57,6 +57,23 @@ def test_tiny_objects_get_a_larger_input_than_large_ones() -> None:
     assert 320 < _side(medium) < auto.MAX_SHORT_SIDE  # 24 / 14.x of 320 -> 544 or so
 
 
+def test_objects_larger_than_a_cell_sees_get_a_smaller_input() -> None:
+    # the tiny backbone's receptive field by hand: strides 2, 2, 1, 2, 1, 1, 1 and dilations 1 (x5), 2, 4 of 3x3
+    # convs: 1 + 2 (1 + 2 + 4 + 4 + 8 + 2*8 + 4*8) = 135
+    assert auto.RECEPTIVE_FIELD == 135
+    rng = np.random.default_rng(2)
+    huge = rng.uniform(240, 280, (200, 2))  # about 0.8 of the 320-pixel images: 260 px at 320
+    assert _side(_derive(_stats(huge))) == 160  # 135 / 0.81 = 166 -> 160 (and never below 160)
+    half = rng.uniform(155, 165, (200, 2))  # 0.5 of the image: 135 / 0.5 = 270 -> 256
+    derivation = _derive(_stats(half))
+    assert _side(derivation) == 256 and "larger than what one cell" in derivation.rows[0][2]
+    sppnet = _derive(_stats(huge), model="sppnet")  # pooled over the region: no such limit
+    assert sppnet.recipe["detector_config"]["scales"] == [320]
+    # small objects beside large ones keep what they need: 10th percentile 20 px needs 24 / (20 / 320) = 384
+    mixed = np.concatenate([rng.uniform(19, 21, (30, 2)), rng.uniform(240, 280, (170, 2))])
+    assert _side(_derive(_stats(mixed))) == 384
+
+
 def test_tall_objects_get_tall_anchors_and_a_better_best_possible_recall() -> None:
     rng = np.random.default_rng(1)
     w = rng.uniform(12, 20, 300)
