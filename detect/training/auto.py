@@ -315,10 +315,10 @@ def derive_recipe(
     cap = max(500, math.ceil(EPOCH_CAP * n / batch))
     rows.append(("batch size", str(batch), f"{device}, {side}-pixel input"))
     if budget_seconds:
-        pretrain_steps = 400  # a cap: the budget ends the stage at its share of the time
+        pretrain_steps = 1500  # a cap: the budget ends the stage at its share of the time
         length = f"fitted to the {_duration(budget_seconds)} budget from the measured step time (cap {cap})"
     else:
-        pretrain_steps = 300
+        pretrain_steps = 1000
         cap = min(cap, 3000)
         length = f"{cap} iterations (no time budget)"
     rows.append(("iterations", "budget" if budget_seconds else str(cap), length))
@@ -334,8 +334,8 @@ def derive_recipe(
         "detector_config": detector_config,
         "data": {"val_fraction": VAL_FRACTION, "on_error": "skip", **data},
         "val_data": dict(val_data) if val_data else None,
-        "pretrain": {"iterations": pretrain_steps, "images_per_batch": 16, "crop_size": 64, "optimizer": "adamw",
-                     "lr": 0.002, "warmup_iterations": min(50, pretrain_steps // 5)},
+        "pretrain": {"iterations": pretrain_steps, "images_per_batch": 32, "crop_size": 64, "optimizer": "adamw",
+                     "lr": 0.002, "warmup_iterations": min(100, pretrain_steps // 5)},
         "augment": {"flip_prob": 0.5, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02,
                     "crop_prob": 0.3},
         "optimizer": {"name": "sgd", "lr": 0.01 * batch / 4, "momentum": 0.9, "weight_decay": 1e-4,
