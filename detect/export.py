@@ -552,9 +552,10 @@ class ExportedFasterRCNN:
     a ``.pt2`` program or an AOTInductor package: ``runner``), the flat outputs split per image.
 
     On a CPU (``device``), each image is its own call, as eager PyTorch runs it (:mod:`detect.detectors.faster_rcnn`):
-    an image's detections then depend on the image alone, and the batch costs what its images cost. A group of 8
-    small images in one call was slower per image than one image a call (the bundled tiny model at batch 8: 0.87x
-    eager PyTorch as one call, against 4.1x at batch 1)."""
+    an image's detections then depend on the image alone, and the batch costs what its images cost. As one call
+    of 8, the bundled tiny model ran at 0.87x eager PyTorch's images/s while its batch-1 latency was faster than
+    eager's (``benchmarks/runtime.py``, a loaded machine); one image a call, batch 8 ran at 1.27x (quiet machine,
+    batch 1 1.21x)."""
 
     proposal_methods = ("rpn",)
 
