@@ -53,6 +53,11 @@ BASE_SHORT_SIDE = 320
 MIN_SHORT_SIDE = 160
 MAX_SHORT_SIDE = 640
 SMALL_OBJECT_SIDE = 24  # pixels at the input the small objects should measure (3 cells of the stride-8 backbone)
+TINY_BOX_SIDE = 8  # boxes below this at the input are a note: the stride-8 backbone hardly sees them
+PATIENCE = 5
+DEFAULT_BUDGET = 1800.0  # seconds: detect train --data without --time
+EPOCH_CAP = 300
+VAL_FRACTION = 0.2
 
 
 def _receptive_field(layers: Sequence[tuple[int, int, int]]) -> int:
@@ -65,11 +70,6 @@ def _receptive_field(layers: Sequence[tuple[int, int, int]]) -> int:
 
 
 RECEPTIVE_FIELD = _receptive_field(TINY_LAYERS)  # 135 pixels: what one cell of the tiny backbone's map sees
-TINY_BOX_SIDE = 8  # boxes below this at the input are a note: the stride-8 backbone hardly sees them
-PATIENCE = 5
-DEFAULT_BUDGET = 1800.0  # seconds: detect train --data without --time
-EPOCH_CAP = 300
-VAL_FRACTION = 0.2
 
 
 @dataclass
