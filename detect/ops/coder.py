@@ -194,6 +194,22 @@ def _collapse(sizes: tuple[int, ...], strides: tuple[int, ...]) -> list[tuple[in
     return dims if len(dims) <= 2 else None
 
 
+@functools.lru_cache(maxsize=256)
+def _decode_layout(box_shape: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
+    """``(outer, outer_stride, inner, inner_stride)`` in rows of the boxes, for deltas of ``shape`` on boxes of
+    ``box_shape`` (see :func:`detect.ops._cpu.decode`), or None where the fused loops do not apply (broadcast
+    deltas, shapes that do not broadcast, or more than two leading dimensions left). Cached by shape: a detector
+    decodes the same few shapes call after call."""
+    box_rows = _broadcast_rows(box_shape, shape)
+    lead = None if box_rows is None else _collapse(shape[:-1], box_rows)
+    if lead is None:
+        return None
+    if len(lead) == 1 and lead[0][1] == 1:  # a box per row, in order (the RPN's): the loop's one-run-a-block path
+        lead = [lead[0], (1, 0)]
+    (outer, outer_stride), (inner, inner_stride) = ([(1, 0)] * (2 - len(lead)) + lead)[-2:]
+    return outer, outer_stride, inner, inner_stride
+
+
 def _decode_fused(
     coder: BoxCoder, deltas: Tensor, boxes: Tensor, backend: str, clip_to: tuple[int, int] | Tensor | None
 ) -> Tensor | None:
@@ -207,14 +223,11 @@ def _decode_fused(
     corners, and a clip follows as its own pass. Working memory: those two arrays, half the size of the output.
     """
     shape = tuple(deltas.shape)
-    box_rows = _broadcast_rows(tuple(boxes.shape), shape)
-    if box_rows is None or deltas.numel() == 0:
-        return None  # broadcast deltas (or shapes that do not broadcast): the reference decides
-    lead = _collapse(shape[:-1], box_rows)
-    if lead is None:
-        return None
+    layout = _decode_layout(tuple(boxes.shape), shape)
+    if layout is None or deltas.numel() == 0:
+        return None  # the reference decides
+    outer, outer_stride, inner, inner_stride = layout
     boxes = boxes.contiguous()
-    (outer, outer_stride), (inner, inner_stride) = ([(1, 0)] * (2 - len(lead)) + lead)[-2:]
     rows = deltas.numel() // 4
     flat_deltas = deltas.contiguous().view(rows, 4)
     flat_boxes = boxes.view(-1, 4)
