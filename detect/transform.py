@@ -135,6 +135,37 @@ def resized_size(size: tuple[int, int], min_size: int, max_size: int) -> tuple[i
     return max(int(height * scale), 1), max(int(width * scale), 1)
 
 
+def shrink_to_input(
+    image: np.ndarray, boxes: Mapping[str, np.ndarray], min_size: int, max_size: int
+) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+    """A training image brought to the size :class:`RCNNTransform` would resize it to, ahead of the model: the
+    same size (:func:`resized_size`), the same bilinear ``F.interpolate`` on float pixels, rounded back to
+    ``uint8`` ``(h, w, 3)``; ``boxes`` (name -> ``(N, 4)`` xyxy) scaled by :func:`rescale_boxes`, bit for bit as
+    the model would. The model then finds the image at its size, skips its resize and scales the boxes by 1.
+
+    What it buys: the loader's photometric jitter, the float conversion and the normalisation then touch the
+    input's pixels, not the photo's (a 12 MP photo is 250 times a 160-pixel input). What differs from the model's
+    own resize: the rounding to ``uint8`` (at most half a grey level), and the interpolation runs on 0-255 values
+    before the normalisation instead of after it (the same linear map, a last-bit difference).
+
+    None when the model would not shrink the image (an enlargement would gain nothing and add the rounding), or
+    when it would resize the result again: ``resized_size`` of the result must be the result (for about 2 % of
+    sizes the truncation makes the short side one pixel short, and the model would then resize a second time;
+    those images stay as they are)."""
+    height, width = image.shape[:2]
+    size = resized_size((height, width), min_size, max_size)
+    if size[0] * size[1] >= height * width or resized_size(size, min_size, max_size) != size:
+        return None
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+    with one_thread(pixels):  # its last bits would follow the thread count (detect.ops.threads)
+        resized = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
+    out = resized[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    names = list(boxes)
+    scaled = rescale_boxes([torch.as_tensor(np.asarray(boxes[n], np.float32).reshape(-1, 4)) for n in names],
+                           [(height, width)] * len(names), [size] * len(names))
+    return out, {n: b.numpy() for n, b in zip(names, scaled)}
+
+
 def rescale_boxes(
     boxes: Sequence[Tensor], old_sizes: Sequence[tuple[int, int]], new_sizes: Sequence[tuple[int, int]]
 ) -> list[Tensor]:

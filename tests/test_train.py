@@ -382,6 +382,29 @@ def test_the_batch_short_side_is_the_models_resize_target(tmp_path: Path) -> Non
                                                        augment={"short_sides": [96]})))
 
 
+def test_the_loader_shrinks_images_to_the_models_input(tmp_path: Path) -> None:
+    """Faster R-CNN's batches arrive at the size the model resizes to (its 96-pixel shapes images shrunk to the
+    batch's 64-pixel side), the backbone sees what it saw when the model resized them itself, and the loader
+    leaves images alone where the model would enlarge them (its own side, 160) and for region detectors, whose
+    cached proposals are in the photo's pixels."""
+    trainer = Trainer(override(TrainConfig(), _faster_recipe(tmp_path, max_iterations=2, augment={
+        "flip_prob": 0.0, "short_sides": [64]})))
+    assert trainer.batches.input_size == ((160,), 400)  # fasterrcnn_tiny's transform
+    batch = trainer.batches[0]
+    assert [tuple(image.shape) for image in batch["images"]] == [(64, 64, 3)] * 2
+    plain = trainer.batches.samples(0)[0][1]["boxes"]  # the first image's boxes before any augmentation
+    assert torch.equal(batch["boxes"][0], torch.as_tensor(plain, dtype=torch.float32) * (64 / 96))
+    seen: list[tuple[int, int]] = []
+    hook = trainer.model.backbone.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape[-2:])))
+    trainer.step(batch)
+    hook.remove()
+    assert seen == [(64, 64)]
+    own = Trainer(override(TrainConfig(), _faster_recipe(tmp_path / "own", max_iterations=2, augment={"flip_prob": 0.0})))
+    assert [tuple(image.shape) for image in own.batches[0]["images"]] == [(96, 96, 3)] * 2
+    region = Trainer(override(TrainConfig(), tiny_recipe(tmp_path / "spp", detector="sppnet_tiny")))
+    assert region.batches.input_size is None
+
+
 def test_progress_writes_plain_lines_when_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import io
 

@@ -11,7 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from detect.transform import IMAGENET_MEAN, IMAGENET_STD, RCNNTransform, TransformConfig, resized_size
+from detect.transform import (
+    IMAGENET_MEAN, IMAGENET_STD, RCNNTransform, TransformConfig, resized_size, shrink_to_input,
+)
 
 
 @pytest.fixture
@@ -117,3 +119,44 @@ def test_runs_on_the_device(device: torch.device) -> None:
     assert batch.tensors.device.type == device.type
     assert all(t["boxes"].device.type == device.type and t["labels"].device.type == device.type for t in moved)
     assert batch.tensors.shape == (2, 3, 32, 64)
+
+
+@pytest.mark.parametrize("shape", [(333, 517), (1000, 300), (480, 640)])
+def test_a_training_image_shrunk_ahead_gives_what_the_model_would(
+    shape: tuple[int, int], rng: np.random.Generator, generator: torch.Generator, one_thread: None
+) -> None:
+    """The loader's shrink to the input size (``shrink_to_input``) against torchvision's transform of the whole
+    photo: the same size, the boxes bit for bit, and the pixels within the rounding to uint8 (half a grey level,
+    0.5 / 255 / std after normalisation, std >= 0.224), and our transform then leaves the size alone."""
+    h, w = shape
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    boxes = random_targets([shape], generator)[0]["boxes"]
+    side, max_size = 160, 288
+    theirs, their_targets = reference(side, max_size).train()(
+        [torch.from_numpy(image).permute(2, 0, 1).float().div(255)], [{"boxes": boxes, "labels": torch.arange(1, 6)}]
+    )
+    done = shrink_to_input(image, {"boxes": boxes.numpy()}, side, max_size)
+    assert done is not None
+    small, moved = done
+    assert small.dtype == np.uint8 and small.shape[:2] == resized_size(shape, side, max_size)
+    assert torch.equal(torch.from_numpy(moved["boxes"]), their_targets[0]["boxes"])
+    ours, our_targets = RCNNTransform(TransformConfig(min_size=(side,), max_size=max_size)).train()(
+        [small], [{"boxes": torch.from_numpy(moved["boxes"]), "labels": torch.arange(1, 6)}]
+    )
+    assert ours.image_sizes == theirs.image_sizes == [small.shape[:2]]
+    assert torch.equal(our_targets[0]["boxes"], their_targets[0]["boxes"])  # scaled by exactly 1
+    h2, w2 = ours.image_sizes[0]
+    gap = (ours.tensors[0, :, :h2, :w2] - theirs.tensors[0, :, :h2, :w2]).abs().max().item()
+    assert gap <= 0.5 / 255 / min(IMAGENET_STD) + 1e-5
+
+
+def test_a_size_the_model_would_resize_twice_is_left_alone() -> None:
+    """Where the truncation leaves the short side a pixel short, the model would resize the shrunk image again
+    (a second blur that its own path does not have): such images are not shrunk, nor ones already at size."""
+    side, max_size = 160, 288
+    odd = next((h, w) for h in range(161, 2000) for w in (h + 7, 2 * h)
+               if resized_size(resized_size((h, w), side, max_size), side, max_size) != resized_size((h, w), side, max_size))
+    image = np.zeros((*odd, 3), np.uint8)
+    assert shrink_to_input(image, {"boxes": np.zeros((0, 4), np.float32)}, side, max_size) is None
+    fits = np.zeros((160, 200, 3), np.uint8)
+    assert shrink_to_input(fits, {"boxes": np.zeros((0, 4), np.float32)}, side, max_size) is None

@@ -14,7 +14,9 @@ Decisions:
   are drawn from the ``numpy.random.Generator`` the caller passes, never from torch's global generator (which v2's
   random transform classes use): one ``(seed, iteration, slot)`` gives one augmentation whatever process, worker or
   thread runs it and whatever ran before, so a resumed run draws exactly what an uninterrupted one did.
-- Order: photometric jitter (pixels only), crop, flip, scale jitter.
+- Order: crop, flip, scale jitter, then photometric jitter (pixels only). Last, it touches only the pixels that
+  remain, and gives what it would have given first (up to rounding), but for contrast, whose grey mean is then
+  the crop's. The generator still draws flip, scale, jitter, then the crop.
 - Photometric jitter as ``ColorJitter``: brightness, contrast and saturation factors uniform in
   ``[max(0, 1 - x), 1 + x]``, a hue shift uniform in ``[-h, h]``, applied in a random order, on ``uint8``.
 - The crop is SSD's, as torchvision's ``RandomIoUCrop``: a minimum IoU drawn from ``crop_min_ious``, then up to
@@ -36,6 +38,7 @@ Decisions:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -134,22 +137,31 @@ def rescale(image: np.ndarray, target: dict, factor: float) -> tuple[np.ndarray,
     return _array(resized), out
 
 
-def jitter_colour(image: np.ndarray, config: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """``ColorJitter`` with factors from ``rng``: brightness, contrast, saturation, hue in a random order."""
-    adjust = {
-        0: (config.brightness, F.adjust_brightness),
-        1: (config.contrast, F.adjust_contrast),
-        2: (config.saturation, F.adjust_saturation),
-    }
-    factors = [float(rng.uniform(max(0.0, 1 - x), 1 + x)) if x else None for x, _ in adjust.values()]
+def draw_jitter(config: AugmentConfig, rng: np.random.Generator) -> tuple[list[float | None], float | None, list[int]]:
+    """``ColorJitter``'s draw from ``rng``: the brightness, contrast and saturation factors (``None`` where off),
+    the hue shift (``None`` when off) and the order of the four adjustments."""
+    factors = [float(rng.uniform(max(0.0, 1 - x), 1 + x)) if x else None
+               for x in (config.brightness, config.contrast, config.saturation)]
     shift = float(rng.uniform(-config.hue, config.hue)) if config.hue else None
+    return factors, shift, [int(i) for i in rng.permutation(4)]
+
+
+def apply_jitter(image: np.ndarray, drawn: tuple[list[float | None], float | None, list[int]]) -> np.ndarray:
+    """The adjustments :func:`draw_jitter` drew, in its order, on ``uint8`` ``(H, W, 3)``."""
+    factors, shift, order = drawn
+    adjust = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
     pixels = _image(image)
-    for index in rng.permutation(4):
+    for index in order:
         if index == 3:
             pixels = F.adjust_hue(pixels, shift) if shift is not None else pixels
         elif factors[index] is not None:
-            pixels = adjust[index][1](pixels, factors[index])
+            pixels = adjust[index](pixels, factors[index])
     return _array(pixels)
+
+
+def jitter_colour(image: np.ndarray, config: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """``ColorJitter`` with factors from ``rng``: brightness, contrast, saturation, hue in a random order."""
+    return apply_jitter(image, draw_jitter(config, rng))
 
 
 def _centres_inside(centres: np.ndarray, window: tuple[int, int, int, int]) -> np.ndarray:
@@ -223,12 +235,16 @@ class Augment:
         sides = self.config.short_sides
         return int(sides[int(rng.integers(len(sides)))]) if sides else None
 
-    def __call__(self, image: np.ndarray, target: dict, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    def __call__(
+        self, image: np.ndarray, target: dict, rng: np.random.Generator,
+        finish: Callable[[np.ndarray, dict], tuple[np.ndarray, dict]] | None = None,
+    ) -> tuple[np.ndarray, dict]:
+        """The augmented ``(image, target)``; ``finish`` runs after the geometric steps and before the photometric
+        jitter (the trainer brings the image to the detector's input size there)."""
         cfg = self.config
         flip = rng.random() < cfg.flip_prob
         factor = float(rng.uniform(*cfg.scale_range))
-        if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue:
-            image = jitter_colour(image, cfg, rng)
+        jitter = draw_jitter(cfg, rng) if cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue else None
         if cfg.crop_prob and rng.random() < cfg.crop_prob:
             window = crop_window(np.asarray(target["boxes"], np.float32).reshape(-1, 4), image.shape[:2], cfg, rng)
             if window is not None:
@@ -237,4 +253,8 @@ class Augment:
             image, target = hflip(image, target)
         if factor != 1.0:
             image, target = rescale(image, target, factor)
+        if finish is not None:
+            image, target = finish(image, target)
+        if jitter is not None:  # last: on the crop's pixels only (drawn first, so the draws keep their order)
+            image = apply_jitter(image, jitter)
         return image, target

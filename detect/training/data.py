@@ -8,18 +8,19 @@ import dataclasses
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from detect.config import load_yaml
-from detect.data.augment import Augment
+from detect.data.augment import BOX_KEYS, Augment
 from detect.data.config import DataConfig, data_config, data_layout, make_dataset
 from detect.errors import ConfigError
 from detect.evaluate import ProposalCache, cache_keys
 from detect.training.config import TrainConfig, load_recipe
+from detect.transform import shrink_to_input
 
 __all__ = ["SHORT_SIDE_SLOT", "TrainBatches", "batch_loader", "data_splits", "describe_validation",
            "evaluation_data", "model_inputs"]
@@ -82,6 +83,9 @@ class TrainBatches(torch.utils.data.Dataset):
         self.global_batch = config.batch_size
         self.slots = range(config.batch_size)
         self.origin_iteration, self.origin_position = 0, 0
+        # the detector's own resize, (short sides, max side), where the loader may do it for the detector
+        # (detect.transform.shrink_to_input): set by the trainer for detectors that resize with RCNNTransform
+        self.input_size: tuple[tuple[int, ...], int] | None = None
 
     def shard(self, rank: int, world: int) -> None:
         """Make this the batches of process ``rank`` of ``world``: the global batch is ``batch_size * world`` and
@@ -114,8 +118,10 @@ class TrainBatches(torch.utils.data.Dataset):
             images, targets = [s[0] for s in samples], [s[1] for s in samples]
             for target, boxes in zip(targets, self.cache(images, cache_keys(self.data or cfg.data, targets))):
                 target["proposals"] = boxes
+        side = self.augment.short_side(np.random.default_rng([cfg.seed, iteration, SHORT_SIDE_SLOT]))
+        finish = self.finish(side)
         out = [
-            self.augment(image, target, np.random.default_rng([cfg.seed, iteration, k]))
+            self.augment(image, target, np.random.default_rng([cfg.seed, iteration, k]), finish)
             for k, (image, target) in zip(self.slots, samples)
         ]
         return {
@@ -123,8 +129,26 @@ class TrainBatches(torch.utils.data.Dataset):
             "boxes": [torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4) for _, t in out],
             "labels": [torch.as_tensor(t["labels"], dtype=torch.int64) for _, t in out],
             "proposals": [torch.as_tensor(t["proposals"]) for _, t in out] if self.cache is not None else None,
-            "short_side": self.augment.short_side(np.random.default_rng([cfg.seed, iteration, SHORT_SIDE_SLOT])),
+            "short_side": side,
         }
+
+    def finish(self, side: int | None) -> Callable[[np.ndarray, dict], tuple[np.ndarray, dict]] | None:
+        """The step between the augmentation's geometry and its jitter that brings an image to the detector's
+        input size (:func:`detect.transform.shrink_to_input`), for a batch resized to ``side`` (``None``: the
+        detector's own short side, when it has one); None where the detector's resize is not known here or draws
+        its side per image."""
+        if self.input_size is None:
+            return None
+        sides, max_size = self.input_size
+        if side is None and len(sides) != 1:
+            return None
+        short = int(side if side is not None else sides[0])
+
+        def shrink(image: np.ndarray, target: dict) -> tuple[np.ndarray, dict]:
+            done = shrink_to_input(image, {k: target[k] for k in BOX_KEYS if k in target}, short, max_size)
+            return (image, target) if done is None else (done[0], {**target, **done[1]})
+
+        return shrink
 
 def _as_is(batch: Any) -> Any:
     """The loader's collate function: a :class:`TrainBatches` item is a whole batch already."""

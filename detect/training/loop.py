@@ -36,6 +36,7 @@ from detect.training.best import BestKeeper, score_of
 from detect.training.budget import PRETRAIN_SHARE, Budget, format_seconds
 from detect.training.distributed import Distributed
 from detect.training.schedule import base_lr, fitted_schedule, lr_factor
+from detect.transform import RCNNTransform
 
 __all__ = ["Trainer", "init_backbone", "short_side", "train"]
 
@@ -117,6 +118,9 @@ class Trainer:
         self.cache = ProposalCache(cache_dir, self.detector_config.proposals) if self.region else None
         self.batches = TrainBatches(self.dataset, config, self.cache, config.data)
         self.batches.shard(self.dist.rank, self.dist.world)
+        transform = getattr(self.model, "transform", None)
+        if not self.region and isinstance(transform, RCNNTransform):  # the loader resizes as the model would
+            self.batches.input_size = (tuple(transform.config.min_size), int(transform.config.max_size))
         if config.epochs:  # the run's length in passes over the training images
             steps = max(1, math.ceil(config.epochs * len(self.dataset) / self.batches.global_batch))
             self.config = config = dataclasses.replace(config, max_iterations=steps)
