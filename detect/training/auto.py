@@ -327,7 +327,7 @@ def derive_recipe(
     rows.append(("pretrain on crops", f"{pretrain_steps} steps" + (" at most" if budget_seconds else ""),
                  "no outside weights: the backbone first learns to name the training boxes' crops"
                  + (" (at most 15% of the budget)" if budget_seconds else "")))
-    rows.append(("augmentation", "flip, brightness/contrast/saturation, IoU crops", "on"))
+    rows.append(("augmentation", "flip, colour jitter, IoU crops", "on; brightness, contrast, saturation, no hue shift"))
     rows.append(("validation", "--val-data" if val_data else f"{int(data.get('val_fraction', VAL_FRACTION) * 100)}% "
                  "held out" if data.get("val_fraction", VAL_FRACTION) else "none",
                  f"best model by mAP@0.5, early stop after {PATIENCE} evaluations without improvement"))
