@@ -58,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per case (median reported)")
     parser.add_argument("--threads", type=int, help="torch threads for ours and the peer (default: torch's)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # set the count even when it is torch's default: a process that ran a detector has called set_num_threads
+    # (detect.ops.threads.one_thread restores the count after each resize), which also sets MKL's, and the decode
+    # must be timed in that state (it once made the decode 3 to 100 times slower)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
     spent = detect.ops.warmup(("cpu",))
     print(f"fused kernels load/compile (detect.ops.warmup), once: {spent['cpu']:.2f} s (excluded from timings)")

@@ -250,23 +250,33 @@ def multiclass(start, stop, scores, boxes, row_start, classes, class_specific, s
 # deltas and boxes from memory once and writes the result once, and its exponentials are torch's bit for bit.
 # Where torch has no MKL (``TORCH_EXP`` is None: ARM, macOS builds) the coder keeps the two-pass path below,
 # which applies torch.exp itself.
+#
+# MKL threads its vector functions itself, up to ``mkl_get_max_threads()``, and torch.set_num_threads(N) sets that
+# (torch's own calls run inside its parallel regions, where MKL stays on one thread). Once anything in the
+# process had called it (``detect.ops.threads.one_thread`` does, restoring the count after every resize and box
+# head), each of the decode's 512-element calls woke an MKL thread team: the 336,000-row decode took 3 to 100 ms
+# instead of 1 ms on the 2-core machine. :func:`decode` therefore sets MKL's count for the calling thread to one
+# (``MKL_Set_Num_Threads_Local``) for its duration and restores it after.
 
 _TORCH_EXP_SYMBOL = "detect_ops_torch_vms_exp"
+_MKL_LOCAL_SYMBOL = "detect_ops_mkl_set_num_threads_local"
 _VML_MODE = 0x2 | 0x140000 | 0x100  # VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE: the mode torch's vml.h passes
 DECODE_BLOCK = 512
 """Rows per block of :func:`decode`: its six per-row arrays (12 KiB) and the block's deltas and corners (8 KiB each)
 stay in L1."""
 
 
-def _find_torch_exp() -> int | None:
-    """The address of MKL's ``vmsExp`` inside the loaded ``libtorch_cpu``, or None: torch built without MKL, or
-    a torch whose exp is no longer that function. The check: 65,536 float32 values spread over the decode's range
-    of exponents, through both (about 1 % of them tell MKL's results from libm's or Sleef's)."""
+def _find_torch_exp() -> tuple[int, int] | None:
+    """The addresses of MKL's ``vmsExp`` and ``MKL_Set_Num_Threads_Local`` inside the loaded ``libtorch_cpu``, or
+    None: torch built without MKL, or a torch whose exp is no longer that function. The check: 65,536 float32
+    values spread over the decode's range of exponents, through both (about 1 % of them tell MKL's results from
+    libm's or Sleef's)."""
     if not torch.backends.mkl.is_available():
         return None
     try:
         lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
         vms_exp = lib.vmsExp
+        local_threads = lib.MKL_Set_Num_Threads_Local  # the C interface (int by value)
     except (OSError, AttributeError):
         return None
     vms_exp.restype = None
@@ -276,14 +286,32 @@ def _find_torch_exp() -> int | None:
     vms_exp(len(probe), probe.ctypes.data, ours.ctypes.data, _VML_MODE)
     if not np.array_equal(ours.view(np.uint32), torch.exp(torch.from_numpy(probe)).numpy().view(np.uint32)):
         return None
-    return ctypes.cast(vms_exp, ctypes.c_void_p).value
+    return ctypes.cast(vms_exp, ctypes.c_void_p).value, ctypes.cast(local_threads, ctypes.c_void_p).value
 
 
-TORCH_EXP = _find_torch_exp()
+_FOUND = _find_torch_exp()
+TORCH_EXP = _FOUND[0] if _FOUND else None
 """Address of the exp torch's CPU kernel runs on float32 (MKL ``vmsExp``), or None; registered for the JIT as
-``detect_ops_torch_vms_exp``."""
-if TORCH_EXP is not None:
-    llvm_binding.add_symbol(_TORCH_EXP_SYMBOL, TORCH_EXP)
+``detect_ops_torch_vms_exp`` (and MKL's per-thread thread count beside it)."""
+if _FOUND is not None:
+    llvm_binding.add_symbol(_TORCH_EXP_SYMBOL, _FOUND[0])
+    llvm_binding.add_symbol(_MKL_LOCAL_SYMBOL, _FOUND[1])
+
+
+@intrinsic
+def _mkl_local_threads(typingctx, count):
+    """``MKL_Set_Num_Threads_Local(count)``: MKL's thread count for the calling thread (0: back to the global
+    one); returns the previous local count."""
+    sig = types.int64(count)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(i32, [i32])
+        fn = builder.module.globals.get(_MKL_LOCAL_SYMBOL) or ir.Function(builder.module, fnty, _MKL_LOCAL_SYMBOL)
+        value = context.cast(builder, args[0], signature.args[0], types.int32)
+        return builder.sext(builder.call(fn, [value]), ir.IntType(64))
+
+    return sig, codegen
 
 
 @intrinsic
@@ -337,6 +365,7 @@ def decode(start, stop, out, deltas, boxes, outer_stride, inner, inner_stride, w
     ``(H, W)`` the corners are clipped as :func:`clip` does, row ``r`` to ``sizes[r // rows_per_size]``;
     ``(0, 2)`` leaves them unclipped.
     """
+    previous = _mkl_local_threads(1)  # see the section's comment: one MKL thread for the vmsExp calls below
     block = DECODE_BLOCK
     ew = np.empty(block, dtype=np.float32)
     eh = np.empty(block, dtype=np.float32)
@@ -405,6 +434,7 @@ def decode(start, stop, out, deltas, boxes, outer_stride, inner, inner_stride, w
                     v = zero if v < zero else v
                     seg[2 * q + 1] = height if v > height else v
                 r = end
+    _mkl_local_threads(previous)
 
 
 # The two-pass decode (float64, and float32 where torch has no MKL) and the encode: the coder's exp and log stay

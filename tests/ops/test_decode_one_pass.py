@@ -158,3 +158,32 @@ def test_decode_equals_torchvision_under_each_cpu_capability(capability: str) ->
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "True", done.stdout
+
+
+@numba.njit(nogil=True)
+def _set_mkl_local(count):
+    return _cpu._mkl_local_threads(count)
+
+
+@one_pass
+def test_the_decode_keeps_mkl_on_one_thread_and_restores_the_callers_count() -> None:
+    """MKL threads vmsExp itself once torch.set_num_threads has been called (one_thread does, after every resize),
+    so the loop sets MKL's count for its thread to one while it runs and gives back what the caller had: checked
+    through MKL's own getter (mkl_get_max_threads sees the thread's local count), not through a timing."""
+    import ctypes
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    lib.mkl_get_max_threads.restype = ctypes.c_int
+    torch.set_num_threads(torch.get_num_threads())  # the state a detector call leaves behind
+    previous = _set_mkl_local(1)
+    try:
+        assert lib.mkl_get_max_threads() == 1  # the intrinsic reaches MKL with the C calling convention
+        _set_mkl_local(3)
+        boxes = random_boxes(2000, 0).view(20, 100, 4)
+        deltas = torch.randn(20, 100, 84, generator=torch.Generator().manual_seed(1))
+        ours = BoxCoder((10.0, 10.0, 5.0, 5.0)).decode_per_class(deltas, boxes)
+        assert _set_mkl_local(0) == 3 and lib.mkl_get_max_threads() >= 1  # the caller's count came back
+        peer = TorchvisionBoxCoder((10.0, 10.0, 5.0, 5.0)).decode(deltas.flatten(0, 1), list(boxes))
+        assert torch.equal(ours.flatten(0, 1), peer)
+    finally:
+        _set_mkl_local(previous)
