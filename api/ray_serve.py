@@ -26,7 +26,8 @@ Decisions:
   ``Server-Timing`` header, the handle's from a no-op call (:meth:`DetectIngress.echo_size`) carrying the same
   bytes, the proxy's is the rest. On the shared 2-core machine (load about 8) that was 5.2 ms of proxy and
   4.1 ms of handle and serialisation against 2.2 ms of plain HTTP, and a forward a few ms slower in the replica
-  beside Ray's own processes: 1.23x the plain server's median. ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``
+  beside Ray's own processes: 1.23x the plain server's median (1.40x later on the quiet machine: 6.6 ms of
+  proxy, 4.1 ms of handle, the app 31 ms in the replica against 27 ms). ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``
   made no difference beyond noise there, so Serve's defaults are kept.
 * **Settings.** The driver's :class:`api.settings.Settings` travel to the replicas with the app factory, and its
   ``DETECT_*`` variables in the replicas' runtime environment (the weights search path among them), so a

@@ -554,8 +554,8 @@ class ExportedFasterRCNN:
     On a CPU (``device``), each image is its own call, as eager PyTorch runs it (:mod:`detect.detectors.faster_rcnn`):
     an image's detections then depend on the image alone, and the batch costs what its images cost. As one call
     of 8, the bundled tiny model ran at 0.87x eager PyTorch's images/s while its batch-1 latency was faster than
-    eager's (``benchmarks/runtime.py``, a loaded machine); one image a call, batch 8 ran at 1.27x (quiet machine,
-    batch 1 1.21x)."""
+    eager's (``benchmarks/runtime.py``, a loaded machine); one image a call, batch 8 ran at 1.27x, later 1.39x
+    (quiet machine; batch 1 1.21x, later 1.33x)."""
 
     proposal_methods = ("rpn",)
 

@@ -22,8 +22,8 @@ statistics into a recipe (a plain mapping, the YAML ``recipe.yaml`` holds). Deci
   the training images; SGD, cosine decay with warm-up; ``max_iterations`` a cap of 300 epochs that the time budget
   (:mod:`detect.training.budget`) cuts to what fits; evaluations on the budget's plan, early stop after
   :data:`PATIENCE` evaluations without improvement. Augmentation: flip, photometric jitter, IoU crops. No hue
-  shift: torchvision's goes through HSV and back, and took a third of a step's time on the 2-core CPU (about
-  100 ms of a batch of 8 photos of 0.2 MP, 300 ms at 0.7 MP); under a time budget those steps count for more.
+  shift: torchvision's goes through HSV and back, and on the 2-core CPU it took 100 ms of a 560 ms step with 8
+  photos of 0.2 MP, 310 ms of 1.1 s at 0.7 MP; under a time budget those steps count for more.
 - Validation: ``--val-data`` when given, else the data's own ``val`` split, else a seeded fifth of the images.
 - Every surprise in the data becomes a :attr:`Derivation.notes` line saying what the recipe did about it; data
   that cannot be trained on (no boxes at all) is a :class:`DatasetError`.
