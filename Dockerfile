@@ -31,6 +31,12 @@ COPY api ./api
 RUN pip install ".${EXTRAS}"
 
 FROM ${PYTHON_IMAGE} AS runtime
+ARG EXTRAS=""
+# Ray images get HAProxy: Ray Serve then routes requests straight to the replicas (api/ray_serve.py, "Ingress").
+# hadolint ignore=DL3008
+RUN case "$EXTRAS" in \
+      *ray*) apt-get update && apt-get install -y --no-install-recommends haproxy && rm -rf /var/lib/apt/lists/* ;; \
+    esac
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

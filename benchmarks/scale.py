@@ -13,12 +13,13 @@
    sequential requests alternating between the two servers so that a shared machine's load hits both alike:
    ``transport`` = client time - the app's own time (its ``Server-Timing`` header), split on Ray into the
    ``handle`` call with serialisation (a no-op handle call carrying the same bytes) and the ``proxy`` (the
-   rest), beside the ``app`` and ``model`` (the image's ``timings_ms``) times. The summary's Serve ratio is the
-   ratio of those alternating medians. The Ray batch rows are followed by each run's start-up line (connect,
+   rest), beside the ``app`` and ``model`` (the image's ``timings_ms``) times. Behind HAProxy (``--ingress``,
+   chosen as ``detect serve --engine ray`` chooses it) no handle call is on the way: all of ``transport`` is
+   the proxy's. The summary's Serve ratio is the ratio of those alternating medians. The Ray batch rows are followed by each run's start-up line (connect,
    listing, first result; per actor: worker start-up and imports, model load).
 
     python benchmarks/scale.py [--images 96] [--size 160] [--cores 2] [--requests 60] [--family F --weights W]
-                               [--only batch|serving]
+                               [--only batch|serving] [--ingress auto|haproxy|proxy]
 
 Decisions:
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import functools
 import io
+import os
 import re
 import sys
 import tempfile
@@ -216,7 +218,8 @@ def serving(args: argparse.Namespace, weights: str, ray: object) -> float:
                     time.sleep(0.1)
             per_stage = stages({"plain": url, "ray serve": ray_url}, data, args.requests)
             plain_stages, ray_stages = per_stage["plain"], per_stage["ray serve"]
-            ray_stages["handle"] = handle_round_trip(data, args.requests)
+            if args.ingress_used == "proxy":  # behind HAProxy no handle call is on a request's way
+                ray_stages["handle"] = handle_round_trip(data, args.requests)
             plain = latencies(url, data, args.requests)
             on_ray = latencies(ray_url, data, args.requests)
         finally:
@@ -226,16 +229,18 @@ def serving(args: argparse.Namespace, weights: str, ray: object) -> float:
     print(f"{'server':>10} {'p50 ms':>8} {'p99 ms':>8} {'8-client req/s':>14}")
     for name, (p50, p99, rps) in (("plain", plain), ("ray serve", on_ray)):
         print(f"{name:>10} {p50 * 1e3:>8.1f} {p99 * 1e3:>8.1f} {rps:>14.2f}")
-    print("stages, medians of sequential requests alternating between the two servers (ms):")
+    print(f"stages, medians of sequential requests alternating between the two servers (ms); Ray Serve's ingress: "
+          f"{args.ingress_used}")
     print(f"{'server':>10} {'total':>7} {'transport':>9} {'proxy':>7} {'handle+ser':>10} {'app':>7} {'model':>7}")
     for name, st in (("plain", plain_stages), ("ray serve", ray_stages)):
         handle = st.get("handle")
-        proxy = st["transport"] - handle if handle is not None else float("nan")
+        proxy = float("nan") if name == "plain" else st["transport"] - (handle or 0.0)
         handle_text = f"{handle:>10.2f}" if handle is not None else f"{'-':>10}"
         print(f"{name:>10} {st['total']:>7.2f} {st['transport']:>9.2f} {proxy:>7.2f} {handle_text} {st['app']:>7.2f} "
               f"{st['model']:>7.2f}")
     print("  transport = total - app (the Server-Timing header); handle+ser = a no-op handle call carrying the same "
-          "bytes; proxy = transport - handle+ser; model = the image's timings_ms (decode, queue, forward, post)")
+          "bytes (Serve's proxy only); proxy = transport - handle+ser (HAProxy: all of transport); model = the "
+          "image's timings_ms (decode, queue, forward, post)")
     return ray_stages["total"] / plain_stages["total"]
 
 
@@ -250,11 +255,19 @@ def main() -> None:
     parser.add_argument("--family", default="faster_rcnn")
     parser.add_argument("--weights")
     parser.add_argument("--only", choices=("batch", "serving"), help="run one of the two parts")
+    parser.add_argument("--ingress", choices=("auto", "haproxy", "proxy"), default="auto",
+                        help="Ray Serve's ingress, as detect serve --engine ray --ingress (default auto)")
     args = parser.parse_args()
     ray = ray_engine.require_ray()
+    from api.ray_serve import ingress_environment
+
+    environment = ingress_environment(args.ingress)  # before the cluster starts: its processes read it
+    os.environ.update(environment)
+    args.ingress_used = "haproxy" if environment["RAY_SERVE_ENABLE_HA_PROXY"] == "1" else "proxy"
     with tempfile.TemporaryDirectory() as scratch:
         weights, how = choose_weights(args, Path(scratch))
-        print(f"model: {args.family}, weights {weights} ({how}); torch {torch.__version__}, ray {ray.__version__}")
+        print(f"model: {args.family}, weights {weights} ({how}); torch {torch.__version__}, ray {ray.__version__}; "
+              f"Ray Serve ingress {args.ingress_used}")
         ray.init(num_cpus=args.cores + 1, include_dashboard=False, log_to_driver=False)
         try:
             ratio = batch(args, weights, Path(scratch)) if args.only != "serving" else float("nan")

@@ -69,9 +69,13 @@ def generator() -> torch.Generator:
 @pytest.fixture(scope="session")
 def ray_cluster(request: pytest.FixtureRequest) -> ModuleType:
     """``ray``, initialised once per session as a local 2-CPU cluster (shut down at the end) for every Ray test:
-    the engines' and the API contract's on Ray Serve. Skipped where ray is not installed."""
+    the engines' and the API contract's on Ray Serve, whose ingress is the one ``detect serve --engine ray``
+    would choose here. Skipped where ray is not installed."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
+        from api.ray_serve import ingress_environment
+
+        os.environ.update(ingress_environment("auto"))  # HAProxy where installed, as `detect serve --engine ray`
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
         request.config.add_cleanup(ray.shutdown)

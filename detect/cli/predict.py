@@ -192,6 +192,9 @@ def _add_serve_engine_options(p: argparse.ArgumentParser) -> None:
     scale = g.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=positive_int, help="a fixed number of replicas (default 1)")
     scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscale between MIN and MAX replicas on ongoing requests")
+    g.add_argument("--ingress", choices=("auto", "haproxy", "proxy"),
+                   help="what answers on --port for a local Ray cluster: haproxy (straight to the replicas), proxy "
+                        "(Serve's HTTP proxy); default auto: haproxy when it is installed")
 
 
 def _ray_options(args: argparse.Namespace) -> object | None:
@@ -339,8 +342,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     check_weights(settings)
     if args.engine == "ray":
         return _serve_on_ray(args, settings)
-    if args.address is not None or args.replicas is not None or args.autoscale is not None:
-        raise ConfigError("--address, --replicas and --autoscale need --engine ray")
+    if any(v is not None for v in (args.address, args.replicas, args.autoscale, args.ingress)):
+        raise ConfigError("--address, --replicas, --autoscale and --ingress need --engine ray")
     app = create_app(settings)
     app.state.service.address = f"http://{_url_host(args.host)}:{args.port}"
     uvicorn.Server(server_config(app, settings, args.host, args.port, log_level=args.log_level)).run()
@@ -426,7 +429,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _serve_on_ray(args: argparse.Namespace, settings: object) -> int:
-    """``detect serve --engine ray``: the same app as Ray Serve replicas behind Serve's HTTP proxy on
+    """``detect serve --engine ray``: the same app as Ray Serve replicas behind HAProxy or Serve's HTTP proxy on
     ``--host:--port``, until interrupted (see :mod:`api.ray_serve`)."""
     from detect.engines.ray import RAY_MISSING, require_ray
 
@@ -437,5 +440,6 @@ def _serve_on_ray(args: argparse.Namespace, settings: object) -> int:
         raise ConfigError(RAY_MISSING) from None
 
     scaling = ray_serve.Scaling.parse(args.replicas, args.autoscale)
-    ray_serve.serve_blocking(settings, scaling, host=args.host, port=args.port, address=args.address)
+    ray_serve.serve_blocking(settings, scaling, host=args.host, port=args.port, address=args.address,
+                             ingress=args.ingress or "auto")
     return EXIT_OK

@@ -1,5 +1,5 @@
 """The API contract on both engines: the plain uvicorn server and the same app as Ray Serve replicas
-(``api/ray_serve.py``, behind Serve's HTTP proxy). A representative subset of tests/api/test_app.py: probes,
+(``api/ray_serve.py``, behind HAProxy where it is installed, else Serve's HTTP proxy). A representative subset of tests/api/test_app.py: probes,
 models, a good and a corrupt image, the error shapes, the body limit and ``/metrics``.
 
 The Ray variant deploys with ``--autoscale 1:2``, so Serve validates the autoscaling options for real; it shares
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import functools
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,6 +20,7 @@ from tests.helpers import StubDetector, free_port, png, running, wait_ready
 
 LIMITS = {"max_body_bytes": 200_000, "max_pixels": 250_000, "max_images_per_request": 4, "max_wait_ms": 2.0}
 CT_PNG = "image/png"
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")  # as tests/conftest.py reads it
 
 
 
@@ -102,6 +105,70 @@ def test_metrics(client: httpx.Client) -> None:
     assert values['detect_requests_total{path="/detect",status="200"}'] >= 1
     assert values["detect_batch_size_count"] >= 1
     assert "detect_queue_depth" in values
+
+
+def _listener(port: int) -> str | None:
+    """The name of the process that listens on TCP ``port`` of this machine (Linux's /proc), else None."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
+                return Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:  # a process that ended, or one not ours
+            continue
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc")
+def test_what_listens_on_the_port(client: httpx.Client, request: pytest.FixtureRequest) -> None:
+    """The plain server's port is this process's; Ray Serve's is HAProxy's where haproxy is installed (the
+    ingress `detect serve --engine ray` chooses, api/ray_serve.py), else Serve's proxy actor's. CI installs
+    haproxy, so under CI=true the Ray variant must answer through it."""
+    from api.ray_serve import haproxy_binary
+
+    owner = _listener(client.base_url.port)
+    if request.node.callspec.params["client"] == "local":
+        assert owner == Path("/proc/self/comm").read_text().strip()
+    elif haproxy_binary() is not None:
+        assert owner == "haproxy"
+    else:
+        assert not IN_CI, "CI installs haproxy (.ci/run): Ray Serve should answer through it"
+        assert owner is not None and owner != "haproxy"
+
+
+def test_ingress_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    from api import ray_serve
+    from detect.errors import ConfigError
+
+    fake = tmp_path / "haproxy"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(fake))
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", "19101")
+    expected = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": str(fake),
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2", "RAY_SERVE_HAPROXY_STATS_PORT": "18404",
+                "RAY_SERVE_HAPROXY_METRICS_PORT": "19101"}
+    assert ray_serve.ingress_environment("auto") == ray_serve.ingress_environment("haproxy") == expected
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_STATS_PORT")
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_METRICS_PORT")
+    ports = ray_serve.ingress_environment("haproxy")  # free ports of this machine, not Ray's fixed defaults
+    stats, metrics = int(ports["RAY_SERVE_HAPROXY_STATS_PORT"]), int(ports["RAY_SERVE_HAPROXY_METRICS_PORT"])
+    assert stats != metrics and all(_listener(p) is None for p in (stats, metrics))
+    assert ray_serve.ingress_environment("proxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "missing"))
+    assert ray_serve.ingress_environment("auto") == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    with pytest.raises(ConfigError, match="apt-get install haproxy"):
+        ray_serve.ingress_environment("haproxy")
+    with pytest.raises(ConfigError, match="--ingress must be one of"):
+        ray_serve.ingress_environment("nginx")
 
 
 def test_scaling_flags() -> None:

@@ -269,3 +269,15 @@ def test_engine_ray_without_ray_is_one_line_and_exit_2(mixed_images: Path, tmp_p
 def test_ray_flags_need_engine_ray(mixed_images: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["predict", str(mixed_images), "--out", str(tmp_path / "o"), "--actors", "2"]) == cli.EXIT_USAGE
     assert capsys.readouterr().err.strip() == "error[config_error]: --actors needs --engine ray"
+
+
+def test_ingress_flag(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--ingress`` belongs to ``--engine ray``; ``--ingress haproxy`` without the program is refused before a
+    cluster starts (api/ray_serve.py chooses the ingress)."""
+    pytest.importorskip("ray.serve")
+    assert cli.main(["serve", "--ingress", "proxy"]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.strip() == (
+        "error[config_error]: --address, --replicas, --autoscale and --ingress need --engine ray")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "no-haproxy"))
+    assert cli.main(["serve", "--engine", "ray", "--ingress", "haproxy"]) == cli.EXIT_USAGE
+    assert "--ingress haproxy needs the haproxy program on PATH" in capsys.readouterr().err
