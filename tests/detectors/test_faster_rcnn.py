@@ -422,3 +422,27 @@ def test_cpu_inference_runs_each_image_alone(monkeypatch: pytest.MonkeyPatch) ->
     passes.clear()
     model(images, targets=[{"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0]]), "labels": torch.tensor([1])}] * 3)
     assert passes == [3]  # with targets (losses) the group stays one batch
+
+
+def test_pool_rois_matches_torchvisions_multiscale_roi_align(generator: torch.Generator) -> None:
+    """The exportable path's pooling of ``(K, 5)`` RoIs (levels concatenated, then gathered back into RoI order)
+    gives torchvision's ``MultiScaleRoIAlign`` on per-image box lists bit for bit: RoIs of every level, two images,
+    the rows in image-major RoI order."""
+    from detect.roi_heads import pool_rois
+
+    sizes = [(512, 640), (480, 600)]  # maps at strides 4, 8, 16, 32 of the padded 512 x 640
+    features = OrderedDict(
+        (str(i), torch.randn(2, 8, 128 // 2**i, 160 // 2**i, generator=generator)) for i in range(4))
+    boxes = []
+    for h, w in sizes:  # sides from 16 to 600 px: torchvision's levels 2 to 5 (224 px is level 4), all four maps
+        xy = torch.rand(60, 2, generator=generator) * torch.tensor([w * 0.3, h * 0.3])
+        side = 16 * (600 / 16) ** torch.rand(60, 1, generator=generator)
+        boxes.append(torch.cat([xy, torch.minimum(xy + side, torch.tensor([w, h]).float())], 1))
+    theirs = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    expected = theirs(features, boxes, sizes)
+    ours = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)])
+    got = pool_rois(ThreadedRoIPool(ours), features, rois, torch.tensor(sizes))
+    levels = theirs.map_levels(boxes)
+    assert len(set(levels.tolist())) == 4  # every level is exercised
+    assert torch.equal(got, expected)
