@@ -16,7 +16,9 @@ Cases and targets (issues 2 and 16):
 - IoU 4,000 x 4,000 vs ``torchvision.ops.box_iou``: within 3x of the floor and at least 10x faster; peak memory
   for 20,000 x 20,000 at most half;
 - box-coder decode (8 x 2,000 boxes x 21 classes; RPN 2 x 4,000; tiny detector 1 x 300 x 4) vs torchvision's
-  ``BoxCoder``: at least 3x faster on every case, bitwise equal (issue 24).
+  ``BoxCoder``: at least 3x faster on every case, bitwise equal (issue 24);
+- RoI Align's gradient (the tiny Faster R-CNN's training step: 8 x 128 RoIs, 128 channels) vs torchvision's
+  ``_roi_align_backward``: bitwise equal (no target; it was 30 % of a training step).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import detect.ops  # noqa: E402
-from benchmarks import _case_iou_coder, _case_nms  # noqa: E402
+from benchmarks import _case_iou_coder, _case_nms, _case_pooling  # noqa: E402
 
 
 def _fmt(row: dict) -> str:
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
     spent = detect.ops.warmup(("cpu",))
     print(f"fused kernels load/compile (detect.ops.warmup), once: {spent['cpu']:.2f} s (excluded from timings)")
-    rows = _case_nms.run(args.repeats) + _case_iou_coder.run(args.repeats)
+    rows = _case_nms.run(args.repeats) + _case_iou_coder.run(args.repeats) + _case_pooling.run(args.repeats)
     for row in rows:
         print(_fmt(row))
     summary = "; ".join(f"{r['case'].split(':')[0]} {r['ratio']:.2f}x" for r in rows)

@@ -528,3 +528,83 @@ def clip(start, stop, out, boxes, sizes, rows_per_size, zero):
             if v > bound:
                 v = bound
             out[k, c] = v
+
+
+# --- RoI Align's gradient -------------------------------------------------------------------------------------
+# torchvision's CPU backward visits every (RoI, channel, bin) in turn, recomputing each sampling point's bilinear
+# weights once per channel, on one core: in a training step of the tiny Faster R-CNN it was 170 of 600 ms. Here
+# the weights are computed once per sampling point and applied to all channels at once, into a channels-last
+# gradient (a contiguous vector per feature pixel), images in parallel (an RoI only touches its own image's
+# gradient). Each gradient element still receives its terms in torchvision's order (RoI, bin row, bin column,
+# sample row, sample column, corner) with the same float32 operations (``grad * w / count``, the positions and
+# weights as ``bilinear_interpolate_gradient`` computes them), so the sums are bitwise torchvision's.
+
+
+@_jit
+def roi_align_backward(start, stop, grad_in, grad_out, rois, order, first, scale, offset, grid_h, grid_w):
+    """``grad_in (B, H, W, C)`` (zeros on entry) += RoI Align's gradient for images ``[start, stop)``.
+
+    ``grad_out (K, PH, PW, C)`` float32 is the pooled output's gradient channels-last, ``rois (K, 5)`` float32,
+    ``order``/``first`` the RoIs of image ``b`` in their own order (``order[first[b]:first[b + 1]]``).
+    ``scale``/``offset`` are the spatial scale and 0.5 for ``aligned`` (else 0), float32; ``grid_h``/``grid_w``
+    the sampling ratio, or 0 for torchvision's adaptive ``ceil(roi side / bins)``."""
+    height, width, channels = grad_in.shape[1], grad_in.shape[2], grad_in.shape[3]
+    pooled_h, pooled_w = grad_out.shape[1], grad_out.shape[2]
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    half = np.float32(0.5)
+    fheight = np.float32(height)
+    fwidth = np.float32(width)
+    for b in range(start, stop):
+        for j in range(first[b], first[b + 1]):
+            n = order[j]
+            start_w = rois[n, 1] * scale - offset
+            start_h = rois[n, 2] * scale - offset
+            roi_w = rois[n, 3] * scale - offset - start_w
+            roi_h = rois[n, 4] * scale - offset - start_h
+            if offset == zero:  # not aligned: malformed RoIs count as 1 x 1
+                roi_w = one if roi_w < one else roi_w
+                roi_h = one if roi_h < one else roi_h
+            bin_h = roi_h / np.float32(pooled_h)
+            bin_w = roi_w / np.float32(pooled_w)
+            samples_h = grid_h if grid_h > 0 else int(np.ceil(roi_h / np.float32(pooled_h)))
+            samples_w = grid_w if grid_w > 0 else int(np.ceil(roi_w / np.float32(pooled_w)))
+            count = np.float32(samples_h * samples_w)
+            for ph in range(pooled_h):
+                for pw in range(pooled_w):
+                    for iy in range(samples_h):
+                        y = start_h + np.float32(ph) * bin_h + np.float32(iy + 0.5) * bin_h / np.float32(samples_h)
+                        for ix in range(samples_w):
+                            x = start_w + np.float32(pw) * bin_w + np.float32(ix + 0.5) * bin_w / np.float32(samples_w)
+                            if y < -one or y > fheight or x < -one or x > fwidth:
+                                continue
+                            yy = zero if y <= zero else y
+                            xx = zero if x <= zero else x
+                            y_low = int(yy)
+                            x_low = int(xx)
+                            if y_low >= height - 1:
+                                y_low = y_high = height - 1
+                                yy = np.float32(y_low)
+                            else:
+                                y_high = y_low + 1
+                            if x_low >= width - 1:
+                                x_low = x_high = width - 1
+                                xx = np.float32(x_low)
+                            else:
+                                x_high = x_low + 1
+                            ly = yy - np.float32(y_low)
+                            lx = xx - np.float32(x_low)
+                            hy = one - ly
+                            hx = one - lx
+                            w1 = hy * hx
+                            w2 = hy * lx
+                            w3 = ly * hx
+                            w4 = ly * lx
+                            for c in range(channels):
+                                grad_in[b, y_low, x_low, c] += grad_out[n, ph, pw, c] * w1 / count
+                            for c in range(channels):
+                                grad_in[b, y_low, x_high, c] += grad_out[n, ph, pw, c] * w2 / count
+                            for c in range(channels):
+                                grad_in[b, y_high, x_low, c] += grad_out[n, ph, pw, c] * w3 / count
+                            for c in range(channels):
+                                grad_in[b, y_high, x_high, c] += grad_out[n, ph, pw, c] * w4 / count

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -91,8 +92,57 @@ def roi_align(
     """
     dtype = _kernel_dtype(features)
     rois = _as_rois(boxes, features, dtype)
-    pooled = torchvision.ops.roi_align(features.to(dtype), rois, output_size, spatial_scale, sampling_ratio, aligned)
+    inputs = features.to(dtype)
+    if (dtype == torch.float32 and inputs.device.type == "cpu" and inputs.requires_grad and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and dispatch.choose("roi_align", inputs.device, dtype) == "numba"):
+        pooled = _RoIAlignGrad.apply(inputs, rois, _pair(output_size), float(spatial_scale), int(sampling_ratio),
+                                     bool(aligned))
+    else:
+        pooled = torchvision.ops.roi_align(inputs, rois, output_size, spatial_scale, sampling_ratio, aligned)
     return pooled.to(features.dtype)  # (K, C, oh, ow)
+
+
+def _pair(size: int | tuple[int, int] | Sequence[int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+class _RoIAlignGrad(torch.autograd.Function):
+    """torchvision's RoI Align forward with the gradient of :func:`detect.ops._cpu.roi_align_backward`: float32
+    features on the CPU, the path training takes. The same gradient bit for bit, computed once per sampling point
+    for all channels and in parallel over images instead of once per channel on one core (see the kernel)."""
+
+    @staticmethod
+    def forward(ctx, features: Tensor, rois: Tensor, size: tuple[int, int], scale: float, sampling: int,
+                aligned: bool) -> Tensor:
+        ctx.save_for_backward(rois)
+        ctx.settings = (features.shape, size, scale, sampling, aligned)
+        return torchvision.ops.roi_align(features, rois, size, scale, sampling, aligned)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (rois,) = ctx.saved_tensors
+        shape, size, scale, sampling, aligned = ctx.settings
+        return roi_align_grad(grad, rois, shape, scale, sampling, aligned), None, None, None, None, None
+
+
+def roi_align_grad(grad: Tensor, rois: Tensor, shape: Sequence[int], spatial_scale: float, sampling_ratio: int,
+                   aligned: bool) -> Tensor:
+    """The gradient of RoI Align's float32 CPU output ``(K, C, PH, PW)`` with respect to its ``shape`` ``(B, C, H,
+    W)`` input: torchvision's ``_roi_align_backward``, bitwise, from :func:`detect.ops._cpu.roi_align_backward`."""
+    batch, channels, height, width = (int(v) for v in shape)
+    grad_in = torch.zeros((batch, height, width, channels), dtype=torch.float32)
+    if grad.numel() and batch:
+        images = rois[:, 0].to(torch.int64)  # (K,), as torchvision truncates the float index
+        order = torch.argsort(images, stable=True)  # each image's RoIs, in their own order
+        first = torch.searchsorted(images[order], torch.arange(batch + 1))  # (B + 1,)
+        grad_out = grad.to(torch.float32).permute(0, 2, 3, 1).contiguous()  # (K, PH, PW, C)
+        offset = np.float32(0.5 if aligned else 0.0)
+        dispatch.run_cpu(
+            dispatch.cpu().roi_align_backward, batch, grad_out.numel(), grad_in.numpy(), grad_out.numpy(),
+            rois.to(torch.float32).contiguous().numpy(), order.numpy(), first.numpy(), np.float32(spatial_scale),
+            offset, max(sampling_ratio, 0), max(sampling_ratio, 0),
+        )
+    return grad_in.permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
 
 
 def roi_pool(

@@ -11,7 +11,7 @@ from detect.ops.boxes import batched_box_iou, clip_boxes
 from detect.ops.coder import BoxCoder
 from detect.ops.dispatch import _FAST_DTYPES, PARALLEL_WORK
 from detect.ops.nms import grouped_nms, multiclass_nms
-from detect.ops.pooling import spatial_pyramid_pool
+from detect.ops.pooling import roi_align_grad, spatial_pyramid_pool
 
 __all__ = ["warmup"]
 
@@ -52,6 +52,8 @@ def warmup(devices: tuple[str, ...] | None = None) -> dict[str, float]:
                     maps = torch.rand(1, 2, 8, 8, generator=g, dtype=dtype).to(device)
                     rois = torch.tensor([[0.0, 0.0, 0.0, 5.0, 7.0]], dtype=dtype, device=device)
                     spatial_pyramid_pool(maps, rois)
+                    if device.type == "cpu" and dtype == torch.float32:  # the training gradient's loop
+                        roi_align_grad(torch.ones(1, 2, 2, 2), rois.cpu(), (1, 2, 8, 8), 1.0, 2, False)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         spent[name] = time.perf_counter() - start

@@ -107,6 +107,76 @@ def test_roi_wrappers_reject_bad_boxes(device):
         roi_pool(features, torch.zeros(3, 4, device=device), 2, 1.0)
 
 
+def _gradients(features, rois, grad, size, scale, sampling, aligned, pool=roi_align):
+    leaf = features.clone().requires_grad_(True)
+    pooled = pool(leaf, rois, size, scale, sampling, aligned)
+    if pool is roi_align and features.dtype == torch.float32:  # our gradient ran, not torchvision's
+        assert "RoIAlignGrad" in pooled.grad_fn.name()
+    (out,) = torch.autograd.grad(pooled, leaf, grad)
+    return out
+
+
+def _random_rois(generator, images, rois, height, width, scale):
+    """RoIs of random images (some images get none), some reaching past the map, some reversed (x2 < x1)."""
+    index = torch.randint(0, images, (rois, 1), generator=generator).float()
+    index[index == images - 1] = 0  # the last image has no RoI
+    corner = torch.rand(rois, 2, generator=generator) * torch.tensor([width, height]) / scale * 1.2 - 3 / scale
+    side = (torch.rand(rois, 2, generator=generator) - 0.1) * torch.tensor([width, height]) / scale * 0.8
+    return torch.cat([index, corner, corner + side], 1)
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 2, 3])
+@pytest.mark.parametrize("shape,rois,scale", [((3, 5, 13, 17), 40, 0.5), ((2, 64, 24, 40), 300, 0.125)])
+def test_roi_align_gradient_is_torchvisions_bit_for_bit(aligned, sampling_ratio, shape, rois, scale):
+    """The float32 CPU gradient (detect.ops._cpu.roi_align_backward) against torchvision's own backward, exactly:
+    the same terms in the same order for each element. The larger case splits the images over threads."""
+    g = torch.Generator().manual_seed(sampling_ratio + 10 * aligned + shape[1])
+    features = torch.randn(*shape, generator=g)
+    boxes = _random_rois(g, shape[0], rois, shape[2], shape[3], scale)
+    grad = torch.randn(rois, shape[1], 7, 6, generator=g)
+    expected = _gradients(features, boxes, grad, (7, 6), scale, sampling_ratio, aligned, torchvision.ops.roi_align)
+    got = _gradients(features, boxes, grad, (7, 6), scale, sampling_ratio, aligned)
+    assert torch.equal(got, expected)
+    assert got.abs().sum() > 0  # the RoIs did reach the maps
+
+
+@pytest.mark.exact
+def test_roi_align_gradient_of_a_strided_grad_and_any_thread_count():
+    """A non-contiguous incoming gradient, per-image box lists, and one or two threads: torchvision's result."""
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(4, 32, 20, 30, generator=g)
+    boxes = _random_rois(g, 4, 200, 20, 30, 0.25)
+    grad = torch.randn(200, 7, 7, 32, generator=g).permute(0, 3, 1, 2)  # (K, C, 7, 7) channels-last strides
+    expected = _gradients(features, boxes, grad, 7, 0.25, 2, False, torchvision.ops.roi_align)
+    lists = [boxes[boxes[:, 0] == i, 1:] for i in range(4)]
+    order = torch.argsort(boxes[:, 0], stable=True)  # the lists' image-major order
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            leaf = features.clone().requires_grad_(True)
+            pooled = roi_align(leaf, lists, 7, 0.25, 2)
+            assert "RoIAlignGrad" in pooled.grad_fn.name()
+            (got,) = torch.autograd.grad(pooled, leaf, grad[order])
+            assert torch.equal(got, expected), count
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_roi_align_gradient_leaves_other_paths_to_torchvision():
+    """float64 features, features without gradient and the forward under no_grad take torchvision's path."""
+    g = torch.Generator().manual_seed(6)
+    features = torch.randn(2, 3, 10, 10, generator=g, dtype=torch.float64)
+    boxes = _random_rois(g, 2, 20, 10, 10, 1.0).double()
+    grad = torch.randn(20, 3, 2, 2, generator=g, dtype=torch.float64)
+    expected = _gradients(features, boxes, grad, 2, 1.0, 2, False, torchvision.ops.roi_align)
+    assert torch.equal(_gradients(features, boxes, grad, 2, 1.0, 2, False), expected)
+    with torch.no_grad():
+        assert roi_align(features.float(), boxes.float(), 2, 1.0, 2).grad_fn is None
+
+
 # --- spatial_pyramid_pool --------------------------------------------------------------------------------------
 
 
