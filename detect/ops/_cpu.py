@@ -552,7 +552,6 @@ def roi_align_backward(start, stop, grad_in, grad_out, rois, order, first, scale
     pooled_h, pooled_w = grad_out.shape[1], grad_out.shape[2]
     one = np.float32(1.0)
     zero = np.float32(0.0)
-    half = np.float32(0.5)
     fheight = np.float32(height)
     fwidth = np.float32(width)
     for b in range(start, stop):
