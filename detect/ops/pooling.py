@@ -97,15 +97,10 @@ def roi_align(
     inputs = features.to(dtype)
     if (dtype == torch.float32 and inputs.device.type == "cpu" and inputs.requires_grad and torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and dispatch.choose("roi_align", inputs.device, dtype) == "numba"):
-        pooled = _RoIAlignGrad.apply(inputs, rois, _pair(output_size), float(spatial_scale), int(sampling_ratio),
-                                     bool(aligned))
+        pooled = _RoIAlignGrad.apply(inputs, rois, output_size, spatial_scale, sampling_ratio, aligned)
     else:
         pooled = torchvision.ops.roi_align(inputs, rois, output_size, spatial_scale, sampling_ratio, aligned)
     return pooled.to(features.dtype)  # (K, C, oh, ow)
-
-
-def _pair(size: int | tuple[int, int] | Sequence[int]) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 class _RoIAlignGrad(torch.autograd.Function):
@@ -114,17 +109,16 @@ class _RoIAlignGrad(torch.autograd.Function):
     for all channels and in parallel over images instead of once per channel on one core (see the kernel)."""
 
     @staticmethod
-    def forward(ctx, features: Tensor, rois: Tensor, size: tuple[int, int], scale: float, sampling: int,
+    def forward(ctx, features: Tensor, rois: Tensor, size: int | tuple[int, int], scale: float, sampling: int,
                 aligned: bool) -> Tensor:
         ctx.save_for_backward(rois)
-        ctx.settings = (features.shape, size, scale, sampling, aligned)
+        ctx.settings = (features.shape, scale, sampling, aligned)  # the bins come back with the gradient's shape
         return torchvision.ops.roi_align(features, rois, size, scale, sampling, aligned)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         (rois,) = ctx.saved_tensors
-        shape, size, scale, sampling, aligned = ctx.settings
-        return roi_align_grad(grad, rois, shape, scale, sampling, aligned), None, None, None, None, None
+        return roi_align_grad(grad, rois, *ctx.settings), None, None, None, None, None
 
 
 def roi_align_grad(grad: Tensor, rois: Tensor, shape: Sequence[int], spatial_scale: float, sampling_ratio: int,
