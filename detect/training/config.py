@@ -78,7 +78,9 @@ class TrainConfig:
     ``time_budget`` (seconds) fits the run into that wall time (:mod:`detect.training.budget`; ``max_iterations``
     is then a cap and ``eval_every`` the budget's); ``patience`` evaluations without a better validation score stop
     it early (0: never; :mod:`detect.training.best`). ``epochs``, when set, gives the run's length in passes over
-    the training images instead of ``max_iterations`` (which the trainer sets from it and the global batch)."""
+    the training images instead of ``max_iterations`` (which the trainer sets from it and the global batch).
+    ``ema`` > 0 keeps an exponential moving average of the weights with that decay (:mod:`detect.training.ema`):
+    evaluations, the best model and the saved files are the average's; 0 is off."""
 
     detector: str = "fasterrcnn_tiny"
     detector_config: Mapping[str, Any] = field(default_factory=dict)
@@ -111,6 +113,7 @@ class TrainConfig:
     time_budget: float | None = None
     patience: int = 0
     epochs: float | None = None
+    ema: float = 0.0
 
     def __post_init__(self) -> None:
         detectors.entry(self.detector)  # ConfigError naming the known detectors
@@ -132,6 +135,8 @@ class TrainConfig:
             raise ConfigError(f"epochs must be a positive number, got {self.epochs}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ConfigError(f"time_budget must be a positive number of seconds, got {self.time_budget}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"ema must be a decay in [0, 1) (0: no moving average), got {self.ema}")
         if self.patience < 0:
             raise ConfigError(f"patience must be >= 0 (0: no early stop), got {self.patience}")
         if self.init and self.init_backbone:

@@ -35,6 +35,7 @@ from detect.training.logs import MetricsLog, plot_losses, summary_writer, tensor
 from detect.training.best import BestKeeper, score_of
 from detect.training.budget import PRETRAIN_SHARE, Budget, format_seconds
 from detect.training.distributed import Distributed
+from detect.training.ema import WeightEMA
 from detect.training.schedule import base_lr, fitted_schedule, lr_factor
 from detect.transform import RCNNTransform
 
@@ -125,6 +126,7 @@ class Trainer:
             steps = max(1, math.ceil(config.epochs * len(self.dataset) / self.batches.global_batch))
             self.config = config = dataclasses.replace(config, max_iterations=steps)
         self.net = self.dist.wrap(self.model, find_unused=self.region)  # what the step runs (DDP when distributed)
+        self.ema: WeightEMA | None = None  # the weights' moving average (recipe ``ema``), from the first step on
         if config.tensorboard:
             summary_writer()  # a missing package is a ConfigError now, before any training
         self.writer: Any = None
@@ -231,12 +233,17 @@ class Trainer:
             "plan": {"max_iterations": self.max_iterations, "eval_every": self.eval_every, "next_eval": self.next_eval},
             "budget": self.budget.state() if self.budget else None,
             "best": self.best.state() if self.best else None,
+            "ema": self.ema.state_dict() if self.ema else None,
         })
 
     def load_checkpoint(self) -> None:
         state = checkpoints.read_checkpoint(self.checkpoint_path, self.device)
         checkpoints.check_identity(self.checkpoint_path, state.get("run"), self.identity)
         self.model.load_state_dict(state["model"])
+        self.ema = None
+        if state.get("ema") and self.config.ema:
+            self.ema = WeightEMA(self.model, self.config.ema)
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         ranks = state.get("torch_rng_ranks") or []
@@ -291,6 +298,10 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optimizer.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if cfg.ema:
+            if self.ema is None:
+                self.ema = WeightEMA(self.model, cfg.ema)
+            self.ema.update(self.model)
         self.iteration += 1
         values = self.dist.mean({"loss": float(loss.detach())} | {k: float(v.detach()) for k, v in losses.items()})
         row = {"iteration": self.iteration, "lr": lr, **values}
@@ -467,14 +478,24 @@ class Trainer:
                   file=sys.stderr)
         return result
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model evaluations and saved files see: the weights' moving average when the recipe keeps one."""
+        return self.ema.module if self.ema is not None else self.model
+
     def write_model(self, path: Path) -> None:
         if not self.dist.is_main:  # rank 0 alone writes
             return
-        weights.write_detector(self.model, path, getattr(self.model, "config", self.detector_config))
+        model = self.eval_model
+        weights.write_detector(model, path, getattr(model, "config", self.detector_config))
 
     def finish(self) -> dict:
         """The end of the run: the last model; with validation data the best one (the region detectors fit their
-        closed-form extras on it first) as ``model.safetensors``, its report and per-class result."""
+        closed-form extras on it first) as ``model.safetensors``, its report and per-class result. With ``ema``
+        the average becomes the model here: the last model is the last average."""
+        if self.ema is not None:
+            self.model.load_state_dict(self.ema.module.state_dict())
+            self.ema = None
         self.write_model(self.out / "last.safetensors")
         result: dict | None = None
         if self.best is not None:
@@ -544,11 +565,11 @@ class Trainer:
         dataset = self.val_dataset
         proposals = self.proposals_for(data) if self.region else None
         if self.dist.active:  # each rank a shard, the detections gathered on rank 0 (detect.training.distributed)
-            result = self.dist.evaluate(self.model, dataset, self.config.batch_size, proposals)
+            result = self.dist.evaluate(self.eval_model, dataset, self.config.batch_size, proposals)
             if not self.dist.is_main:
                 return {}
         else:
-            result = evaluate_detector(self.model, dataset, self.config.batch_size, proposals,
+            result = evaluate_detector(self.eval_model, dataset, self.config.batch_size, proposals,
                                        score_threshold=0.5 if full else None)
         row = {"iteration": self.iteration, "mAP": result["mAP"]}
         if full and result.get("coco"):
