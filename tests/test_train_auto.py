@@ -339,8 +339,7 @@ def test_a_derived_recipe_written_and_reread_gives_the_same_run(tmp_path: Path, 
     auto.write_recipe(tmp_path / "again.yaml", {**derivation.recipe})
     assert load_recipe(tmp_path / "again.yaml") == config
     assert config.detector == "fasterrcnn_tiny" and config.time_budget == 600 and config.patience == auto.PATIENCE
-    assert config.pretrain.iterations > 0 and config.augment.crop_prob > 0 and config.ema == auto.EMA_DECAY > 0
-    assert "weight average" in table and "sampling" in table
+    assert config.pretrain.iterations > 0 and config.augment.crop_prob > 0
     # the same run: the same identity (recipe digest, data fingerprint, seed) as a run of the derivation itself
     a, b = Trainer(config), Trainer(override(TrainConfig(), derivation.recipe))
     assert run_identity(a.config, a.train_data, a.dataset) == run_identity(b.config, b.train_data, b.dataset)

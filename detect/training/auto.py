@@ -18,12 +18,6 @@ statistics into a recipe (a plain mapping, the YAML ``recipe.yaml`` holds). Deci
   aspect ratios (height / width): sizes are 1-D k-means centres of ``log sqrt(w h)``, ratios of ``log(h / w)``.
   Best-possible recall (BPR) is the share of boxes whose best anchor (same centre) overlaps them by IoU >= 0.5,
   as YOLO's autoanchor reports; the fitted anchors replace the defaults only when their BPR is higher.
-- Sampling (Faster R-CNN): per training image the RPN learns from 128 anchors and passes its best 600 -> 300 boxes
-  (after NMS) to the head, which learns from 64 of them: half torchvision's defaults, as the shapes recipe has
-  it. On the 2-core CPU a fruit-photo step took 0.43 s instead of 0.64 s (3,270 steps in 30 minutes instead of
-  2,391), and held-out mAP@[.5:.95] rose from 0.415 to 0.453 at the end of the run.
-- Weights: an exponential moving average (:data:`EMA_DECAY`, :mod:`detect.training.ema`) is what each
-  evaluation sees and what is saved; the raw weights of a late step move with each batch of so small a set.
 - Batch size 4 at 320 pixels on a CPU (scaled by the inverse square of ``S``, 1-8), 8 on a GPU, never more than
   the training images; SGD, cosine decay with warm-up; ``max_iterations`` a cap of 300 epochs that the time budget
   (:mod:`detect.training.budget`) cuts to what fits; evaluations on the budget's plan, early stop after
@@ -63,7 +57,6 @@ MAX_SHORT_SIDE = 640
 SMALL_OBJECT_SIDE = 24  # pixels at the input the small objects should measure (3 cells of the stride-8 backbone)
 TINY_BOX_SIDE = 8  # boxes below this at the input are a note: the stride-8 backbone hardly sees them
 PATIENCE = 5
-EMA_DECAY = 0.999  # the weights' moving average (detect.training.ema); its ramp sets the horizon early in a run
 DEFAULT_BUDGET = 1800.0  # seconds: detect train --data without --time
 EPOCH_CAP = 300
 VAL_FRACTION = 0.2
@@ -295,12 +288,10 @@ def derive_recipe(
         most = max(100, stats.max_objects)
         detector_config |= {
             "transform": {"min_size": [side], "max_size": _round32(side * 5 / 3)},
-            "rpn": {"pre_nms_top_n_train": 600, "post_nms_top_n_train": 300, "pre_nms_top_n_test": 600,
-                    "post_nms_top_n_test": max(300, most), "batch_size_per_image": 128},
-            "roi_heads": {"batch_size_per_image": 64, "score_thresh": 0.01, "detections_per_img": most},
+            "rpn": {"pre_nms_top_n_train": 1200, "post_nms_top_n_train": 600, "pre_nms_top_n_test": 600,
+                    "post_nms_top_n_test": max(300, most), "batch_size_per_image": 256},
+            "roi_heads": {"batch_size_per_image": 128, "score_thresh": 0.01, "detections_per_img": most},
         }
-        rows.append(("sampling", "RPN 128 anchors, 600/300 boxes; 64 RoIs", "per training image: half the "
-                     "defaults, so about 45% more steps fit the budget"))
     else:
         region = {"proposals": {"mode": "fast", "max_boxes": 300, "resize_max_side": 500},
                   "postprocess": {"nms_thresh": 0.3, "score_thresh": 0.01}, "representation_size": 256}
@@ -337,7 +328,6 @@ def derive_recipe(
                  "no outside weights: the backbone first learns to name the training boxes' crops"
                  + (" (at most 15% of the budget)" if budget_seconds else "")))
     rows.append(("augmentation", "flip, colour jitter, IoU crops", "on; brightness, contrast, saturation, no hue shift"))
-    rows.append(("weight average", f"EMA {EMA_DECAY:g}", "evaluated and saved in place of the last step's weights"))
     rows.append(("validation", "--val-data" if val_data else f"{int(data.get('val_fraction', VAL_FRACTION) * 100)}% "
                  "held out" if data.get("val_fraction", VAL_FRACTION) else "none",
                  f"best model by mAP@0.5, early stop after {PATIENCE} evaluations without improvement"))
@@ -357,7 +347,6 @@ def derive_recipe(
         "batch_size": batch,
         "time_budget": budget_seconds,
         "patience": PATIENCE,
-        "ema": EMA_DECAY,
         "eval_every": 0 if budget_seconds else max(1, cap // 10),
         "checkpoint_every": 100,
         "log_every": 10,
