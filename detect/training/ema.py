@@ -6,7 +6,8 @@ towards the model's ``w``: ``a <- a + (1 - d_t) (w - a)`` with ``d_t = min(decay
 ramp keeps the first averages close to the current weights (a fixed 0.999 would remember the initial weights
 for about a thousand steps); integer buffers are copied. On small data sets the raw weights of a late SGD step
 still move with each batch's noise, and validation mAP swings from one evaluation to the next by a few points;
-the average is the mean of the last ``1 / (1 - decay)`` steps or so and swings less.
+the average spans about the last ``1 / (1 - d_t)`` steps (a tenth of the run so far while the ramp rules, at
+most ``1 / (1 - decay)``) and swings less.
 """
 
 from __future__ import annotations
