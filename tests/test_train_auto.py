@@ -332,6 +332,7 @@ def test_a_derived_recipe_written_and_reread_gives_the_same_run(tmp_path: Path, 
                                  out_dir=str(tmp_path / "run"))
     table = auto.format_derivation(derivation)
     assert "input short side" in table and "anchors" in table and "BPR@0.5" in table
+    assert "weight average" in table and derivation.recipe["ema"] == 0.999
     path = tmp_path / "recipe.yaml"
     auto.write_recipe(path, derivation.recipe, "a header")
     config = load_recipe(path)
@@ -339,7 +340,7 @@ def test_a_derived_recipe_written_and_reread_gives_the_same_run(tmp_path: Path, 
     auto.write_recipe(tmp_path / "again.yaml", {**derivation.recipe})
     assert load_recipe(tmp_path / "again.yaml") == config
     assert config.detector == "fasterrcnn_tiny" and config.time_budget == 600 and config.patience == auto.PATIENCE
-    assert config.pretrain.iterations > 0 and config.augment.crop_prob > 0
+    assert config.pretrain.iterations > 0 and config.augment.crop_prob > 0 and config.ema == 0.999
     # the same run: the same identity (recipe digest, data fingerprint, seed) as a run of the derivation itself
     a, b = Trainer(config), Trainer(override(TrainConfig(), derivation.recipe))
     assert run_identity(a.config, a.train_data, a.dataset) == run_identity(b.config, b.train_data, b.dataset)
@@ -422,6 +423,7 @@ def test_region_detectors_derive_their_recipes(tmp_path: Path, model: str, detec
     auto.write_recipe(tmp_path / "r.yaml", derivation.recipe)
     config = load_recipe(tmp_path / "r.yaml")
     assert config.detector == detector and config.fit_box_regressor
+    assert config.ema == 0.0  # the weight average was measured on Faster R-CNN only
     assert derivation.bpr_default is None  # selective search, no anchors
     trainer = Trainer(override(config, {"out_dir": str(tmp_path / "run")}))
     assert trainer.region and trainer.budget is not None
