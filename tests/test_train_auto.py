@@ -352,11 +352,13 @@ def test_cli_writes_the_recipe_and_explicit_fields_win(tmp_path: Path, monkeypat
     ran = {}
     monkeypatch.setattr("detect.training.train", lambda config, resume=False, started=None: ran.setdefault("config", config) and {})
     out = tmp_path / "run"
-    assert _cli(["train", "--data", str(data), "--out", str(out), "--time", "2m", "--iterations", "77"]) == 0
+    assert _cli(["train", "--data", str(data), "--out", str(out), "--time", "2m", "--iterations", "77",
+                 "--seed", "3"]) == 0
     printed = capsys.readouterr().out
     assert "derived recipe" in printed and f"wrote {out / 'recipe.yaml'}" in printed
     config = ran["config"]
     assert config.max_iterations == 77 and config.time_budget == 120 and config.out_dir == str(out)
+    assert config.seed == 3 and config.data.split_seed == 0  # another seed, the same held-out images
     assert load_recipe(out / "recipe.yaml") == config
 
 

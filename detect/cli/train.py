@@ -40,6 +40,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--init", help="start from this detector (registered name, detect train file or torchvision "
                    ".pth): every tensor that fits, class layers rebuilt for the data's classes (recipe: init)")
     p.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ... (recipe: device)")
+    p.add_argument("--seed", type=int, help="the training seed (recipe: seed; default 0): initial weights, batch "
+                   "order, augmentation. The held-out images stay those of data.split_seed")
     p.add_argument("--workers", type=int, help="data loader processes, 0 = in the training process (recipe: "
                    "workers); with --engine ray: the number of Ray Train workers (loader processes then as the recipe)")
     p.add_argument("--nproc", type=int, help="data-parallel training in N processes on this machine (one per GPU; "
@@ -69,7 +71,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.out:
         overrides["out_dir"] = args.out
-    loader_keys = ("init", "device", "workers") if args.engine == "local" else ("init", "device")
+    loader_keys = ("init", "device", "seed", "workers") if args.engine == "local" else ("init", "device", "seed")
     overrides |= {key: value for key in loader_keys if (value := getattr(args, key)) is not None}
     if args.iterations is not None:
         if args.iterations < 1:
