@@ -25,9 +25,9 @@ statistics into a recipe (a plain mapping, the YAML ``recipe.yaml`` holds). Deci
   (:data:`EMA_DECAY`, :mod:`detect.training.ema`): evaluations and the saved model are the average's. In 30
   minutes on the fruit photos the best VOC mAP@0.5 / mAP@[.5:.95] went from 0.738 / 0.395 (one run) to 0.750 /
   0.432 (mean of three), and on the raccoons every evaluation after the first half stayed above 0.80 (the region
-  detectors were not measured with it and go without). Augmentation: flip, photometric jitter, IoU crops. No hue shift:
-  torchvision's goes through HSV and back, and on the 2-core CPU it took 100 ms of a 560 ms step with 8 photos of
-  0.2 MP, 310 ms of 1.1 s at 0.7 MP; under a time budget those steps count for more.
+  detectors were not measured with it and go without). Augmentation: flip, photometric jitter, IoU crops. No
+  hue shift: torchvision's goes through HSV and back, and on the 2-core CPU it took 100 ms of a 560 ms step with
+  8 photos of 0.2 MP, 310 ms of 1.1 s at 0.7 MP; under a time budget those steps count for more.
 - Validation: ``--val-data`` when given, else the data's own ``val`` split, else a seeded fifth of the images.
 - Every surprise in the data becomes a :attr:`Derivation.notes` line saying what the recipe did about it; data
   that cannot be trained on (no boxes at all) is a :class:`DatasetError`.
