@@ -23,7 +23,9 @@ Decisions:
   is a second one beside torch's, and on a busy 2-core machine each pool's spinning workers starve the other
   (multi-class NMS: 2.0 ms serial, 8.0 ms with ``prange``, 16 ms right after a torch op; IoU 4,000 x 4,000:
   25 ms serial, 32 ms with ``prange``). Threads blocked on a queue do not spin, and the threading layer's
-  thread- and fork-safety questions do not arise.
+  thread- and fork-safety questions do not arise. The one-pass decode goes further and runs on torch's own
+  OpenMP team (see its section): after a torch op, torch's spinning worker still held the second core that a
+  Python thread needed.
 - ``cache=True`` everywhere. When no cache location is writable (a read-only install with an unwritable home and
   no ``NUMBA_CACHE_DIR``), numba refuses to create a cached function; :func:`_jit` then compiles without a cache
   instead of failing the import.
@@ -435,6 +437,127 @@ def decode(start, stop, out, deltas, boxes, outer_stride, inner, inner_stride, w
                     seg[2 * q + 1] = height if v > height else v
                 r = end
     _mkl_local_threads(previous)
+
+
+# --- torch's OpenMP team --------------------------------------------------------------------------------------
+#
+# torch's CPU ops run on an OpenMP team (libgomp in the x86 Linux builds), whose workers keep spinning for a while
+# after each parallel region. On a 2-core machine a loop split over Python threads right after a torch op finds
+# the second core taken by that spinning worker: the 336,000-row decode took 0.69 ms back to back with itself and
+# 0.89-1.20 ms right after a torch op, for some 20 ms. A loop that runs *on* that team instead takes the spinning
+# worker's core for itself, as torch's next op would. ``GOMP_parallel(fn, data, threads, 0)`` runs the C function
+# ``fn(data)`` on every thread of the calling thread's team (the caller included), so the loop below is a numba
+# ``cfunc`` that reads its arguments from an int64 block and runs its share of the tasks (``omp_get_thread_num``
+# of ``omp_get_num_threads``). libgomp's team does not survive ``fork`` (torch's own ops hang in a forked child
+# whose parent used them), so a forked child keeps to the Python threads of :mod:`detect.ops.dispatch`.
+
+_THREAD_NUM_SYMBOL = "detect_ops_omp_get_thread_num"
+_NUM_THREADS_SYMBOL = "detect_ops_omp_get_num_threads"
+
+
+def _find_team() -> ctypes._CFuncPtr | None:
+    """``GOMP_parallel`` of the OpenMP runtime torch's ops run on (registering ``omp_get_thread_num`` and
+    ``omp_get_num_threads`` beside it for the JIT), or None where torch's parallel backend is not libgomp."""
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
+    if not os.path.exists(path) or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        lib = ctypes.CDLL(path)  # already loaded by torch: the same handle, the same teams
+        parallel, thread_num, num_threads = lib.GOMP_parallel, lib.omp_get_thread_num, lib.omp_get_num_threads
+    except (OSError, AttributeError):
+        return None
+    parallel.restype = None
+    parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    llvm_binding.add_symbol(_THREAD_NUM_SYMBOL, ctypes.cast(thread_num, ctypes.c_void_p).value)
+    llvm_binding.add_symbol(_NUM_THREADS_SYMBOL, ctypes.cast(num_threads, ctypes.c_void_p).value)
+    return parallel
+
+
+GOMP_PARALLEL = _find_team()
+"""libgomp's ``GOMP_parallel`` as loaded by torch, or None (another OpenMP runtime, or none)."""
+_TEAM_PID = os.getpid()
+
+
+@intrinsic
+def _team_share(typingctx, tasks):
+    """``(start, stop)`` of the calling OpenMP thread's equal share of ``tasks``."""
+    sig = types.UniTuple(types.int64, 2)(tasks)
+
+    def codegen(context, builder, signature, args):
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        fnty = ir.FunctionType(i32, [])
+        calls = []
+        for name in (_THREAD_NUM_SYMBOL, _NUM_THREADS_SYMBOL):
+            fn = builder.module.globals.get(name) or ir.Function(builder.module, fnty, name)
+            calls.append(builder.sext(builder.call(fn, []), i64))
+        thread, count = calls
+        start = builder.sdiv(builder.mul(args[0], thread), count)
+        stop = builder.sdiv(builder.mul(args[0], builder.add(thread, ir.Constant(i64, 1))), count)
+        return context.make_tuple(builder, signature.return_type, (start, stop))
+
+    return sig, codegen
+
+
+@intrinsic
+def _address(typingctx, value):
+    """The int64 ``value`` as a pointer (for :func:`numba.carray`)."""
+    sig = types.voidptr(value)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+
+    return sig, codegen
+
+
+_DECODE_BLOCK_FIELDS = 13
+
+
+def _decode_team(block):
+    """:func:`decode` of this OpenMP thread's share, the arguments read from the int64 ``block`` written by
+    :func:`decode_on_team`. Compiled as a ``cfunc`` on first use (:func:`_team_entry`): only where torch's exp and
+    libgomp were both found can it link."""
+    p = numba.carray(block, _DECODE_BLOCK_FIELDS, dtype=np.int64)
+    rows, box_rows, n_sizes = p[3], p[4], p[5]
+    out = numba.carray(_address(p[0]), 4 * rows, dtype=np.float32)
+    deltas = numba.carray(_address(p[1]), 4 * rows, dtype=np.float32)
+    boxes = numba.carray(_address(p[2]), 4 * box_rows, dtype=np.float32)
+    sizes = numba.carray(_address(p[6]), (n_sizes, 2), dtype=np.float32)
+    c = numba.carray(_address(p[7]), 7, dtype=np.float32)  # wx, wy, ww, wh, clip, half, zero
+    start, stop = _team_share(p[8])
+    decode(start, stop, out, deltas, boxes, p[9], p[10], p[11], c[0], c[1], c[2], c[3], c[4], c[5], sizes, p[12],
+           c[6])
+
+
+_TEAM_ENTRIES: dict[str, int] = {}
+
+
+def _team_entry(name: str) -> int:
+    """The address of the ``cfunc`` compiled (or loaded from numba's cache) from the function ``name``."""
+    address = _TEAM_ENTRIES.get(name)
+    if address is None:
+        compiled = numba.cfunc(types.void(types.voidptr), cache=True, error_model="numpy")(globals()[name])
+        address = _TEAM_ENTRIES[name] = compiled.address
+    return address
+
+
+def decode_on_team(tasks, threads, out, deltas, boxes, outer_stride, inner, inner_stride, wx, wy, ww, wh, clip, half,
+                   sizes, rows_per_size, zero) -> bool:
+    """:func:`decode` of all ``tasks`` on ``threads`` threads of torch's OpenMP team (the arguments as
+    :func:`decode` takes them; every array C-contiguous), or False, having done nothing, where no team can run
+    it (see the section's comment)."""
+    if GOMP_PARALLEL is None or TORCH_EXP is None or os.getpid() != _TEAM_PID:
+        return False
+    constants = np.array([wx, wy, ww, wh, clip, half, zero], dtype=np.float32)
+    sizes = np.ascontiguousarray(sizes, dtype=np.float32)
+    block = np.array([out.ctypes.data, deltas.ctypes.data, boxes.ctypes.data, len(out) // 4, len(boxes) // 4,
+                      sizes.shape[0], sizes.ctypes.data, constants.ctypes.data, tasks, outer_stride, inner,
+                      inner_stride, rows_per_size], dtype=np.int64)
+    GOMP_PARALLEL(_team_entry("_decode_team"), block.ctypes.data, threads, 0)  # ctypes releases the GIL meanwhile
+    return True
+
+
+TEAM = {decode: decode_on_team}
+"""The loops that can run on torch's OpenMP team, each with its runner (see :func:`detect.ops.dispatch.run_cpu`)."""
 
 
 # The two-pass decode (float64, and float32 where torch has no MKL) and the encode: the coder's exp and log stay

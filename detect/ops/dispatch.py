@@ -126,11 +126,16 @@ def run_cpu(kernel: Callable, tasks: int, work: int, *args) -> None:
 
     Below ``PARALLEL_WORK`` elements of ``work``, or with one torch thread, the whole range runs in the calling
     thread; above, it is cut into ``torch.get_num_threads()`` equal ranges, one run here and the others on
-    worker threads (the loops release the GIL). See :mod:`detect.ops._cpu` for why not numba's ``prange``.
+    worker threads (the loops release the GIL). A loop listed in ``detect.ops._cpu.TEAM`` runs its ranges on
+    torch's own OpenMP team instead, where that team can take it. See :mod:`detect.ops._cpu` for why not numba's
+    ``prange``, and for the team.
     """
     threads = min(torch.get_num_threads(), tasks)
     if work < PARALLEL_WORK or threads <= 1:
         kernel(0, tasks, *args)
+        return
+    team = getattr(_modules.get("cpu"), "TEAM", {}).get(kernel)
+    if team is not None and team(tasks, threads, *args):
         return
     bounds = [tasks * part // threads for part in range(threads + 1)]
     executor = _executor()

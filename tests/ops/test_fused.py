@@ -409,6 +409,68 @@ def test_coder_thread_count_changes_both_paths_alike() -> None:
         torch.set_num_threads(threads)
 
 
+def _decode_case(images: int, rows: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-specific deltas ``(images, rows, classes * 4)`` (some NaN, some past the clamp) on their boxes."""
+    g = torch.Generator().manual_seed(seed)
+    boxes = random_boxes(images * rows, seed=seed + 1, scale=2_000.0).view(images, rows, 4)
+    deltas = torch.randn(images, rows, classes * 4, generator=g) * 4
+    deltas[:, ::97] = float("nan")
+    return deltas, boxes
+
+
+@pytest.mark.skipif(_cpu.GOMP_PARALLEL is None or _cpu.TORCH_EXP is None, reason="torch runs on libgomp with MKL")
+def test_decode_on_torchs_openmp_team_equals_reference(monkeypatch) -> None:
+    """Large decodes run on torch's OpenMP team (one ``GOMP_parallel`` per call), each thread its share of the
+    images' rows, and give the torch reference's bits: odd task counts, clipped or not, 2 and 3 threads."""
+    calls = []
+    parallel = _cpu.GOMP_PARALLEL
+    monkeypatch.setattr(_cpu, "GOMP_PARALLEL", lambda *args: (calls.append(args[2]), parallel(*args)))
+    monkeypatch.setattr(dispatch, "PARALLEL_WORK", 0)
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    threads = torch.get_num_threads()
+    try:
+        for count, (images, rows, classes) in ((2, (3, 701, 5)), (3, (5, 333, 21)), (2, (1, 2_001, 1))):
+            torch.set_num_threads(count)
+            deltas, boxes = _decode_case(images, rows, classes, seed=30 + count)
+            sizes = torch.tensor([[600, 800], [0, 0], [1_000, 500], [5, 5], [2_000, 2_000]])[:images]
+            for clip_to in (None, sizes):
+                ours = coder.decode_per_class(deltas, boxes, clip_to)
+                assert calls and calls[-1] == count
+                assert_same(ours, reference(coder.decode_per_class, deltas, boxes, clip_to))
+            flat = deltas.view(-1, 4)[: rows * images]  # one box a row (the RPN's layout): rows are the tasks
+            assert_same(coder.decode(flat, boxes.view(-1, 4)), reference(coder.decode, flat, boxes.view(-1, 4)))
+            assert calls[-1] == count
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _decode_in_child(queue, deltas, boxes, expected) -> None:
+    """No torch op that would enter torch's OpenMP pool runs here: it hangs in a forked child."""
+    import numpy as np
+
+    torch.get_num_threads = lambda: 2
+    ours = BoxCoder((10.0, 10.0, 5.0, 5.0)).decode_per_class(deltas, boxes)
+    queue.put(bool(np.array_equal(ours.numpy().view(np.int32), expected.numpy().view(np.int32))))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_forked_child_decodes_without_the_openmp_team(monkeypatch) -> None:
+    """libgomp's team does not survive fork: a forked child's large decode runs on its own Python threads (on the
+    parent's team it would hang) and gives the same bits."""
+    monkeypatch.setattr(dispatch, "PARALLEL_WORK", 0)
+    deltas, boxes = _decode_case(2, 400, 3, seed=40)
+    expected = reference(BoxCoder((10.0, 10.0, 5.0, 5.0)).decode_per_class, deltas, boxes)
+    BoxCoder((10.0, 10.0, 5.0, 5.0)).decode_per_class(deltas, boxes)  # the parent's team runs first
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_decode_in_child, args=(queue, deltas, boxes, expected))
+    child.start()
+    child.join(30)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0 and queue.get(timeout=5)
+
+
 # ----------------------------------------------------------------------------------------------- clipping
 
 
