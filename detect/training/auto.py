@@ -23,8 +23,6 @@ statistics into a recipe (a plain mapping, the YAML ``recipe.yaml`` holds). Deci
   evaluation and inference stay at ``S``; a step costs about what one at ``S`` does. On the fruit photos (one
   30-minute run, ``S`` = 224) the best VOC mAP@0.5 / mAP@[.5:.95] was 0.762 / 0.426 and every evaluation from
   step 924 on was 0.74-0.76, where the single-side runs were 0.74-0.77 at best and below 0.72 at that step.
-  Off where ``6/7 S`` would go below :data:`MIN_SHORT_SIDE`: on the raccoons (``S`` = 160) one run at
-  128/160/192 reached 0.797 / 0.424, against 0.837 / 0.413 at 160 alone.
 - Batch size 4 at 320 pixels on a CPU (scaled by the inverse square of ``S``, 1-8), 8 on a GPU, never more than
   the training images; SGD, cosine decay with warm-up; ``max_iterations`` a cap of 300 epochs that the time budget
   (:mod:`detect.training.budget`) cuts to what fits; evaluations on the budget's plan, early stop after
@@ -304,15 +302,12 @@ def derive_recipe(
         near32 = lambda value: int(32 * max(1, round(value / 32)))  # noqa: E731
         low = max(near32(side * MULTI_SCALE[0]), min(side, needed))
         short_sides = sorted({low, side, min(near32(side * MULTI_SCALE[1]), max(side, MAX_SHORT_SIDE))})
-        if low < MIN_SHORT_SIDE:
-            short_sides = []
-            rows.append(("multi-scale training", "off", f"{side} is the smallest input: no side below it"))
-        elif len(short_sides) == 1:
-            short_sides = []
-            rows.append(("multi-scale training", "off", f"the small objects need {side} and it is the cap"))
-        else:
+        if len(short_sides) > 1:
             rows.append(("multi-scale training", f"short sides {_nums(short_sides)}",
                          f"one side per batch; evaluated at {side}"))
+        else:
+            short_sides = []
+            rows.append(("multi-scale training", "off", f"the small objects need {side} and it is the cap"))
         detector_config |= {
             "transform": {"min_size": [side], "max_size": _round32(side * 5 / 3)},
             "rpn": {"pre_nms_top_n_train": 1200, "post_nms_top_n_train": 600, "pre_nms_top_n_test": 600,
