@@ -18,11 +18,6 @@ statistics into a recipe (a plain mapping, the YAML ``recipe.yaml`` holds). Deci
   aspect ratios (height / width): sizes are 1-D k-means centres of ``log sqrt(w h)``, ratios of ``log(h / w)``.
   Best-possible recall (BPR) is the share of boxes whose best anchor (same centre) overlaps them by IoU >= 0.5,
   as YOLO's autoanchor reports; the fitted anchors replace the defaults only when their BPR is higher.
-- Multi-scale training (Faster R-CNN): each batch is resized to one of ``round32(6/7 S)``, ``S`` and
-  ``round32(8/7 S)`` (:data:`MULTI_SCALE`; never below what the small objects need, never past the cap), and
-  evaluation and inference stay at ``S``; a step costs about what one at ``S`` does. On the fruit photos (one
-  30-minute run, ``S`` = 224) the best VOC mAP@0.5 / mAP@[.5:.95] was 0.762 / 0.426 and every evaluation from
-  step 924 on was 0.74-0.76, where the single-side runs were 0.74-0.77 at best and below 0.72 at that step.
 - Batch size 4 at 320 pixels on a CPU (scaled by the inverse square of ``S``, 1-8), 8 on a GPU, never more than
   the training images; SGD, cosine decay with warm-up; ``max_iterations`` a cap of 300 epochs that the time budget
   (:mod:`detect.training.budget`) cuts to what fits; evaluations on the budget's plan, early stop after
@@ -70,7 +65,6 @@ DEFAULT_BUDGET = 1800.0  # seconds: detect train --data without --time
 EPOCH_CAP = 300
 VAL_FRACTION = 0.2
 EMA_DECAY = 0.999  # Faster R-CNN: evaluate and keep a moving average of the weights (detect.training.ema)
-MULTI_SCALE = (6 / 7, 8 / 7)  # Faster R-CNN: training short sides around S (one per batch), evaluated at S
 
 
 def _receptive_field(layers: Sequence[tuple[int, int, int]]) -> int:
@@ -284,7 +278,6 @@ def derive_recipe(
     detector = MODELS[model]
     detector_config: dict[str, Any] = {}
     bpr_default = bpr_fitted = None
-    short_sides: list[int] = []
     if model == "faster_rcnn":
         bpr_default = anchor_bpr(scaled, *TINY_ANCHORS)
         sizes, ratios = fit_anchors(scaled)
@@ -298,16 +291,6 @@ def derive_recipe(
             rows.append(("anchors", f"sizes {_nums(TINY_ANCHORS[0])}, ratios {_nums(TINY_ANCHORS[1])}",
                          f"default kept: BPR@0.5 {bpr_default:.3f} (fit {bpr_fitted:.3f})"))
         most = max(100, stats.max_objects)
-        # multi-scale training: never below what the small objects need (when that raised the side)
-        near32 = lambda value: int(32 * max(1, round(value / 32)))  # noqa: E731
-        low = max(near32(side * MULTI_SCALE[0]), min(side, needed))
-        short_sides = sorted({low, side, min(near32(side * MULTI_SCALE[1]), max(side, MAX_SHORT_SIDE))})
-        if len(short_sides) > 1:
-            rows.append(("multi-scale training", f"short sides {_nums(short_sides)}",
-                         f"one side per batch; evaluated at {side}"))
-        else:
-            short_sides = []
-            rows.append(("multi-scale training", "off", f"the small objects need {side} and it is the cap"))
         detector_config |= {
             "transform": {"min_size": [side], "max_size": _round32(side * 5 / 3)},
             "rpn": {"pre_nms_top_n_train": 1200, "post_nms_top_n_train": 600, "pre_nms_top_n_test": 600,
@@ -363,7 +346,7 @@ def derive_recipe(
         "pretrain": {"iterations": pretrain_steps, "images_per_batch": 32, "crop_size": 64, "optimizer": "adamw",
                      "lr": 0.002, "warmup_iterations": min(100, pretrain_steps // 5)},
         "augment": {"flip_prob": 0.5, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.0,
-                    "crop_prob": 0.3, **({"short_sides": short_sides} if short_sides else {})},
+                    "crop_prob": 0.3},
         "optimizer": {"name": "sgd", "lr": 0.01 * batch / 4, "momentum": 0.9, "weight_decay": 1e-4,
                       "clip_grad_norm": 10.0},
         "schedule": {"kind": "cosine", "warmup_iterations": 100, "warmup_factor": 0.001},
