@@ -34,6 +34,7 @@ Decisions:
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 import numba
@@ -528,16 +529,10 @@ def _decode_team(block):
            c[6])
 
 
-_TEAM_ENTRIES: dict[str, int] = {}
-
-
-def _team_entry(name: str) -> int:
-    """The address of the ``cfunc`` compiled (or loaded from numba's cache) from the function ``name``."""
-    address = _TEAM_ENTRIES.get(name)
-    if address is None:
-        compiled = numba.cfunc(types.void(types.voidptr), cache=True, error_model="numpy")(globals()[name])
-        address = _TEAM_ENTRIES[name] = compiled.address
-    return address
+@functools.cache
+def _team_entry(fn) -> int:
+    """The address of ``fn`` compiled as a ``void(void*)`` ``cfunc`` (or loaded from numba's cache)."""
+    return numba.cfunc(types.void(types.voidptr), cache=True, error_model="numpy")(fn).address
 
 
 def decode_on_team(tasks, threads, out, deltas, boxes, outer_stride, inner, inner_stride, wx, wy, ww, wh, clip, half,
@@ -552,7 +547,7 @@ def decode_on_team(tasks, threads, out, deltas, boxes, outer_stride, inner, inne
     block = np.array([out.ctypes.data, deltas.ctypes.data, boxes.ctypes.data, len(out) // 4, len(boxes) // 4,
                       sizes.shape[0], sizes.ctypes.data, constants.ctypes.data, tasks, outer_stride, inner,
                       inner_stride, rows_per_size], dtype=np.int64)
-    GOMP_PARALLEL(_team_entry("_decode_team"), block.ctypes.data, threads, 0)  # ctypes releases the GIL meanwhile
+    GOMP_PARALLEL(_team_entry(_decode_team), block.ctypes.data, threads, 0)  # ctypes releases the GIL meanwhile
     return True
 
 
