@@ -16,6 +16,11 @@ now and ``--reuse`` later runs them in two parts (``--reuse`` reads the runs tha
 ``--seed N`` trains both recipes with another training seed (the held-out fifth stays the same): one 30-minute
 run per recipe is one draw, and a recipe's evaluations swing by about 0.02 between runs, so a close comparison
 takes several seeds (a separate ``--out`` each).
+
+``--test NAME=DIR`` also measures each run's kept model (``model.safetensors``, the best by the held-out fifth)
+on a separate test split of that set, through ``detect eval``. The held-out fifth picks the best of a run's
+evaluations and is then quoted for it, which flatters a run whose evaluations swing; images no run has seen or
+chosen on give the unbiased figure (the fruit set ships 60 test photos).
 """
 
 from __future__ import annotations
@@ -61,6 +66,23 @@ def _scores(out: Path) -> tuple[float, float]:
     return (float("nan") if voc is None else voc), (float("nan") if coco is None else coco)
 
 
+def _test(run: Path, data: str | None, reuse: bool) -> tuple[str, str]:
+    """The kept model of ``run`` measured on the test data ``data`` (``detect eval`` into ``run/test``), as the
+    report line's and the SUMMARY part's words; nothing without test data."""
+    if data is None:
+        return "", ""
+    out = run / "test"
+    if not (reuse and (out / "report.json").is_file()):
+        command = [sys.executable, "-m", "detect", "eval", "--weights", str(run / "model.safetensors"), "--data",
+                   data, "--out", str(out)]
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "eval.log").open("w") as stream:
+            if subprocess.call(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT) != 0:
+                sys.exit(f"{' '.join(command)} failed; see {out / 'eval.log'}")
+    voc, coco = _scores(out)
+    return f"; on the test split {voc:.3f} / {coco:.3f}", f" test {voc:.3f}/{coco:.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", action="append", required=True, help="NAME=DIR, once per data set")
@@ -68,10 +90,15 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_train_auto")
     parser.add_argument("--skip-shapes", action="store_true", help="leave out the shapes-recipe comparison run")
     parser.add_argument("--seed", type=int, default=0, help="the training seed of both runs (default 0)")
+    parser.add_argument("--test", action="append", default=[],
+                        help="NAME=DIR: also measure the kept models on this test split of data set NAME")
     parser.add_argument("--reuse", action="store_true",
                         help="read the runs that finished in --out before instead of running them again")
     args = parser.parse_args()
     budget = parse_duration(args.time)
+    tests = dict(spec.partition("=")[::2] for spec in args.test)
+    if unknown := set(tests) - {spec.partition("=")[0] for spec in args.data}:
+        parser.error(f"--test names no --data set: {', '.join(sorted(unknown))}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     # the shapes recipe, holding out the same fifth of the images as the derived one (its data section gives way
@@ -94,6 +121,8 @@ def main() -> None:
         line += (f"; derived mAP@0.5 {voc:.3f} mAP@[.5:.95] {coco:.3f} (wall {format_seconds(wall)} of "
                  f"{format_seconds(budget)}, {wall / budget:.2f})")
         part += f" derived {voc:.3f}/{coco:.3f} wall/budget {wall / budget:.2f}"
+        words = _test(derived_out, tests.get(name), args.reuse)
+        line, part = line + words[0], part + words[1]
         if not args.skip_shapes:
             shapes_out = out / name / "shapes"
             wall_s = _run([sys.executable, "-m", "detect", "train", "--recipe", str(shapes_recipe), "--data", path,
@@ -102,6 +131,8 @@ def main() -> None:
             voc_s, coco_s = _scores(shapes_out)
             line += f"; shapes recipe mAP@0.5 {voc_s:.3f} mAP@[.5:.95] {coco_s:.3f} (wall {format_seconds(wall_s)})"
             part += f" shapes {voc_s:.3f}/{coco_s:.3f}"
+            words = _test(shapes_out, tests.get(name), args.reuse)
+            line, part = line + words[0], part + words[1]
         print(line, flush=True)
         parts.append(part)
     seed = f" seed {args.seed}" if args.seed else ""
