@@ -7,7 +7,7 @@ against the budget. One ``SUMMARY`` line at the end. The data sets are not in th
 ``benchmarks/README.md`` for where to get them)::
 
     python benchmarks/train_auto.py --data raccoon=/work/data/raccoon --data fruits=/work/data/fruits/train_zip/train \
-        --time 30m
+        --test fruits=/work/data/fruits/test_zip/test --time 30m
 
 The issue's targets are for the default 30-minute budget on a 2-core CPU: mAP@0.5 >= 0.80 on a one-class set,
 >= 0.60 on a several-class one, and both above the shapes recipe. ``--time`` shortens a measurement (say so when
