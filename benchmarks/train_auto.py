@@ -71,8 +71,9 @@ def _test(run: Path, data: str | None, reuse: bool) -> tuple[str, str]:
     report line's and the SUMMARY part's words; nothing without test data."""
     if data is None:
         return "", ""
-    out = run / "test"
-    if not (reuse and (out / "report.json").is_file()):
+    out, report = run / "test", run / "test" / "report.json"
+    # reused only when measured on the model there now (a run trained again since has a newer model file)
+    if not (reuse and report.is_file() and report.stat().st_mtime >= (run / "model.safetensors").stat().st_mtime):
         command = [sys.executable, "-m", "detect", "eval", "--weights", str(run / "model.safetensors"), "--data",
                    data, "--out", str(out)]
         out.mkdir(parents=True, exist_ok=True)
